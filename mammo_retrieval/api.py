@@ -1,0 +1,199 @@
+"""The Python API that the CLI (and a future server) call. A Workspace is one configured archive:
+database, encoder and index. It holds no global state; build as many as you like."""
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from .config import Config, load_config
+from .db import Database
+from .db import repository as repo
+from .errors import BusyError, IndexCorruptError, NotFoundError
+from .index.manifest import Manifest
+from .query import QueryFilters, QueryImage, QueryResult, search
+
+if TYPE_CHECKING:
+    from .encoders import Encoder, EncoderRegistry
+    from .index import VectorIndex
+    from .ingest.runner import IngestReport
+
+
+class Workspace:
+    def __init__(self, config: Config | None = None, *, registry: "EncoderRegistry | None" = None) -> None:
+        self.config = config or load_config()
+        self.db = Database(self.config.database_url)
+        self.db.ensure_schema()
+        self._registry = registry
+        self._encoder: "Encoder | None" = None
+        self._index: "VectorIndex | None" = None
+        self._mv_id: int | None = None
+
+    # --- components, built lazily (torch and faiss are slow to import) ---------------------------
+    @property
+    def encoder(self) -> "Encoder":
+        if self._encoder is None:
+            from .encoders import DEFAULT_REGISTRY, build_encoder
+            self._encoder = build_encoder(self.config.encoder, self.config.preprocess,
+                                          self._registry or DEFAULT_REGISTRY)
+        return self._encoder
+
+    def model_version_id(self) -> int:
+        if self._mv_id is None:
+            with self.db.session() as s:
+                mv = repo.get_or_create_model_version(s, self.encoder.identity, self.encoder.settings.as_dict())
+                self._mv_id = mv.id
+        return self._mv_id
+
+    def index_directory(self, key: str | None = None) -> Path:
+        return self.config.index_dir / (key or self.encoder.identity.key)
+
+    def open_index(self, *, create: bool = False) -> "VectorIndex":
+        from .index import VectorIndex
+        directory = self.index_directory()
+        if create:
+            return VectorIndex.open_or_create(directory, self.encoder.identity, self.config.index)
+        index = VectorIndex.open_existing(directory, self.encoder.identity, self.config.index)
+        if index is None:
+            raise NotFoundError(f"no index for model {self.encoder.identity.key} in {self.config.index_dir}",
+                                hint="run `mretrieve ingest ARCHIVE_DIR` first (with the same config)")
+        return index
+
+    def searchable_index(self) -> "VectorIndex":
+        """The index, caught up in memory with the database (a warm server keeps this one)."""
+        if self._index is None:
+            index = self.open_index()
+            self.sync_index(index, self.model_version_id(), relayout=False)
+            self._index = index
+        return self._index
+
+    @contextmanager
+    def write_lock(self) -> Iterator[None]:
+        """One writer at a time per index folder; readers are never blocked."""
+        self.config.index_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.config.index_dir / ".write.lock", "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BusyError(f"another mretrieve process is writing to {self.config.index_dir}",
+                                hint="wait for it to finish, then run the command again") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # --- index <-> database consistency ---------------------------------------------------------
+    def sync_index(self, index: "VectorIndex", mv_id: int, *, relayout: bool = True) -> int:
+        """Add vectors the database has and the index lacks (after a crash mid-ingest). Returns how many."""
+        dim = index.manifest.dim
+        with self.db.session() as s:
+            count, max_id = repo.embedding_stats(s, mv_id)
+            if index.ntotal > count:
+                raise IndexCorruptError(f"the index in {index.directory} holds {index.ntotal} vectors, "
+                                        f"the database only {count}",
+                                        hint="run `mretrieve index rebuild` to rebuild it from the database")
+            added = 0
+            if max_id > index.manifest.max_vector_id:
+                for ids, vectors in repo.iter_vectors(s, mv_id, dim, after_id=index.manifest.max_vector_id):
+                    index.add(ids, vectors)
+                    added += len(ids)
+        if index.ntotal != count:
+            raise IndexCorruptError(f"the index in {index.directory} holds {index.ntotal} vectors, "
+                                    f"the database {count}",
+                                    hint="run `mretrieve index rebuild` to rebuild it from the database")
+        if relayout:
+            self.maybe_relayout(index, mv_id)
+        return added
+
+    def maybe_relayout(self, index: "VectorIndex", mv_id: int, *, force: bool = False) -> bool:
+        """Move from exact search to IVF (or to a bigger nlist) once the corpus is large enough."""
+        from .index.store import Layout, plan_layout
+        target = plan_layout(index.ntotal, self.config.index) if force else index.wants_rebuild(index.ntotal)
+        if target is None:
+            return False
+        self._rebuild(index, mv_id, target)
+        return True
+
+    def _rebuild(self, index: "VectorIndex", mv_id: int, layout) -> None:
+        dim = index.manifest.dim
+        with self.db.session() as s:
+            sample = (repo.sample_vectors(s, mv_id, dim, n=256 * layout.nlist) if layout.nlist else None)
+        def chunks():
+            with self.db.session() as s:
+                yield from repo.iter_vectors(s, mv_id, dim)
+        index.rebuild(layout, sample, chunks)
+
+    def rebuild_index(self) -> "VectorIndex":
+        """Rebuild this model's index from the database (repairs a lost or corrupt index)."""
+        from .index import VectorIndex
+        from .index.store import FLAT, Layout, new_faiss_index, plan_layout
+        with self.write_lock():
+            mv_id = self.model_version_id()
+            directory = self.index_directory()
+            directory.mkdir(parents=True, exist_ok=True)
+            try:
+                old = Manifest.read(directory)
+            except IndexCorruptError:
+                old = None
+            ident = self.encoder.identity
+            fresh = Manifest(encoder=ident.encoder, weights_sha256=ident.weights_sha256,
+                             preprocess_digest=ident.preprocess_digest, dim=ident.dim,
+                             random_weights=ident.random_weights, nprobe=old.nprobe if old else None)
+            index = VectorIndex(directory, fresh, new_faiss_index(Layout(FLAT, None), self.config.index, ident.dim),
+                                self.config.index)
+            with self.db.session() as s:
+                count, _ = repo.embedding_stats(s, mv_id)
+            self._rebuild(index, mv_id, plan_layout(count, self.config.index))
+            index.save()
+            self._index = None
+            return index
+
+    # --- the verbs ------------------------------------------------------------------------------
+    def ingest(self, root: str | os.PathLike, *, workers: int | None = None,
+               on_progress: Callable[[int, int], None] | None = None) -> "IngestReport":
+        from .ingest.runner import run_ingest
+        report = run_ingest(self, root, workers=workers, on_progress=on_progress)
+        self._index = None
+        return report
+
+    def embed_file(self, path: str | os.PathLike) -> tuple[QueryImage, "object"]:
+        """Read, preprocess and embed one DICOM (raises DicomRejected with the reason)."""
+        from .dicom.reader import read_image
+        from .preprocess import preprocess
+        image = read_image(path, self.config.reader, voi_window=self.encoder.settings.voi_window)
+        tensor = preprocess(image.pixels, self.encoder.settings, image.header.laterality)
+        vector = self.encoder.embed(tensor[None])
+        h = image.header
+        return QueryImage(h.sop_instance_uid, h.accession_number, h.patient_id, h.laterality, h.view, str(path)), vector
+
+    def query_dicom(self, path: str | os.PathLike, k: int = 10, filters: QueryFilters = QueryFilters()) -> QueryResult:
+        index = self.searchable_index()
+        query, vector = self.embed_file(path)
+        return search(self.db, index, vector, query, k, filters)
+
+    def query_accession(self, accession: str, k: int = 10,
+                        filters: QueryFilters = QueryFilters()) -> list[QueryResult]:
+        """One result per image of the study, using the stored vectors (nothing is decoded)."""
+        index = self.searchable_index()
+        with self.db.session() as s:
+            records = repo.records_for_study(s, accession, self.model_version_id())
+            vectors = [repo.vector_of(s, r.vector_id, index.manifest.dim) for r in records]
+        if not records:
+            raise NotFoundError(f"no indexed images for accession '{accession}'",
+                                hint="check `mretrieve status`; studies without an AccessionNumber are keyed "
+                                     "by StudyInstanceUID")
+        results = []
+        for record, vector in zip(records, vectors):
+            query = QueryImage(record.sop_instance_uid, record.accession_number, record.patient_id,
+                               record.laterality, record.view, record.path)
+            results.append(search(self.db, index, vector, query, k, filters))
+        return results
+
+    def status(self, *, rejected_limit: int | None = None) -> dict:
+        from .status import collect_status
+        return collect_status(self, rejected_limit=rejected_limit)
+
+    def close(self) -> None:
+        self.db.dispose()

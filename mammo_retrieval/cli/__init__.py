@@ -1,0 +1,44 @@
+"""`mretrieve`: a thin click front end over mammo_retrieval.api. Errors become exit codes here, once."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import MammoRetrievalError
+from . import db as db_commands
+from . import index as index_commands
+from .ingest import ingest
+from .query import query
+from .status import status
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MammoRetrievalError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_Group)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="MRETRIEVE_CONFIG",
+              help="YAML file overriding configs/default.yaml (or $MRETRIEVE_CONFIG).")
+@click.version_option(package_name="mammo_retrieval")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None) -> None:
+    """Similarity search for mammograms. State lives under $MRETRIEVE_HOME (default: the current folder)."""
+    from ..config import load_config
+    ctx.obj = load_config(config_path)
+
+
+cli.add_command(ingest)
+cli.add_command(query)
+cli.add_command(status)
+cli.add_command(db_commands.db)
+cli.add_command(index_commands.index)
+
+
+def main() -> None:
+    cli(prog_name="mretrieve")

@@ -1,0 +1,1 @@
+"""Reading mammography DICOM: header fields with real-archive fallbacks, validated pixel decoding."""

@@ -1,0 +1,151 @@
+"""Header fields with the fallbacks real archives need (empty AccessionNumber, view in odd places)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+
+VIEWS = {"CC", "MLO", "ML", "LM", "LMO", "XCCL", "XCCM", "FB", "SIO", "AT", "CV", "RL", "RM", "ID", "SPOT", "MAG"}
+# SNOMED codes of ViewCodeSequence (PS3.16 CID 4014), old SRT and SCT forms.
+VIEW_CODES = {
+    "R-10242": "CC", "399162004": "CC", "R-10226": "MLO", "399368009": "MLO",
+    "R-10224": "ML", "399260004": "ML", "R-10228": "LM", "399352003": "LM",
+    "R-1024A": "XCCL", "399099002": "XCCL", "R-1024B": "XCCM", "399192003": "XCCM",
+    "R-102D0": "FB", "399196000": "FB", "R-40AAA": "SIO", "399188001": "SIO",
+}
+VIEW_MEANINGS = {
+    "cranio-caudal": "CC", "craniocaudal": "CC", "medio-lateral oblique": "MLO", "mediolateral oblique": "MLO",
+    "medio-lateral": "ML", "mediolateral": "ML", "latero-medial": "LM", "lateromedial": "LM",
+    "exaggerated cranio-caudal": "XCCL", "cranio-caudal exaggerated laterally": "XCCL",
+    "cranio-caudal exaggerated medially": "XCCM", "caudo-cranial (from below)": "FB",
+}
+LATERALITY_WORDS = {"L": "L", "LEFT": "L", "LT": "L", "R": "R", "RIGHT": "R", "RT": "R"}
+TEXT_FIELDS = ("SeriesDescription", "ProtocolName", "StudyDescription", "ImageComments",
+               "PerformedProcedureStepDescription", "RequestedProcedureDescription")
+_TOKEN = re.compile(r"[A-Za-z]+")
+_COMBINED = re.compile(r"^(L|R)(CC|MLO|ML|LM|XCCL|XCCM)$")
+
+
+@dataclass(frozen=True)
+class HeaderFields:
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    accession_number: str | None
+    study_key: str
+    study_key_source: str  # "accession" or "study_uid"
+    patient_id: str
+    laterality: str | None
+    laterality_source: str | None
+    view: str | None
+    view_source: str | None
+    manufacturer: str | None
+    modality: str
+    rows: int
+    columns: int
+    number_of_frames: int
+    photometric: str
+    transfer_syntax: str
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if not isinstance(value, str) and hasattr(value, "__iter__"):
+        value = "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _tokens(text: str) -> list[str]:
+    return [t.upper() for t in _TOKEN.findall(text.replace("_", " "))]
+
+
+def laterality_from_text(text: str) -> str | None:
+    """'R MLO', 'LEFT_CC', 'RCC' -> R/L; None when absent or contradictory."""
+    found = set()
+    for token in _tokens(text):
+        if token in LATERALITY_WORDS:
+            found.add(LATERALITY_WORDS[token])
+        elif m := _COMBINED.match(token):
+            found.add(m.group(1))
+    return found.pop() if len(found) == 1 else None
+
+
+def view_from_text(text: str) -> str | None:
+    found = set()
+    for token in _tokens(text):
+        if token in VIEWS:
+            found.add(token)
+        elif m := _COMBINED.match(token):
+            found.add(m.group(2))
+    return found.pop() if len(found) == 1 else None
+
+
+def read_laterality(ds: Dataset) -> tuple[str | None, str | None]:
+    """ImageLaterality, then Laterality, then hints in free-text fields. Returns (value, source)."""
+    for keyword in ("ImageLaterality", "Laterality"):
+        value = _text(ds, keyword).upper()
+        if value in ("L", "R"):
+            return value, keyword
+    for keyword in TEXT_FIELDS:
+        value = laterality_from_text(_text(ds, keyword))
+        if value:
+            return value, keyword
+    return None, None
+
+
+def read_view(ds: Dataset) -> tuple[str | None, str | None]:
+    """ViewPosition, then ViewCodeSequence, then PatientOrientation or SeriesDescription."""
+    value = _text(ds, "ViewPosition").upper()
+    if value in VIEWS:
+        return value, "ViewPosition"
+    for item in ds.get("ViewCodeSequence") or []:
+        code = VIEW_CODES.get(_text(item, "CodeValue"))
+        meaning = VIEW_MEANINGS.get(_text(item, "CodeMeaning").lower())
+        if code or meaning:
+            return code or meaning, "ViewCodeSequence"
+    for keyword in ("PatientOrientation", "SeriesDescription", "ProtocolName"):
+        value = view_from_text(_text(ds, keyword))
+        if value:
+            return value, keyword
+    return None, None
+
+
+def read_header_fields(ds: Dataset) -> HeaderFields:
+    """Extract identity and description fields. Raises KeyError naming a missing identity UID."""
+    sop = _text(ds, "SOPInstanceUID")
+    if not sop:
+        raise KeyError("SOPInstanceUID")
+    study_uid = _text(ds, "StudyInstanceUID")
+    accession = _text(ds, "AccessionNumber") or None
+    if accession:
+        study_key, key_source = accession, "accession"
+    elif study_uid:
+        study_key, key_source = study_uid, "study_uid"
+    else:
+        raise KeyError("AccessionNumber and StudyInstanceUID")
+    laterality, lat_source = read_laterality(ds)
+    view, view_source = read_view(ds)
+    meta = getattr(ds, "file_meta", None)
+    return HeaderFields(
+        sop_instance_uid=sop,
+        study_instance_uid=study_uid,
+        series_instance_uid=_text(ds, "SeriesInstanceUID"),
+        accession_number=accession,
+        study_key=study_key,
+        study_key_source=key_source,
+        patient_id=_text(ds, "PatientID"),
+        laterality=laterality,
+        laterality_source=lat_source,
+        view=view,
+        view_source=view_source,
+        manufacturer=_text(ds, "Manufacturer") or None,
+        modality=_text(ds, "Modality").upper(),
+        rows=int(ds.get("Rows") or 0),
+        columns=int(ds.get("Columns") or 0),
+        number_of_frames=int(ds.get("NumberOfFrames") or 1),
+        photometric=_text(ds, "PhotometricInterpretation").upper(),
+        transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
+    )

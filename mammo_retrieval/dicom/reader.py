@@ -1,0 +1,199 @@
+"""Read and validate one mammography DICOM.
+
+Two entry points: :func:`read_header` (cheap; used to skip files already ingested) and
+:func:`read_image` (validated decode to a presentation-ready float32 image). Every refusal is a
+:class:`~mammo_retrieval.errors.DicomRejected` with a stable ``code``; nothing here returns None on error.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from ..config import ReaderConfig
+from ..errors import DicomRejected
+from .codestream import j2k_dimensions, jpeg_dimensions
+from .header import HeaderFields, read_header_fields
+from .pixels import to_presentation
+
+FOR_PROCESSING_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image - For Processing
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image - For Processing
+    "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral X-Ray Image - For Processing
+}
+REJECTION_CODES = (
+    "empty_file", "not_dicom", "unreadable_header", "missing_uid", "wrong_modality", "for_processing",
+    "colour_image", "no_pixel_data", "multiframe", "too_large", "size_mismatch", "truncated_pixel_data",
+    "undecodable_pixel_data", "unreadable_file",
+)
+
+
+@dataclass(frozen=True)
+class DicomImage:
+    """A decoded image, ready for preprocessing: float32, brighter = denser, one 2-D frame."""
+
+    path: str
+    header: HeaderFields
+    pixels: np.ndarray
+    sha256: str
+    frame_index: int
+
+
+def _reject(path: str | os.PathLike, code: str, reason: str, hint: str | None = None) -> DicomRejected:
+    return DicomRejected(str(path), code, reason, hint=hint)
+
+
+def _dcmread(path: Path, *, stop_before_pixels: bool) -> Dataset:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise _reject(path, "unreadable_file", f"cannot read file: {exc.strerror or exc}") from None
+    if size == 0:
+        raise _reject(path, "empty_file", "empty file (0 bytes)")
+    try:
+        # defer_size keeps PixelData on disk until it is validated against the header
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size="64 KB")
+    except InvalidDicomError as exc:
+        raise _reject(path, "not_dicom", f"not a DICOM file ({exc})") from None
+    except PermissionError as exc:
+        raise _reject(path, "unreadable_file", f"cannot read file: {exc.strerror}") from None
+    except Exception as exc:  # pydicom raises many types on a corrupt header
+        raise _reject(path, "unreadable_header", f"corrupt DICOM header: {type(exc).__name__}: {exc}") from None
+
+
+def _fields(path: Path, ds: Dataset) -> HeaderFields:
+    try:
+        return read_header_fields(ds)
+    except KeyError as exc:
+        raise _reject(path, "missing_uid", f"missing {exc.args[0]}") from None
+    except Exception as exc:
+        raise _reject(path, "unreadable_header", f"corrupt header value: {type(exc).__name__}: {exc}") from None
+
+
+def _check_header(path: Path, ds: Dataset, f: HeaderFields, cfg: ReaderConfig) -> None:
+    accepted = {m.upper() for m in cfg.accepted_modalities}
+    if accepted and f.modality not in accepted:
+        raise _reject(path, "wrong_modality", f"Modality is '{f.modality or 'missing'}', expected one of "
+                      f"{sorted(accepted)}", hint="set reader.accepted_modalities in the config to accept it")
+    intent = str(ds.get("PresentationIntentType", "")).upper()
+    if cfg.skip_for_processing and (intent == "FOR PROCESSING" or str(ds.get("SOPClassUID", "")) in FOR_PROCESSING_SOP_CLASSES):
+        raise _reject(path, "for_processing", "FOR PROCESSING (raw detector) image, skipped by configuration",
+                      hint="set reader.skip_for_processing: false to ingest it")
+    spp = int(ds.get("SamplesPerPixel") or 1)
+    if spp != 1 or f.photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise _reject(path, "colour_image", f"colour image (SamplesPerPixel={spp}, "
+                      f"PhotometricInterpretation={f.photometric or 'missing'}); mammograms are greyscale")
+    if "PixelData" not in ds:
+        raise _reject(path, "no_pixel_data", "no PixelData element (not an image, or header only)")
+    if f.rows <= 0 or f.columns <= 0:
+        raise _reject(path, "size_mismatch", f"invalid Rows x Columns {f.rows} x {f.columns}")
+    if f.number_of_frames > 1 and cfg.multiframe == "reject":
+        raise _reject(path, "multiframe", f"multi-frame image ({f.number_of_frames} frames, e.g. tomosynthesis)",
+                      hint="set reader.multiframe: middle to index the middle frame")
+    if f.rows * f.columns * f.number_of_frames > cfg.max_pixels:
+        raise _reject(path, "too_large", f"header claims {f.rows} x {f.columns} x {f.number_of_frames} pixels, "
+                      f"over reader.max_pixels={cfg.max_pixels}")
+
+
+def read_header(path: str | os.PathLike, cfg: ReaderConfig) -> HeaderFields:
+    """Identity and validity from the header alone (pixels are not read)."""
+    path = Path(path)
+    ds = _dcmread(path, stop_before_pixels=False)
+    fields = _fields(path, ds)
+    _check_header(path, ds, fields, cfg)
+    return fields
+
+
+def _check_pixel_data(path: Path, ds: Dataset, f: HeaderFields) -> None:
+    """Compare what the header claims with what the pixel data holds, before decoding allocates it."""
+    tsyntax = UID(f.transfer_syntax) if f.transfer_syntax else UID("1.2.840.10008.1.2")
+    bits = int(ds.get("BitsAllocated") or 16)
+    elem = ds.get_item("PixelData")
+    file_size = path.stat().st_size
+    if not tsyntax.is_encapsulated:
+        expected = (f.rows * f.columns * f.number_of_frames * bits + 7) // 8
+        length = getattr(elem, "length", None)
+        tell = getattr(elem, "value_tell", None)
+        if length is not None and tell is not None and tell + length > file_size:
+            raise _reject(path, "truncated_pixel_data", f"pixel data truncated: element declares {length} bytes, "
+                          f"file ends after {max(0, file_size - tell)}")
+        actual = len(ds.PixelData)
+        if actual < expected:
+            raise _reject(path, "size_mismatch" if length == actual else "truncated_pixel_data",
+                          f"header claims {f.rows} x {f.columns} x {f.number_of_frames} at {bits} bits "
+                          f"({expected} bytes) but pixel data holds {actual} bytes")
+        return
+    try:
+        frames = pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=f.number_of_frames)
+        first = next(frames)
+    except Exception as exc:
+        raise _reject(path, "truncated_pixel_data", f"encapsulated pixel data unreadable: {exc}") from None
+    dims = None
+    if tsyntax.name.startswith("JPEG 2000"):
+        dims = j2k_dimensions(first)
+    elif "JPEG" in tsyntax.name:
+        dims = jpeg_dimensions(first)
+    elif tsyntax == pydicom.uid.RLELossless:
+        # an RLE byte run expands at most 128:2, so a tiny stream cannot hold a huge image
+        if f.rows * f.columns * (bits // 8) > 64 * len(first) + 64:
+            raise _reject(path, "size_mismatch", f"header claims {f.rows} x {f.columns} but the RLE frame "
+                          f"holds only {len(first)} bytes")
+    if dims is not None and dims != (f.rows, f.columns):
+        raise _reject(path, "size_mismatch", f"header claims {f.rows} x {f.columns} but the compressed frame "
+                      f"is {dims[0]} x {dims[1]}")
+
+
+def _decode(path: Path, ds: Dataset, f: HeaderFields, frame: int) -> np.ndarray:
+    try:
+        if f.number_of_frames > 1:
+            arr = pydicom.pixels.pixel_array(ds, index=frame)
+        else:
+            arr = ds.pixel_array
+    except Exception as exc:
+        raise _reject(path, "undecodable_pixel_data", f"pixel data cannot be decoded "
+                      f"({UID(f.transfer_syntax).name if f.transfer_syntax else 'no transfer syntax'}): "
+                      f"{type(exc).__name__}: {exc}") from None
+    if arr.shape != (f.rows, f.columns):
+        raise _reject(path, "size_mismatch", f"decoded frame is {arr.shape}, header claims {f.rows} x {f.columns}")
+    return arr
+
+
+def _window(ds: Dataset) -> tuple[float, float, str] | None:
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None or width is None:
+        return None
+    first = lambda v: float(v[0] if isinstance(v, (list, tuple, pydicom.multival.MultiValue)) else v)  # noqa: E731
+    return first(center), first(width), str(ds.get("VOILUTFunction") or "LINEAR").upper()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_image(path: str | os.PathLike, cfg: ReaderConfig, *, voi_window: bool = False) -> DicomImage:
+    """Validated decode: header checks, size checks, decode, then modality LUT -> VOI -> presentation."""
+    path = Path(path)
+    ds = _dcmread(path, stop_before_pixels=False)
+    fields = _fields(path, ds)
+    _check_header(path, ds, fields, cfg)
+    _check_pixel_data(path, ds, fields)
+    frame = fields.number_of_frames // 2 if fields.number_of_frames > 1 else 0
+    raw = _decode(path, ds, fields, frame)
+    window = _window(ds) if voi_window else None
+    try:
+        pixels = to_presentation(raw, fields.photometric, slope=float(ds.get("RescaleSlope") or 1.0),
+                                 intercept=float(ds.get("RescaleIntercept") or 0.0), window=window)
+    except ValueError as exc:
+        raise _reject(path, "unreadable_header", f"invalid rescale/window values: {exc}") from None
+    return DicomImage(path=str(path), header=fields, pixels=pixels, sha256=file_sha256(path), frame_index=frame)

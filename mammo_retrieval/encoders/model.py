@@ -1,0 +1,75 @@
+"""The embedding model: a headless timm backbone whose outputs are L2-normalised."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+
+from ..config import EncoderConfig, PreprocessConfig
+from ..errors import ConfigError, WeightsError
+from ..preprocess import PreprocessSettings
+from ..identity import ModelIdentity
+from .registry import DEFAULT_REGISTRY, EncoderRegistry, EncoderSpec
+from .weights import extract_encoder_state, load_into, read_checkpoint, sha256_file, sha256_state_dict
+
+RANDOM_SEED = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("encoder.device is 'cuda' but no CUDA device is available", hint="use device: auto or cpu")
+    return torch.device(name)
+
+
+class Encoder:
+    """Wraps a backbone with its preprocessing settings and identity; ``embed`` is batch in, vectors out."""
+
+    def __init__(self, spec: EncoderSpec, model: torch.nn.Module, settings: PreprocessSettings,
+                 identity: ModelIdentity, device: torch.device) -> None:
+        self.spec = spec
+        self.model = model.eval().to(device)
+        self.settings = settings
+        self.identity = identity
+        self.device = device
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    @torch.inference_mode()
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, 3, H, W) -> float32 (N, D), unit length."""
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+        features = self.model(x)
+        return torch.nn.functional.normalize(features.float(), p=2, dim=1).cpu().numpy()
+
+
+def create_backbone(spec: EncoderSpec) -> torch.nn.Module:
+    """A headless timm model with seeded initialisation, so random weights are reproducible."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        return timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
+
+
+def build_encoder(cfg: EncoderConfig, preprocess_cfg: PreprocessConfig,
+                  registry: EncoderRegistry = DEFAULT_REGISTRY) -> Encoder:
+    spec = registry.get(cfg.name)
+    model = create_backbone(spec)
+    if cfg.weights:
+        path = Path(cfg.weights).expanduser()
+        checkpoint = read_checkpoint(path)
+        load_into(model, extract_encoder_state(checkpoint, path), path)
+        weights_sha, random_weights, weights_path = sha256_file(path), False, str(path)
+    elif cfg.allow_random_weights:
+        weights_sha, random_weights, weights_path = sha256_state_dict(model.state_dict()), True, None
+    else:
+        raise WeightsError("no encoder weights configured and encoder.allow_random_weights is false",
+                           hint="set encoder.weights or $MRETRIEVE_WEIGHTS to a checkpoint file")
+    settings = PreprocessSettings.from_config(preprocess_cfg, size=spec.input_size, mean=spec.mean, std=spec.std)
+    identity = ModelIdentity(encoder=spec.name, weights_sha256=weights_sha, preprocess_digest=settings.digest(),
+                             dim=spec.dim, random_weights=random_weights, weights_path=weights_path)
+    return Encoder(spec, model, settings, identity, resolve_device(cfg.device))

@@ -1,0 +1,57 @@
+"""Name-keyed registry of encoder specs (after timm's _registry): what to build and how to feed it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from ..errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str
+    timm_name: str
+    dim: int
+    input_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    description: str = ""
+
+
+class EncoderRegistry:
+    """A registry instance (not module state): tests and plugins can make their own."""
+
+    def __init__(self, specs: list[EncoderSpec] | None = None) -> None:
+        self._specs: dict[str, EncoderSpec] = {}
+        for spec in specs or []:
+            self.register(spec)
+
+    def register(self, spec: EncoderSpec) -> None:
+        if spec.name in self._specs:
+            raise ValueError(f"encoder '{spec.name}' is already registered")
+        self._specs[spec.name] = spec
+
+    def get(self, name: str) -> EncoderSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise ConfigError(f"unknown encoder '{name}'",
+                              hint=f"choose one of: {', '.join(sorted(self._specs))}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def __iter__(self) -> Iterator[EncoderSpec]:
+        return iter(self._specs.values())
+
+
+DEFAULT_REGISTRY = EncoderRegistry([
+    EncoderSpec("resnet50", "resnet50", 2048, description="ResNet-50, the PRIMER backbone (default)"),
+    EncoderSpec("densenet121", "densenet121", 1024, description="DenseNet-121"),
+    EncoderSpec("inception_v3", "inception_v3", 2048, input_size=(299, 299),
+                mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), description="Inception-V3 (299x299, Inception norm)"),
+    EncoderSpec("resnet18", "resnet18", 512, description="ResNet-18, a light model for CPUs and tests"),
+])

@@ -1,0 +1,21 @@
+"""Model identity, kept free of torch so that status and index code can use it cheaply."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What must match between an index and a query: encoder, weights and preprocessing."""
+
+    encoder: str
+    weights_sha256: str
+    preprocess_digest: str
+    dim: int
+    random_weights: bool
+    weights_path: str | None
+
+    @property
+    def key(self) -> str:
+        """Short stable name of this model version (also the index directory's name)."""
+        return f"{self.encoder}-{self.weights_sha256[:12]}-{self.preprocess_digest[:8]}"

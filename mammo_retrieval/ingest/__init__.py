@@ -1,0 +1,1 @@
+"""Ingest: walker -> reader/preprocessor (worker processes) -> encoder (batches) -> writer, wired by a runner."""

@@ -1,0 +1,178 @@
+"""Wires the ingest stages: walk -> header check (skip known SOPInstanceUIDs) -> prepare in workers
+-> embed in batches -> write DB rows then index vectors.
+
+Consistency: each batch is committed to the database first, then added to the index; the index is saved
+atomically every few batches and at the end. If the process dies in between, the database is ahead of the
+index and the next open adds the missing vectors from the database (``Workspace.sync_index``).
+"""
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections import deque
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from ..db import repository as repo
+from ..dicom.reader import read_header
+from ..errors import DicomRejected
+from ..preprocess import normalise
+from .stages import Prepared, Rejected, prepare_file
+from .walker import iter_files
+
+if TYPE_CHECKING:
+    from ..api import Workspace
+
+HEADER_CHUNK = 256
+
+
+@dataclass
+class IngestReport:
+    root: str
+    files_seen: int = 0
+    ingested: int = 0
+    already_present: int = 0
+    rejected: list[Rejected] = field(default_factory=list)
+    model_key: str = ""
+    random_weights: bool = False
+    index_type: str = ""
+    index_ntotal: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "root": self.root, "files_seen": self.files_seen, "ingested": self.ingested,
+            "already_present": self.already_present, "rejected": len(self.rejected),
+            "rejections": [{"path": r.path, "code": r.code, "reason": r.reason} for r in self.rejected],
+            "model_version": self.model_key, "random_weights": self.random_weights,
+            "index_type": self.index_type, "index_ntotal": self.index_ntotal, "seconds": round(self.seconds, 2),
+        }
+
+
+class _InlineExecutor(Executor):
+    """workers=0: run stages in this process (debugging, tiny archives)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+def _executor(workers: int) -> Executor:
+    if workers <= 0:
+        return _InlineExecutor()
+    # spawn: the parent holds torch threads, which fork would copy in a broken state
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _screen(ws: "Workspace", paths: list[Path], mv_id: int, seen: set[str]) -> tuple[list[Path], list[Rejected], int]:
+    """Header pass: reject what the header already condemns, skip SOPInstanceUIDs already embedded.
+
+    Returns (paths to decode, rejections, number already present). Identity is SOPInstanceUID, so a copy
+    of a file under another path counts as already present.
+    """
+    headers, rejected = {}, []
+    for path in paths:
+        try:
+            headers[path] = read_header(path, ws.config.reader)
+        except DicomRejected as exc:
+            rejected.append(Rejected(exc.path, exc.code, exc.reason))
+    with ws.db.session() as s:
+        known = repo.embedded_sops(s, (h.sop_instance_uid for h in headers.values()), mv_id)
+        present = [p for p, h in headers.items() if h.sop_instance_uid in known or h.sop_instance_uid in seen]
+        repo.clear_rejections(s, (str(p) for p in present))
+    todo = []
+    for path, header in headers.items():
+        if header.sop_instance_uid not in known and header.sop_instance_uid not in seen:
+            seen.add(header.sop_instance_uid)
+            todo.append(path)
+    return todo, rejected, len(present)
+
+
+def run_ingest(ws: "Workspace", root: str | Path, *, workers: int | None = None,
+               on_progress: Callable[[int, int], None] | None = None) -> IngestReport:
+    started = time.perf_counter()
+    root = Path(root)
+    report = IngestReport(root=str(root))
+    encoder = ws.encoder
+    settings = encoder.settings
+    batch_size = ws.config.encoder.batch_size
+    workers = ws.config.workers() if workers is None else workers
+    state_dirs = (ws.config.index_dir, ws.config.cache_dir)
+    paths = list(iter_files(root, exclude=state_dirs))
+    report.files_seen = len(paths)
+    done = 0
+
+    with ws.write_lock():
+        mv_id = ws.model_version_id()
+        index = ws.open_index(create=True)
+        ws.sync_index(index, mv_id)
+        pending_rejections: list[Rejected] = []
+        batch: list[Prepared] = []
+        batches_since_save = 0
+
+        def flush() -> None:
+            nonlocal batches_since_save
+            if batch:
+                vectors = encoder.embed(normalise(np.stack([p.display for p in batch]), settings))
+                items = [repo.NewImage(p.header, p.path, p.sha256, p.frame_index, v) for p, v in zip(batch, vectors)]
+                with ws.db.session() as s:
+                    ids = repo.write_images(s, items, mv_id)
+                index.add(np.asarray(ids), vectors)
+                report.ingested += len(batch)
+                batch.clear()
+                batches_since_save += 1
+            if pending_rejections:
+                with ws.db.session() as s:
+                    repo.record_rejections(s, ((r.path, r.code, r.reason) for r in pending_rejections))
+                pending_rejections.clear()
+            if batches_since_save >= ws.config.index.save_every_batches:
+                index.save()
+                batches_since_save = 0
+
+        seen: set[str] = set()
+        max_in_flight = max(2, workers) * 4 + batch_size
+        with _executor(workers) as pool:
+            in_flight: deque[Future] = deque()
+
+            def collect(future: Future) -> None:
+                nonlocal done
+                result = future.result()
+                if isinstance(result, Rejected):
+                    report.rejected.append(result)
+                    pending_rejections.append(result)
+                else:
+                    batch.append(result)
+                done += 1
+                if len(batch) >= batch_size:
+                    flush()
+
+            for start in range(0, len(paths), HEADER_CHUNK):
+                todo, header_rejected, n_present = _screen(ws, paths[start:start + HEADER_CHUNK], mv_id, seen)
+                report.rejected.extend(header_rejected)
+                pending_rejections.extend(header_rejected)
+                report.already_present += n_present
+                done += len(header_rejected) + n_present
+                for path in todo:
+                    in_flight.append(pool.submit(prepare_file, str(path), ws.config.reader, settings))
+                    while len(in_flight) >= max_in_flight:
+                        collect(in_flight.popleft())
+                if on_progress:
+                    on_progress(done, len(paths))
+            while in_flight:
+                collect(in_flight.popleft())
+                if on_progress:
+                    on_progress(done, len(paths))
+        flush()
+        ws.maybe_relayout(index, mv_id)
+        index.save()
+        report.model_key = encoder.identity.key
+        report.random_weights = encoder.identity.random_weights
+        report.index_type = index.manifest.index_type
+        report.index_ntotal = index.ntotal
+    report.seconds = time.perf_counter() - started
+    return report

@@ -1,0 +1,46 @@
+"""The stages of ingest, each testable alone. ``prepare_file`` runs in worker processes, so this module
+must not import torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import ReaderConfig
+from ..dicom.header import HeaderFields
+from ..dicom.reader import read_image
+from ..errors import DicomRejected
+from ..preprocess import PreprocessSettings, to_display_uint8
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A decoded, preprocessed image: the uint8 display image is small to pass between processes."""
+
+    path: str
+    header: HeaderFields
+    sha256: str
+    frame_index: int
+    display: np.ndarray
+
+
+@dataclass(frozen=True)
+class Rejected:
+    path: str
+    code: str
+    reason: str
+
+
+def prepare_file(path: str, reader_cfg: ReaderConfig, settings: PreprocessSettings) -> Prepared | Rejected:
+    """Reader + preprocessor for one file. Never raises for a bad file: one file never kills a batch."""
+    try:
+        image = read_image(path, reader_cfg, voi_window=settings.voi_window)
+        display = to_display_uint8(image.pixels, settings, image.header.laterality)
+        return Prepared(path=str(path), header=image.header, sha256=image.sha256, frame_index=image.frame_index,
+                        display=display)
+    except DicomRejected as exc:
+        return Rejected(exc.path, exc.code, exc.reason)
+    except MemoryError:
+        return Rejected(str(path), "too_large", "not enough memory to decode this image")
+    except Exception as exc:  # a decoder bug must not stop the archive
+        return Rejected(str(path), "undecodable_pixel_data", f"unexpected {type(exc).__name__}: {exc}")

@@ -1,0 +1,4 @@
+"""Image preprocessing: presentation-ready pixels -> model input."""
+from .primer import PreprocessSettings, normalise, preprocess, to_display_uint8
+
+__all__ = ["PreprocessSettings", "normalise", "preprocess", "to_display_uint8"]
