@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from .config import Config, load_config
 from .db import Database
 from .db import repository as repo
-from .errors import BusyError, IndexCorruptError, NotFoundError
+from .errors import BusyError, IndexCorruptError, IndexMismatchError, NotFoundError
 from .index.manifest import Manifest
 from .query import QueryFilters, QueryImage, QueryResult, search
 
@@ -41,10 +41,18 @@ class Workspace:
         return self._encoder
 
     def model_version_id(self) -> int:
+        """The database row of the configured model, created on first use (writers only)."""
         if self._mv_id is None:
             with self.db.session() as s:
                 mv = repo.get_or_create_model_version(s, self.encoder.identity, self.encoder.settings.as_dict())
                 self._mv_id = mv.id
+        return self._mv_id
+
+    def _existing_model_version_id(self) -> int | None:
+        """Like model_version_id, but a read-only query never creates the row."""
+        if self._mv_id is None:
+            with self.db.session() as s:
+                self._mv_id = repo.model_version_id_by_key(s, self.encoder.identity.key)
         return self._mv_id
 
     def index_directory(self, key: str | None = None) -> Path:
@@ -57,15 +65,47 @@ class Workspace:
             return VectorIndex.open_or_create(directory, self.encoder.identity, self.config.index)
         index = VectorIndex.open_existing(directory, self.encoder.identity, self.config.index)
         if index is None:
+            self._explain_missing_index()
+            mv_id = self._existing_model_version_id()
+            if mv_id is not None:
+                with self.db.session() as s:
+                    count, _ = repo.embedding_stats(s, mv_id)
+                if count:
+                    raise IndexCorruptError(f"no index in {directory}, but the database holds {count} vectors "
+                                            "of this model (an ingest stopped before its first save, or the "
+                                            "index was deleted)",
+                                            hint="run `mretrieve index rebuild` (or re-run the ingest)")
             raise NotFoundError(f"no index for model {self.encoder.identity.key} in {self.config.index_dir}",
                                 hint="run `mretrieve ingest ARCHIVE_DIR` first (with the same config)")
         return index
+
+    def _explain_missing_index(self) -> None:
+        """If indexes of other models exist, say how this query's model differs from the newest one."""
+        manifests = []
+        for directory in self.config.index_dir.glob("*/"):
+            try:
+                manifest = Manifest.read(directory)
+            except IndexCorruptError:
+                continue
+            if manifest is not None:
+                manifests.append(manifest)
+        if manifests:
+            newest = max(manifests, key=lambda m: m.updated_at)
+            try:
+                newest.check_matches(self.encoder.identity)
+            except IndexMismatchError as exc:
+                raise IndexMismatchError(f"no index in {self.config.index_dir} matches this query's model; "
+                                         f"against the newest, {exc.message}", hint=exc.hint) from None
 
     def searchable_index(self) -> "VectorIndex":
         """The index, caught up in memory with the database (a warm server keeps this one)."""
         if self._index is None:
             index = self.open_index()
-            self.sync_index(index, self.model_version_id(), relayout=False)
+            mv_id = self._existing_model_version_id()
+            if mv_id is None:
+                raise IndexCorruptError(f"the index in {index.directory} has no model version in the database",
+                                        hint="run `mretrieve index rebuild`, or check paths.database_url")
+            self.sync_index(index, mv_id, relayout=False)
             self._index = index
         return self._index
 
@@ -178,7 +218,7 @@ class Workspace:
         """One result per image of the study, using the stored vectors (nothing is decoded)."""
         index = self.searchable_index()
         with self.db.session() as s:
-            records = repo.records_for_study(s, accession, self.model_version_id())
+            records = repo.records_for_study(s, accession, self._existing_model_version_id())
             vectors = [repo.vector_of(s, r.vector_id, index.manifest.dim) for r in records]
         if not records:
             raise NotFoundError(f"no indexed images for accession '{accession}'",

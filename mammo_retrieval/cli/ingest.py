@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import sys
+
 import click
 
 from ._common import dumps, workspace
@@ -17,7 +19,7 @@ def ingest(ctx: click.Context, archive_dir: str, workers: int | None, fmt: str, 
 
     from ..status import RANDOM_WEIGHTS_WARNING
     ws = workspace(ctx)
-    bar = tqdm(total=0, unit="file", disable=no_progress, file=click.get_text_stream("stderr"), leave=False)
+    bar = tqdm(total=0, unit="file", disable=no_progress, file=sys.stderr, leave=False)
 
     def progress(done: int, total: int) -> None:
         bar.total = total

@@ -49,6 +49,10 @@ def get_or_create_model_version(session: Session, identity, preprocess_json: dic
     return mv
 
 
+def model_version_id_by_key(session: Session, key: str) -> int | None:
+    return session.scalar(select(ModelVersion.id).where(ModelVersion.key == key))
+
+
 def embedded_sops(session: Session, sop_uids: Iterable[str], model_version_id: int) -> set[str]:
     """Which of these SOPInstanceUIDs already have a vector from this model version."""
     sops = list(set(sop_uids))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,14 +59,21 @@ def _dcmread(path: Path, *, stop_before_pixels: bool) -> Dataset:
     if size == 0:
         raise _reject(path, "empty_file", "empty file (0 bytes)")
     try:
-        # defer_size keeps PixelData on disk until it is validated against the header
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size="64 KB")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # defer_size keeps PixelData on disk until it is validated against the header
+            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size="64 KB")
     except InvalidDicomError as exc:
         raise _reject(path, "not_dicom", f"not a DICOM file ({exc})") from None
     except PermissionError as exc:
         raise _reject(path, "unreadable_file", f"cannot read file: {exc.strerror}") from None
     except Exception as exc:  # pydicom raises many types on a corrupt header
         raise _reject(path, "unreadable_header", f"corrupt DICOM header: {type(exc).__name__}: {exc}") from None
+    # pydicom only warns when a file ends inside an undefined-length element (and may drop the dataset)
+    if any("End of file reached" in str(w.message) for w in caught):
+        raise _reject(path, "truncated_pixel_data", "file ends before its encapsulated pixel data does "
+                      "(truncated copy or interrupted transfer)")
+    return ds
 
 
 def _fields(path: Path, ds: Dataset) -> HeaderFields:

@@ -83,13 +83,16 @@ def _screen(ws: "Workspace", paths: list[Path], mv_id: int, seen: set[str]) -> t
             rejected.append(Rejected(exc.path, exc.code, exc.reason))
     with ws.db.session() as s:
         known = repo.embedded_sops(s, (h.sop_instance_uid for h in headers.values()), mv_id)
-        present = [p for p, h in headers.items() if h.sop_instance_uid in known or h.sop_instance_uid in seen]
-        repo.clear_rejections(s, (str(p) for p in present))
-    todo = []
+    todo, present = [], []
     for path, header in headers.items():
-        if header.sop_instance_uid not in known and header.sop_instance_uid not in seen:
+        if header.sop_instance_uid in known or header.sop_instance_uid in seen:
+            present.append(str(path))
+        else:
             seen.add(header.sop_instance_uid)
             todo.append(path)
+    if present:
+        with ws.db.session() as s:
+            repo.clear_rejections(s, present)
     return todo, rejected, len(present)
 
 

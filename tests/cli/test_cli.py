@@ -1,0 +1,70 @@
+"""End to end through the console entry point: ingest, query, re-ingest adds nothing, status."""
+import csv
+import io
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from mammo_retrieval.cli import cli
+from tests.factory import make_file
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    monkeypatch.setenv("MRETRIEVE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("MRETRIEVE_CONFIG", raising=False)
+    runner = CliRunner()
+
+    def invoke(*args, code=0):
+        result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == code, result.output
+        return result
+    return invoke
+
+
+@pytest.mark.slow
+def test_ingest_query_reingest_status(run, cbis_files, tmp_path):
+    archive = cbis_files[0].parents[1]
+    out = run("ingest", archive, "--no-progress", "--workers", "1").output
+    assert "ingested 8, already present 0, rejected 0" in out
+    assert "RANDOM WEIGHTS" in out  # never silent about untrained weights
+
+    table = run("query", "--dicom", cbis_files[0], "-k", "3").output.splitlines()
+    assert table[1].split()[:2] == ["rank", "score"] and len([l for l in table if l[:1].isdigit()]) == 3
+    hits = json.loads(run("query", "--dicom", cbis_files[0], "-k", "7", "--format", "json").output)[0]["hits"]
+    assert len(hits) == 7 and str(cbis_files[0]) not in {h["path"] for h in hits}
+    assert {"accession_number", "patient_id", "laterality", "view", "score", "path"} <= set(hits[0])
+    rows = list(csv.DictReader(io.StringIO(run("query", "--dicom", cbis_files[0], "--format", "csv",
+                                               "--view", "CC").output)))
+    assert rows and all(r["view"] == "CC" for r in rows)
+
+    assert "ingested 0, already present 8, rejected 0" in run("ingest", archive, "--no-progress").output
+    status = json.loads(run("status", "--format", "json").output)
+    assert status["counts"]["images"] == 8 and status["counts"]["embeddings"] == 8
+    model = status["model_versions"][0]
+    assert (model["encoder"], model["dim"], model["random_weights"]) == ("resnet50", 2048, True)
+    assert model["index"]["ntotal"] == 8 and model["index"]["metric"] == "inner_product"
+    text = run("status").output
+    assert "images 8" in text and "RANDOM" in text
+
+
+def test_bad_query_file_exits_with_its_reason(run, tmp_path):
+    bad = make_file(tmp_path / "ct.dcm", modality="CT")
+    result = run("--config", tmp_path / "missing.yaml", "status", code=2)
+    assert "config file not found" in result.output
+    result = run("query", "--dicom", bad, code=7)  # nothing indexed yet
+    assert "mretrieve ingest" in result.output
+    make_file(tmp_path / "archive" / "ok.dcm")
+    run("ingest", tmp_path / "archive", "--no-progress", "--workers", "0")
+    result = run("query", "--dicom", bad, code=3)
+    assert str(bad) in result.output and "Modality is 'CT'" in result.output
+
+
+def test_usage_errors(run, tmp_path):
+    assert "exactly one of --dicom or --accession" in run("query", code=2).output
+
+
+def test_db_upgrade(run):
+    assert "database at revision 0001 (was empty)" in run("db", "upgrade").output
+    assert "(was 0001)" in run("db", "upgrade").output
