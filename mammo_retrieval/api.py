@@ -15,7 +15,10 @@ from .errors import BusyError, IndexCorruptError, IndexMismatchError, NotFoundEr
 from .index.manifest import Manifest
 from .query import QueryFilters, QueryImage, QueryResult, search
 
+import numpy as np
+
 if TYPE_CHECKING:
+    from .cache import ImageCache
     from .encoders import Encoder, EncoderRegistry
     from .index import VectorIndex
     from .ingest.runner import IngestReport
@@ -30,6 +33,7 @@ class Workspace:
         self._encoder: "Encoder | None" = None
         self._index: "VectorIndex | None" = None
         self._mv_id: int | None = None
+        self._cache: "ImageCache | None" = None
 
     # --- components, built lazily (torch and faiss are slow to import) ---------------------------
     @property
@@ -39,6 +43,40 @@ class Workspace:
             self._encoder = build_encoder(self.config.encoder, self.config.preprocess,
                                           self._registry or DEFAULT_REGISTRY)
         return self._encoder
+
+    @property
+    def image_cache(self) -> "ImageCache":
+        """uint8 model-size images of this preprocessing, keyed by SOPInstanceUID."""
+        if self._cache is None:
+            from .cache import ImageCache
+            settings = self.encoder.settings
+            self._cache = ImageCache(self.config.cache_dir, settings.digest(), settings.size)
+        return self._cache
+
+    def cached_image(self, sop_instance_uid: str) -> np.ndarray:
+        """The preprocessed image; a missing or corrupt entry is rebuilt from its DICOM file."""
+        from .cache import CacheCorruptError
+        from .dicom.reader import read_image
+        from .preprocess import to_display_uint8
+        try:
+            image = self.image_cache.get(sop_instance_uid)
+        except CacheCorruptError:
+            image = None
+        if image is not None:
+            return image
+        with self.db.session() as s:
+            record = repo.image_by_sop(s, sop_instance_uid)
+            path = record.path if record else None
+        if path is None:
+            raise NotFoundError(f"no indexed image with SOPInstanceUID {sop_instance_uid}")
+        settings = self.encoder.settings
+        decoded = read_image(path, self.config.reader, voi_window=settings.voi_window)
+        if decoded.header.sop_instance_uid != sop_instance_uid:
+            raise NotFoundError(f"{path} now holds SOPInstanceUID {decoded.header.sop_instance_uid}, "
+                                f"not {sop_instance_uid}", hint="re-ingest the archive")
+        image = to_display_uint8(decoded.pixels, settings)
+        self.image_cache.put_many([(sop_instance_uid, image)])
+        return image
 
     def model_version_id(self) -> int:
         """The database row of the configured model, created on first use (writers only)."""
@@ -203,7 +241,7 @@ class Workspace:
         from .dicom.reader import read_image
         from .preprocess import preprocess
         image = read_image(path, self.config.reader, voi_window=self.encoder.settings.voi_window)
-        tensor = preprocess(image.pixels, self.encoder.settings, image.header.laterality)
+        tensor = preprocess(image.pixels, self.encoder.settings)
         vector = self.encoder.embed(tensor[None])
         h = image.header
         return QueryImage(h.sop_instance_uid, h.accession_number, h.patient_id, h.laterality, h.view, str(path)), vector
@@ -236,4 +274,6 @@ class Workspace:
         return collect_status(self, rejected_limit=rejected_limit)
 
     def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
         self.db.dispose()

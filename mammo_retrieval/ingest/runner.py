@@ -126,6 +126,7 @@ def run_ingest(ws: "Workspace", root: str | Path, *, workers: int | None = None,
                 with ws.db.session() as s:
                     ids = repo.write_images(s, items, mv_id)
                 index.add(np.asarray(ids), vectors)
+                ws.image_cache.put_many((p.header.sop_instance_uid, p.display) for p in batch)
                 report.ingested += len(batch)
                 batch.clear()
                 batches_since_save += 1

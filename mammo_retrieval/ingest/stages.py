@@ -35,7 +35,7 @@ def prepare_file(path: str, reader_cfg: ReaderConfig, settings: PreprocessSettin
     """Reader + preprocessor for one file. Never raises for a bad file: one file never kills a batch."""
     try:
         image = read_image(path, reader_cfg, voi_window=settings.voi_window)
-        display = to_display_uint8(image.pixels, settings, image.header.laterality)
+        display = to_display_uint8(image.pixels, settings)
         return Prepared(path=str(path), header=image.header, sha256=image.sha256, frame_index=image.frame_index,
                         display=display)
     except DicomRejected as exc:

@@ -74,14 +74,14 @@ def breast_side(image: np.ndarray) -> str:
     return "L" if float(image[:, :half].sum()) >= float(image[:, half:].sum()) else "R"
 
 
-def to_display_uint8(pixels: np.ndarray, settings: PreprocessSettings, laterality: str | None = None) -> np.ndarray:
+def to_display_uint8(pixels: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
     """Steps 3, 4 and 6 of the card (and the optional crop/flip): float image -> uint8 (H, W)."""
     image = percentile_scale_uint8(pixels, *settings.percentiles)
     if settings.crop_to_breast:
         top, bottom, left, right = breast_bounding_box(image)
         image = np.ascontiguousarray(image[top:bottom, left:right])
     if settings.flip_to_side:
-        # DICOM mammograms put a right breast on the image's left edge; trust pixels over a missing tag
+        # judged from the pixels, so a missing or wrong laterality tag cannot mirror the wrong way
         side = breast_side(image)
         if side != settings.flip_to_side:
             image = np.ascontiguousarray(image[:, ::-1])
@@ -101,6 +101,6 @@ def normalise(display: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
     return out.astype(np.float32, copy=False)
 
 
-def preprocess(pixels: np.ndarray, settings: PreprocessSettings, laterality: str | None = None) -> np.ndarray:
+def preprocess(pixels: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
     """The whole pipeline: presentation-ready float image -> float32 (3, H, W) model input."""
-    return normalise(to_display_uint8(pixels, settings, laterality), settings)
+    return normalise(to_display_uint8(pixels, settings), settings)
