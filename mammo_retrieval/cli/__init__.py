@@ -8,7 +8,9 @@ import click
 from ..errors import MammoRetrievalError
 from . import db as db_commands
 from . import index as index_commands
+from .analysis import evaluate, export, report
 from .ingest import ingest
+from .qc import qc
 from .query import query
 from .status import status
 
@@ -36,6 +38,10 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 cli.add_command(ingest)
 cli.add_command(query)
 cli.add_command(status)
+cli.add_command(qc)
+cli.add_command(report)
+cli.add_command(evaluate)
+cli.add_command(export)
 cli.add_command(db_commands.db)
 cli.add_command(index_commands.index)
 

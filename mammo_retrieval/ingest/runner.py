@@ -65,8 +65,10 @@ class _InlineExecutor(Executor):
 def _executor(workers: int) -> Executor:
     if workers <= 0:
         return _InlineExecutor()
-    # spawn: the parent holds torch threads, which fork would copy in a broken state
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    # fork, as torch's DataLoader does: workers never touch torch, and unlike spawn, fork does not
+    # re-import the caller's __main__ (a plain script calling the API would otherwise break)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
 
 
 def _screen(ws: "Workspace", paths: list[Path], mv_id: int, seen: set[str]) -> tuple[list[Path], list[Rejected], int]:

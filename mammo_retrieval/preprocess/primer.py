@@ -68,10 +68,16 @@ def breast_bounding_box(image: np.ndarray) -> tuple[int, int, int, int]:
     return y, y + h, x, x + w
 
 
+def side_margin(image: np.ndarray) -> float:
+    """(left - right) / (left + right) signal: near +-1 when the breast clearly lies against one edge."""
+    half = image.shape[1] // 2
+    left, right = float(image[:, :half].sum()), float(image[:, half:].sum())
+    return (left - right) / (left + right) if left + right else 0.0
+
+
 def breast_side(image: np.ndarray) -> str:
     """'L' or 'R': the half of the image holding more signal (the breast lies against one edge)."""
-    half = image.shape[1] // 2
-    return "L" if float(image[:, :half].sum()) >= float(image[:, half:].sum()) else "R"
+    return "L" if side_margin(image) >= 0 else "R"
 
 
 def to_display_uint8(pixels: np.ndarray, settings: PreprocessSettings) -> np.ndarray:

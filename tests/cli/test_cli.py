@@ -66,5 +66,5 @@ def test_usage_errors(run, tmp_path):
 
 
 def test_db_upgrade(run):
-    assert "database at revision 0001 (was empty)" in run("db", "upgrade").output
-    assert "(was 0001)" in run("db", "upgrade").output
+    assert "database at revision 0002 (was empty)" in run("db", "upgrade").output
+    assert "(was 0002)" in run("db", "upgrade").output

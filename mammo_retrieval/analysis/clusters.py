@@ -1,0 +1,160 @@
+"""Cluster quality of the embedding space, as PRIMER and mammography-pipelines report it."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import faiss
+import numpy as np
+from sklearn import metrics
+
+from ..errors import MammoRetrievalError
+from .vectors import EmbeddingTable
+
+if TYPE_CHECKING:
+    from ..index import VectorIndex
+
+SILHOUETTE_SAMPLE = 10_000   # silhouette is quadratic: sampled above this
+PROJECTION_SAMPLE = 5_000    # t-SNE and UMAP: sampled above this
+
+
+@dataclass
+class ClusterReport:
+    metrics: dict
+    assignments: np.ndarray
+    names: list[str]
+
+
+def kmeans_assignments(vectors: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    km = faiss.Kmeans(vectors.shape[1], k, niter=20, seed=seed, spherical=False, verbose=False,
+                      max_points_per_centroid=512)
+    km.train(np.ascontiguousarray(vectors, dtype=np.float32))
+    _, assignment = km.index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
+    return assignment.ravel()
+
+
+def ivf_balance(index: "VectorIndex | None") -> dict:
+    if index is None or index.manifest.index_type == "flat":
+        return {"index_type": index.manifest.index_type if index else None,
+                "note": "exact (flat) index: no inverted lists to balance"}
+    ivf = faiss.extract_index_ivf(index.index)
+    sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)])
+    return {"index_type": index.manifest.index_type, "nlist": int(ivf.nlist), "min": int(sizes.min()),
+            "max": int(sizes.max()), "mean": float(sizes.mean()), "empty_lists": int((sizes == 0).sum()),
+            "coefficient_of_variation": float(sizes.std() / sizes.mean()) if sizes.mean() else None,
+            "imbalance_factor": float(ivf.invlists.imbalance_factor())}
+
+
+def cluster_metrics(vectors: np.ndarray, assignments: np.ndarray, seed: int = 0) -> dict:
+    n = len(vectors)
+    clusters = np.unique(assignments)
+    if len(clusters) < 2 or len(clusters) >= n:
+        raise MammoRetrievalError(f"need between 2 and {n - 1} clusters, got {len(clusters)}")
+    sample = min(n, SILHOUETTE_SAMPLE)
+    silhouette = metrics.silhouette_score(vectors, assignments, sample_size=sample if sample < n else None,
+                                          random_state=seed)
+    centroids = np.stack([vectors[assignments == c].mean(axis=0) for c in clusters])
+    intra = float(np.mean(np.linalg.norm(vectors - centroids[np.searchsorted(clusters, assignments)], axis=1)))
+    pairwise = np.linalg.norm(centroids[:, None, :] - centroids[None, :, :], axis=2)
+    inter = float(pairwise[np.triu_indices(len(clusters), 1)].mean())
+    return {
+        "silhouette_score": float(silhouette),
+        "silhouette_sample_size": int(sample),
+        "silhouette_sampled": bool(sample < n),
+        "davies_bouldin_index": float(metrics.davies_bouldin_score(vectors, assignments)),
+        "calinski_harabasz_score": float(metrics.calinski_harabasz_score(vectors, assignments)),
+        "embedding_variance": float(vectors.var(axis=0).mean()),
+        "intra_cluster_distance": intra,
+        "inter_cluster_distance": inter,
+        "num_clusters": int(len(clusters)),
+        "cluster_sizes": {str(c): int((assignments == c).sum()) for c in clusters},
+        "num_samples": int(n),
+        "num_features": int(vectors.shape[1]),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def projections(vectors: np.ndarray, which: tuple[str, ...], seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """2-D coordinates and the rows they belong to, per method (t-SNE/UMAP on a sample, after PCA-50)."""
+    from sklearn.decomposition import PCA
+    out = {}
+    n = len(vectors)
+    if "pca" in which:
+        out["pca"] = (PCA(n_components=2, random_state=seed).fit_transform(vectors), np.arange(n))
+    rows = np.arange(n)
+    if n > PROJECTION_SAMPLE:
+        rows = np.sort(np.random.default_rng(seed).choice(n, PROJECTION_SAMPLE, replace=False))
+    reduced = PCA(n_components=min(50, len(rows) - 1, vectors.shape[1]), random_state=seed).fit_transform(vectors[rows])
+    if "tsne" in which:
+        from sklearn.manifold import TSNE
+        perplexity = min(30.0, (len(rows) - 1) / 3)
+        out["tsne"] = (TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+                       .fit_transform(reduced), rows)
+    if "umap" in which:
+        import umap
+        out["umap"] = (umap.UMAP(n_neighbors=min(15, len(rows) - 1), min_dist=0.1, random_state=seed, n_jobs=1)
+                       .fit_transform(reduced), rows)
+    return out
+
+
+def plot_projections(coords: dict[str, tuple[np.ndarray, np.ndarray]], assignments: np.ndarray,
+                     names: list[str], out: Path, title: str) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    for method, (xy, rows) in coords.items():
+        fig, ax = plt.subplots(figsize=(6, 5), dpi=110)
+        labels = assignments[rows]
+        for i, name in enumerate(names):
+            mask = labels == i
+            ax.scatter(xy[mask, 0], xy[mask, 1], s=8, color=colours(i % colours.N), label=f"{name} ({mask.sum()})")
+        sampled = f", {len(rows)} sampled" if len(rows) < len(assignments) else ""
+        ax.set_title(f"{method.upper()} of {len(assignments)} embeddings{sampled}\n{title}", fontsize=9)
+        ax.legend(fontsize=7, markerscale=2, loc="best")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        path = out / f"{method}_2d.png"
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def report_clusters(table: EmbeddingTable, out: Path, *, k: int | None = None, labels: np.ndarray | None = None,
+                    label_name: str | None = None, index: "VectorIndex | None" = None,
+                    plots: tuple[str, ...] = ("pca", "tsne", "umap"), seed: int = 0) -> ClusterReport:
+    out.mkdir(parents=True, exist_ok=True)
+    vectors = table.vectors
+    if labels is not None:
+        present = ~pd_isna(labels)
+        names = sorted({str(v) for v in labels[present]})
+        assignments_all = np.array([names.index(str(v)) if ok else -1 for v, ok in zip(labels, present)])
+        keep = assignments_all >= 0
+        vectors, assignments = vectors[keep], assignments_all[keep]
+        source = f"labels: {label_name} ({int(keep.sum())} of {len(keep)} images labelled)"
+    else:
+        k = k or max(2, min(10, int(np.sqrt(len(vectors) / 2))))
+        assignments = kmeans_assignments(vectors, k, seed)
+        names = [f"cluster {i}" for i in range(k)]
+        source = f"faiss k-means, k={k}"
+    result = cluster_metrics(vectors, assignments, seed)
+    result["clusters_from"] = source
+    result["ivf_list_balance"] = ivf_balance(index)
+    result["notes"] = [f"silhouette computed on a random sample of {SILHOUETTE_SAMPLE} (quadratic cost)"
+                       if result["silhouette_sampled"] else "silhouette computed on all samples",
+                       f"t-SNE/UMAP on at most {PROJECTION_SAMPLE} sampled points after PCA to 50-d"]
+    coords = projections(vectors, plots, seed)
+    result["plots"] = [p.name for p in plot_projections(coords, assignments, names, out, source)]
+    (out / "clustering_metrics.json").write_text(json.dumps(result, indent=2))
+    return ClusterReport(metrics=result, assignments=assignments, names=names)
+
+
+def pd_isna(values: np.ndarray) -> np.ndarray:
+    import pandas as pd
+    return pd.isna(pd.Series(values)).to_numpy() | (pd.Series(values).astype(str) == "").to_numpy()

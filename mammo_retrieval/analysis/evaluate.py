@@ -1,0 +1,201 @@
+"""Labelled evaluation of an embedding space against two classical references computed in the same run:
+raw pixels of the preprocessed image at 32x32, and a 64-bin intensity histogram.
+
+Retrieval metrics exclude the query image and, for label metrics, every image of the same patient (a
+woman's other breast shares her tissue type; counting it would flatter any encoder). Classifiers are
+cross-validated with folds split by patient.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+import pandas as pd
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score
+from sklearn.model_selection import GroupKFold
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+
+if TYPE_CHECKING:
+    from ..api import Workspace
+
+
+def l2_rows(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def raw_pixel_features(images: list[np.ndarray]) -> np.ndarray:
+    """The preprocessed image, area-downsampled to 32x32, centred on the corpus mean, unit length."""
+    x = np.stack([cv2.resize(im, (32, 32), interpolation=cv2.INTER_AREA).ravel() for im in images]).astype(np.float32)
+    return l2_rows(x - x.mean(axis=0))
+
+
+def histogram_features(images: list[np.ndarray]) -> np.ndarray:
+    x = np.stack([np.histogram(im, bins=64, range=(0, 256))[0] for im in images]).astype(np.float32)
+    x /= x.sum(axis=1, keepdims=True)
+    return l2_rows(x - x.mean(axis=0))
+
+
+@dataclass
+class RankedLists:
+    """For every query row, all other rows ordered by cosine similarity (exact; N x N is fine to 20k)."""
+
+    order: np.ndarray
+
+    @classmethod
+    def build(cls, vectors: np.ndarray) -> "RankedLists":
+        sims = vectors @ vectors.T
+        np.fill_diagonal(sims, -np.inf)
+        return cls(order=np.argsort(-sims, axis=1, kind="stable")[:, :-1])
+
+
+def retrieval_metrics(ranked: RankedLists, labels: np.ndarray, patients: np.ndarray, ks: list[int]) -> dict:
+    """precision@k and mAP for one label column, same-patient images excluded."""
+    valid = ~pd.isna(labels) & (pd.Series(labels).astype(str) != "").to_numpy()
+    precision = {k: [] for k in ks}
+    average_precisions = []
+    for q in np.nonzero(valid)[0]:
+        candidates = ranked.order[q]
+        candidates = candidates[valid[candidates] & (patients[candidates] != patients[q])]
+        relevant = labels[candidates] == labels[q]
+        for k in ks:
+            precision[k].append(relevant[:k].mean() if len(relevant) >= 1 else 0.0)
+        if relevant.any():
+            hits = np.cumsum(relevant)
+            average_precisions.append(float((hits[relevant] / (np.nonzero(relevant)[0] + 1)).mean()))
+        else:
+            average_precisions.append(0.0)
+    return {**{f"precision@{k}": float(np.mean(v)) for k, v in precision.items()},
+            "mAP": float(np.mean(average_precisions)), "queries": int(valid.sum())}
+
+
+def contralateral_hit_rate(ranked: RankedLists, patients: np.ndarray, lateralities: np.ndarray,
+                           ks: list[int]) -> dict:
+    """How often the same woman's other breast is among the top k (only the query itself is excluded)."""
+    result = {}
+    queries = [q for q in range(len(patients)) if lateralities[q] in ("L", "R") and np.any(
+        (patients == patients[q]) & (lateralities != lateralities[q]) & np.isin(lateralities, ["L", "R"]))]
+    for k in ks:
+        hits = [np.any((patients[ranked.order[q, :k]] == patients[q])
+                       & (lateralities[ranked.order[q, :k]] != lateralities[q])) for q in queries]
+        result[f"contralateral@{k}"] = float(np.mean(hits)) if hits else None
+    result["queries"] = len(queries)
+    return result
+
+
+def classifier_metrics(features: np.ndarray, labels: np.ndarray, patients: np.ndarray, seed: int = 0) -> dict:
+    """Balanced accuracy and Cohen's kappa of four classifiers, out-of-fold, folds split by patient."""
+    valid = ~pd.isna(labels) & (pd.Series(labels).astype(str) != "").to_numpy()
+    x, y, groups = features[valid], np.asarray(labels[valid]).astype(str), patients[valid]
+    classes, counts = np.unique(y, return_counts=True)
+    n_groups = len(np.unique(groups))
+    if len(classes) < 2 or n_groups < 3:
+        return {"skipped": f"{len(classes)} classes over {n_groups} patients: too few to cross-validate"}
+    folds = GroupKFold(n_splits=min(5, n_groups))
+    models = {
+        "knn": make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=5, metric="cosine")),
+        "logistic_regression": make_pipeline(StandardScaler(), LogisticRegression(
+            max_iter=2000, class_weight="balanced", C=0.1)),
+        "svm": make_pipeline(StandardScaler(), SVC(kernel="rbf", class_weight="balanced", random_state=seed)),
+        "random_forest": RandomForestClassifier(n_estimators=200, class_weight="balanced", random_state=seed,
+                                                n_jobs=-1),
+    }
+    out = {}
+    for name, model in models.items():
+        predicted = np.empty(len(y), dtype=object)
+        for train, test in folds.split(x, y, groups):
+            model.fit(x[train], y[train])
+            predicted[test] = model.predict(x[test])
+        out[name] = {"balanced_accuracy": float(balanced_accuracy_score(y, predicted.astype(str))),
+                     "cohen_kappa": float(cohen_kappa_score(y, predicted.astype(str)))}
+    out["class_counts"] = {str(c): int(n) for c, n in zip(classes, counts)}
+    return out
+
+
+def evaluate_space(features: np.ndarray, labels: pd.DataFrame, columns: list[str], patients: np.ndarray,
+                   lateralities: np.ndarray, ks: list[int]) -> dict:
+    ranked = RankedLists.build(l2_rows(features))
+    result = {"contralateral": contralateral_hit_rate(ranked, patients, lateralities, ks), "labels": {}}
+    for column in columns:
+        values = labels[column].to_numpy(dtype=object)
+        result["labels"][column] = {"retrieval": retrieval_metrics(ranked, values, patients, ks),
+                                    "classifiers": classifier_metrics(features, values, patients)}
+    return result
+
+
+def evaluate(ws: "Workspace", labels_csv: str, *, columns: list[str] | None = None,
+             ks: tuple[int, ...] = (1, 5, 10), subset: np.ndarray | None = None) -> dict:
+    """The configured encoder and the two references, on the labelled images (``subset``: optional row mask)."""
+    from .labels import join_labels, label_columns, read_labels
+    from .vectors import load_embeddings
+    table = load_embeddings(ws)
+    raw_labels = read_labels(labels_csv)
+    aligned, join = join_labels(table.meta, raw_labels)
+    columns = label_columns(raw_labels, columns)
+    labelled = aligned[columns].replace("", pd.NA).notna().any(axis=1).to_numpy()
+    keep = labelled if subset is None else labelled & subset
+    if keep.sum() < 4:
+        from ..errors import MammoRetrievalError
+        raise MammoRetrievalError(f"only {int(keep.sum())} indexed images have labels (joined on {join})",
+                                  hint="check that the labels CSV describes the ingested archive")
+    meta = table.meta[keep].reset_index(drop=True)
+    aligned = aligned[keep].reset_index(drop=True)
+    patients = meta.patient_id.fillna("").to_numpy(dtype=object)
+    lateralities = meta.laterality.fillna("").to_numpy(dtype=object)
+    images = [ws.cached_image(sop) for sop in meta.sop_instance_uid]
+    spaces = {
+        f"encoder:{ws.encoder.identity.key}": table.vectors[keep],
+        "raw_pixels_32x32": raw_pixel_features(images),
+        "histogram_64": histogram_features(images),
+    }
+    ks = sorted(set(ks))
+    report = {"labels_csv": str(labels_csv), "joined_on": join, "images": int(keep.sum()),
+              "patients": int(len(set(patients))), "label_columns": columns, "k": ks,
+              "random_weights": ws.encoder.identity.random_weights, "spaces": {}}
+    for name, features in spaces.items():
+        report["spaces"][name] = evaluate_space(features, aligned, columns, patients, lateralities, ks)
+    return report
+
+
+def to_markdown(report: dict) -> str:
+    ks = report["k"]
+    lines = [f"# Embedding evaluation", "",
+             f"{report['images']} images of {report['patients']} patients; labels joined on {report['joined_on']}."
+             + (" **The encoder has random weights.**" if report["random_weights"] else ""),
+             "Label retrieval excludes the query patient's own images; classifiers are 5-fold by patient.", "",
+             "## Retrieval", "",
+             "| space | " + " | ".join(f"contralateral@{k}" for k in ks) + " | "
+             + " | ".join(f"{c} P@{k}" for c in report["label_columns"] for k in ks) + " | "
+             + " | ".join(f"{c} mAP" for c in report["label_columns"]) + " |"]
+    lines.append("|" + "---|" * (1 + len(ks) + len(ks) * len(report["label_columns"]) + len(report["label_columns"])))
+    for name, space in report["spaces"].items():
+        cells = [f"{space['contralateral'][f'contralateral@{k}']:.3f}" for k in ks]
+        cells += [f"{space['labels'][c]['retrieval'][f'precision@{k}']:.3f}" for c in report["label_columns"] for k in ks]
+        cells += [f"{space['labels'][c]['retrieval']['mAP']:.3f}" for c in report["label_columns"]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Classifiers (balanced accuracy / Cohen's kappa)", ""]
+    for column in report["label_columns"]:
+        lines += [f"### {column}", "", "| space | knn | logistic_regression | svm | random_forest |", "|---|---|---|---|---|"]
+        for name, space in report["spaces"].items():
+            clf = space["labels"][column]["classifiers"]
+            if "skipped" in clf:
+                lines.append(f"| {name} | {clf['skipped']} | | | |")
+                continue
+            cells = [f"{clf[m]['balanced_accuracy']:.3f} / {clf[m]['cohen_kappa']:.3f}"
+                     for m in ("knn", "logistic_regression", "svm", "random_forest")]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_evaluation(report: dict, out_json, out_md) -> None:
+    out_json.write_text(json.dumps(report, indent=2))
+    out_md.write_text(to_markdown(report))

@@ -1,0 +1,60 @@
+"""Join a labels CSV to the indexed images: on SOPInstanceUID, on file path, or on AccessionNumber."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import MammoRetrievalError
+
+ID_COLUMNS = {"file", "path", "imagepath", "accessionnumber", "patientid", "sopinstanceuid", "studyinstanceuid",
+              "laterality", "view", "x", "y", "radius", "sha256", "split"}
+
+
+def read_labels(path: str | Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise MammoRetrievalError(f"labels file not found: {path}") from None
+    except Exception as exc:
+        raise MammoRetrievalError(f"{path}: cannot read labels CSV: {exc}") from None
+
+
+def _find(labels: pd.DataFrame, *names: str) -> str | None:
+    lowered = {c.lower().replace("_", ""): c for c in labels.columns}
+    return next((lowered[n] for n in names if n in lowered), None)
+
+
+def join_labels(meta: pd.DataFrame, labels: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Label rows aligned with ``meta`` (NaN where an image has no label) and the join used.
+
+    Several rows for one image (MIAS: two lesions) keep the first, as the image-level label.
+    """
+    if (col := _find(labels, "sopinstanceuid")) is not None:
+        by = labels.drop_duplicates(col).set_index(col)
+        return by.reindex(meta.sop_instance_uid.values).reset_index(drop=True), f"SOPInstanceUID ({col})"
+    if (col := _find(labels, "file", "path", "imagepath")) is not None:
+        by = labels.drop_duplicates(col)
+        keys = {k.replace("\\", "/").lstrip("./"): i for i, k in enumerate(by[col])}
+        positions = []
+        for path in meta.path:
+            parts = Path(path).as_posix().split("/")
+            hit = next((keys[s] for s in ("/".join(parts[i:]) for i in range(len(parts))) if s in keys), None)
+            positions.append(hit)
+        rows = [by.iloc[p] if p is not None else pd.Series(dtype=object) for p in positions]
+        return pd.DataFrame(rows).reset_index(drop=True), f"file path ({col}, matched as a path suffix)"
+    if (col := _find(labels, "accessionnumber")) is not None:
+        by = labels.drop_duplicates(col).set_index(col)
+        return by.reindex(meta.accession_number.values).reset_index(drop=True), f"AccessionNumber ({col})"
+    raise MammoRetrievalError("labels CSV has no SOPInstanceUID, file/path or AccessionNumber column to join on")
+
+
+def label_columns(labels: pd.DataFrame, requested: list[str] | None = None) -> list[str]:
+    if requested:
+        missing = [c for c in requested if c not in labels.columns]
+        if missing:
+            raise MammoRetrievalError(f"label column(s) {missing} not in the labels CSV",
+                                      hint=f"columns: {', '.join(labels.columns)}")
+        return requested
+    return [c for c in labels.columns if c.lower().replace("_", "") not in ID_COLUMNS
+            and 1 < labels[c].replace("", pd.NA).dropna().nunique() <= 50]

@@ -1,0 +1,171 @@
+"""QC sweep: an outlier score for every indexed image, near-duplicate pairs and header checks."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import select
+
+from ..db.models import QcRun, QcScore
+from ..errors import MammoRetrievalError
+from .content_checks import header_flags, side_convention
+from .neighbours import Neighbours, knn
+from .vectors import EmbeddingTable, load_embeddings
+
+if TYPE_CHECKING:
+    from ..api import Workspace
+
+METHODS = ("knn", "lof", "iforest")
+
+
+@dataclass
+class QcResult:
+    scores: pd.DataFrame      # one row per image, rank 1 = most outlying
+    duplicates: pd.DataFrame  # one row per pair
+    neighbours_method: str
+    method: str
+    params: dict = field(default_factory=dict)
+    run_id: int | None = None
+    previous_run_id: int | None = None
+
+
+def outlier_scores(vectors: np.ndarray, neighbours: Neighbours, method: str, k: int, seed: int = 0) -> np.ndarray:
+    """Higher = more outlying, for every row."""
+    if method == "knn":
+        return 1.0 - neighbours.similarities[:, :k].mean(axis=1)
+    if method == "lof":
+        from scipy.sparse import csr_matrix
+        from sklearn.neighbors import LocalOutlierFactor
+        n, m = neighbours.similarities.shape
+        distances = np.sqrt(np.clip(2.0 - 2.0 * neighbours.similarities, 0.0, None))
+        graph = csr_matrix((distances.ravel(), neighbours.positions.ravel(), np.arange(0, n * m + 1, m)),
+                           shape=(n, n))
+        # sklearn wants one entry more than n_neighbors in a precomputed graph
+        lof = LocalOutlierFactor(n_neighbors=min(k, m - 1), metric="precomputed")
+        lof.fit(graph)
+        return -lof.negative_outlier_factor_
+    if method == "iforest":
+        from sklearn.decomposition import PCA
+        from sklearn.ensemble import IsolationForest
+        reduced = PCA(n_components=min(32, *vectors.shape), random_state=seed).fit_transform(vectors)
+        forest = IsolationForest(n_estimators=200, random_state=seed).fit(reduced)
+        return -forest.score_samples(reduced)
+    raise MammoRetrievalError(f"unknown QC method '{method}'", hint=f"choose one of {', '.join(METHODS)}")
+
+
+def duplicate_pairs(table: EmbeddingTable, neighbours: Neighbours, threshold: float) -> pd.DataFrame:
+    """Neighbour pairs at or above ``threshold`` cosine with different SOPInstanceUIDs, each pair once."""
+    best: dict[tuple[int, int], float] = {}
+    for i, j in zip(*np.nonzero(neighbours.similarities >= threshold)):
+        b = int(neighbours.positions[i, j])
+        if b >= 0:
+            pair = (min(int(i), b), max(int(i), b))
+            best[pair] = max(best.get(pair, -1.0), float(neighbours.similarities[i, j]))
+    meta = table.meta
+    rows = [{"sop_instance_uid_a": meta.sop_instance_uid.iat[a], "sop_instance_uid_b": meta.sop_instance_uid.iat[b],
+             "similarity": round(sim, 6), "path_a": meta.path.iat[a], "path_b": meta.path.iat[b],
+             "patient_id_a": meta.patient_id.iat[a], "patient_id_b": meta.patient_id.iat[b]}
+            for (a, b), sim in best.items() if meta.sop_instance_uid.iat[a] != meta.sop_instance_uid.iat[b]]
+    frame = pd.DataFrame(rows, columns=["sop_instance_uid_a", "sop_instance_uid_b", "similarity", "path_a",
+                                        "path_b", "patient_id_a", "patient_id_b"])
+    return frame.sort_values("similarity", ascending=False, ignore_index=True)
+
+
+def pixel_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two cached images: near 1 for the same picture whatever the encoder."""
+    a, b = a.astype(np.float32).ravel(), b.astype(np.float32).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    denominator = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denominator) if denominator else 1.0
+
+
+def run_qc(ws: "Workspace", *, method: str = "knn", k: int = 10, dup_threshold: float = 0.999,
+           min_pixel_correlation: float | None = 0.98, header_checks: bool = True,
+           record: bool = True) -> QcResult:
+    """Score every indexed image. Near-duplicates need cosine >= dup_threshold and, unless
+    min_pixel_correlation is None, cached-image correlation >= it (a weak encoder cannot flood the list)."""
+    if method not in METHODS:
+        raise MammoRetrievalError(f"unknown QC method '{method}'", hint=f"choose one of {', '.join(METHODS)}")
+    table = load_embeddings(ws)
+    if len(table) < 3:
+        raise MammoRetrievalError(f"QC needs at least 3 indexed images, found {len(table)}")
+    k = min(k, len(table) - 1)
+    neighbours = knn(table.vectors, k + 1)
+    scores = outlier_scores(table.vectors, neighbours, method, k)
+    frame = table.meta[["image_id", "sop_instance_uid", "accession_number", "patient_id", "laterality", "view",
+                        "path"]].copy()
+    frame["score"] = np.round(scores.astype(float), 6)
+    frame["flags"] = ""
+    if header_checks:
+        frame["flags"] = _header_flags(ws, table)
+    frame = frame.sort_values("score", ascending=False, kind="stable", ignore_index=True)
+    frame["rank"] = np.arange(1, len(frame) + 1)
+    duplicates = duplicate_pairs(table, neighbours, dup_threshold)
+    if min_pixel_correlation is not None:
+        duplicates["pixel_correlation"] = [
+            round(pixel_correlation(ws.cached_image(a), ws.cached_image(b)), 4)
+            for a, b in zip(duplicates.sop_instance_uid_a, duplicates.sop_instance_uid_b)]
+        duplicates = duplicates[duplicates.pixel_correlation >= min_pixel_correlation].reset_index(drop=True)
+    result = QcResult(scores=frame, duplicates=duplicates,
+                      neighbours_method=neighbours.method, method=method,
+                      params={"k": k, "dup_threshold": dup_threshold, "min_pixel_correlation": min_pixel_correlation,
+                              "neighbours": neighbours.method})
+    if record:
+        _record(ws, result)
+    return result
+
+
+def _header_flags(ws: "Workspace", table: EmbeddingTable) -> list[str]:
+    from ..preprocess.primer import breast_side
+    images = [ws.cached_image(sop) for sop in table.meta.sop_instance_uid]
+    convention = side_convention([(lat, breast_side(img)) for lat, img in zip(table.meta.laterality, images)])
+    return [";".join(header_flags(img, lat, view, convention))
+            for img, lat, view in zip(images, table.meta.laterality, table.meta.view)]
+
+
+def _record(ws: "Workspace", result: QcResult) -> None:
+    """Store this run's scores; mark images that rank in the top of this run but were not in the last one's."""
+    mv_id = ws._existing_model_version_id()
+    with ws.db.session() as s:
+        previous = s.scalar(select(QcRun).where(QcRun.model_version_id == mv_id, QcRun.method == result.method)
+                            .order_by(QcRun.id.desc()).limit(1))
+        previous_ranks = {}
+        if previous is not None:
+            previous_ranks = dict(s.execute(select(QcScore.image_id, QcScore.rank)
+                                            .where(QcScore.run_id == previous.id)).all())
+        run = QcRun(model_version_id=mv_id, method=result.method, params_json=json.dumps(result.params),
+                    n_images=len(result.scores))
+        s.add(run)
+        s.flush()
+        s.bulk_insert_mappings(QcScore, [
+            {"run_id": run.id, "image_id": int(r.image_id), "score": float(r.score), "rank": int(r.rank),
+             "flags": r.flags or None} for r in result.scores.itertuples()])
+        result.run_id, result.previous_run_id = run.id, previous.id if previous else None
+    result.scores["previous_rank"] = [previous_ranks.get(int(i)) for i in result.scores.image_id]
+
+
+def write_outputs(ws: "Workspace", result: QcResult, out: Path, top: int) -> dict[str, Path]:
+    from .qc_report import write_html
+    out.mkdir(parents=True, exist_ok=True)
+    columns = ["sop_instance_uid", "accession_number", "path", "score", "rank", "flags"]
+    if "previous_rank" in result.scores:
+        columns.append("previous_rank")
+    scores = result.scores[columns].rename(columns={"sop_instance_uid": "SOPInstanceUID",
+                                                    "accession_number": "AccessionNumber"})
+    scores.to_csv(out / "scores.csv", index=False)
+    result.duplicates.rename(columns={"sop_instance_uid_a": "SOPInstanceUID_a",
+                                      "sop_instance_uid_b": "SOPInstanceUID_b"}).to_csv(out / "duplicates.csv",
+                                                                                         index=False)
+    write_html(ws, result, out / "report.html", top)
+    summary = {"created_at": datetime.now(timezone.utc).isoformat(), "method": result.method, **result.params,
+               "images": len(result.scores), "duplicate_pairs": len(result.duplicates), "run_id": result.run_id,
+               "previous_run_id": result.previous_run_id,
+               "flagged": int((result.scores["flags"] != "").sum())}
+    (out / "qc_summary.json").write_text(json.dumps(summary, indent=2))
+    return {"scores": out / "scores.csv", "duplicates": out / "duplicates.csv", "report": out / "report.html",
+            "summary": out / "qc_summary.json"}

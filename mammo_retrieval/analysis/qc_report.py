@@ -1,0 +1,63 @@
+"""A self-contained HTML page of the top outliers and duplicate pairs, with thumbnails (inline PNG)."""
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+
+if TYPE_CHECKING:
+    from ..api import Workspace
+    from .qc import QcResult
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}
+.grid{display:flex;flex-wrap:wrap;gap:12px}
+.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;width:200px;font-size:12px}
+.card img{width:184px;height:184px;object-fit:contain;background:#000;display:block;margin-bottom:4px}
+.pair{display:flex;gap:8px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;margin:6px 0}
+.pair img{width:160px;height:160px;object-fit:contain;background:#000}
+.flag{color:#b00;font-weight:600}.new{color:#06a;font-weight:600}.path{color:#666;word-break:break-all}
+"""
+
+
+def thumbnail(ws: "Workspace", sop: str) -> str:
+    try:
+        image = ws.cached_image(sop)
+    except Exception as exc:  # a vanished file must not cost the whole report
+        return f'<div class="flag">no thumbnail: {html.escape(str(exc))}</div>'
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(image))
+    return f'<img alt="{html.escape(sop)}" src="data:image/png;base64,{base64.b64encode(png.tobytes()).decode()}">'
+
+
+def write_html(ws: "Workspace", result: "QcResult", path: Path, top: int) -> None:
+    e = html.escape
+    parts = [f"<!doctype html><meta charset=utf-8><title>mretrieve QC</title><style>{STYLE}</style>",
+             f"<h1>QC sweep: {e(result.method)}</h1>",
+             f"<p>{len(result.scores)} images; neighbours: {e(result.neighbours_method)}; "
+             f"k={result.params.get('k')}; duplicate threshold {result.params.get('dup_threshold')}</p>",
+             f"<h2>Top {min(top, len(result.scores))} outliers</h2><div class=grid>"]
+    for r in result.scores.head(top).itertuples():
+        previous = getattr(r, "previous_rank", None)
+        is_new = result.previous_run_id is not None and (previous is None or previous != previous or previous > top)
+        parts.append(
+            f'<div class=card>{thumbnail(ws, r.sop_instance_uid)}<b>#{r.rank}</b> score {r.score:.4f}'
+            f'{" <span class=new>NEW</span>" if is_new else ""}<br>{e(str(r.accession_number or "-"))} · '
+            f'{e(str(r.patient_id or "-"))} · {e(str(r.laterality or "?"))} {e(str(r.view or "?"))}'
+            f'{"<br><span class=flag>" + e(r.flags) + "</span>" if r.flags else ""}'
+            f'<div class=path>{e(r.path)}</div></div>')
+    parts.append("</div>")
+    flagged = result.scores[result.scores["flags"] != ""]
+    parts.append(f"<h2>Header-versus-content flags ({len(flagged)})</h2><div class=grid>")
+    for r in flagged.head(top).itertuples():
+        parts.append(f'<div class=card>{thumbnail(ws, r.sop_instance_uid)}<span class=flag>{e(r.flags)}</span>'
+                     f'<br>rank {r.rank}<div class=path>{e(r.path)}</div></div>')
+    parts.append(f"</div><h2>Near-duplicate pairs ({len(result.duplicates)})</h2>")
+    for r in result.duplicates.head(top).itertuples():
+        parts.append(f'<div class=pair>{thumbnail(ws, r.sop_instance_uid_a)}{thumbnail(ws, r.sop_instance_uid_b)}'
+                     f'<div>cosine {r.similarity:.5f}<br>pixel correlation {getattr(r, "pixel_correlation", float("nan")):.4f}<div class=path>{e(r.path_a)}<br>{e(r.path_b)}</div>'
+                     f'</div></div>')
+    path.write_text("\n".join(parts))

@@ -1,0 +1,44 @@
+import json
+
+import numpy as np
+
+from mammo_retrieval.analysis.evaluate import (RankedLists, contralateral_hit_rate, evaluate, retrieval_metrics,
+                                               to_markdown)
+
+
+def test_retrieval_metrics_known_answer():
+    # 4 images on a line; patients A,A,B,C; labels x,x,x,y
+    v = np.array([[1, 0], [0.9, 0.1], [0.8, 0.2], [0, 1]], np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    ranked = RankedLists.build(v)
+    labels = np.array(["x", "x", "x", "y"], dtype=object)
+    patients = np.array(["A", "A", "B", "C"], dtype=object)
+    m = retrieval_metrics(ranked, labels, patients, [1])
+    # q0: candidates (B, C) -> x hit first: P@1=1, AP=1. q1: same. q2: (A0? order 1,0,3) -> 1 hit: AP=1.
+    # q3: candidates 2,1,0 all x -> P@1=0, AP=0
+    assert m["precision@1"] == 0.75 and m["mAP"] == 0.75 and m["queries"] == 4
+
+
+def test_contralateral_known_answer():
+    v = np.array([[1, 0], [0.99, 0.1], [0, 1], [0.5, 0.5]], np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    ranked = RankedLists.build(v)
+    patients = np.array(["A", "A", "B", "B"], dtype=object)
+    sides = np.array(["L", "R", "L", "R"], dtype=object)
+    # q0 -> 1 (A R): hit; q1 -> 0: hit; q2 -> 3 (B R): hit; q3 -> nearest is 1 (A): miss at k=1
+    assert contralateral_hit_rate(ranked, patients, sides, [1])["contralateral@1"] == 0.75
+
+
+def test_evaluate_on_mias_labels(mias_workspace, mias_dir, tmp_path):
+    report = evaluate(mias_workspace, str(mias_dir / "labels.csv"), columns=["tissue", "abnormality"], ks=(1, 5, 10))
+    assert report["images"] == 200 and report["patients"] == 100 and report["joined_on"].startswith("SOPInstanceUID")
+    assert set(report["spaces"]) == {f"encoder:{mias_workspace.encoder.identity.key}", "raw_pixels_32x32",
+                                     "histogram_64"}
+    for space in report["spaces"].values():
+        assert space["contralateral"]["queries"] == 200
+        tissue = space["labels"]["tissue"]
+        assert 0 <= tissue["retrieval"]["precision@10"] <= 1 and tissue["retrieval"]["queries"] == 200
+        assert set(tissue["classifiers"]) >= {"knn", "logistic_regression", "svm", "random_forest"}
+    markdown = to_markdown(report)
+    assert "| histogram_64 |" in markdown and "tissue P@10" in markdown
+    json.dumps(report)
