@@ -33,33 +33,50 @@ class Workspace:
         self._encoder: "Encoder | None" = None
         self._index: "VectorIndex | None" = None
         self._mv_id: int | None = None
-        self._cache: "ImageCache | None" = None
+        self._caches: dict[str, "ImageCache"] = {}
 
     # --- components, built lazily (torch and faiss are slow to import) ---------------------------
+    def serving_encoder_config(self):
+        """The config's encoder, unless a reindex made another model live and the config pins no weights."""
+        from .versions import read_live
+        cfg = self.config.encoder
+        live, _ = read_live(self.config.index_dir)
+        if live is None or cfg.weights:
+            return cfg
+        return cfg.__class__(**{**cfg.__dict__, "name": live.encoder, "weights": live.weights,
+                                "input_size": live.input_size})
+
+    def build_encoder(self, encoder_cfg) -> "Encoder":
+        from .encoders import DEFAULT_REGISTRY, build_encoder
+        return build_encoder(encoder_cfg, self.config.preprocess, self._registry or DEFAULT_REGISTRY)
+
     @property
     def encoder(self) -> "Encoder":
         if self._encoder is None:
-            from .encoders import DEFAULT_REGISTRY, build_encoder
-            self._encoder = build_encoder(self.config.encoder, self.config.preprocess,
-                                          self._registry or DEFAULT_REGISTRY)
+            self._encoder = self.build_encoder(self.serving_encoder_config())
         return self._encoder
 
     @property
     def image_cache(self) -> "ImageCache":
-        """uint8 model-size images of this preprocessing, keyed by SOPInstanceUID."""
-        if self._cache is None:
-            from .cache import ImageCache
-            settings = self.encoder.settings
-            self._cache = ImageCache(self.config.cache_dir, settings.digest(), settings.size)
-        return self._cache
+        """uint8 model-size images of the serving preprocessing, keyed by SOPInstanceUID."""
+        return self.cache_for(self.encoder.settings)
 
-    def cached_image(self, sop_instance_uid: str) -> np.ndarray:
+    def cache_for(self, settings) -> "ImageCache":
+        from .cache import ImageCache
+        digest = settings.digest()
+        if digest not in self._caches:
+            self._caches[digest] = ImageCache(self.config.cache_dir, digest, settings.size)
+        return self._caches[digest]
+
+    def cached_image(self, sop_instance_uid: str, settings=None) -> np.ndarray:
         """The preprocessed image; a missing or corrupt entry is rebuilt from its DICOM file."""
         from .cache import CacheCorruptError
         from .dicom.reader import read_image
         from .preprocess import to_display_uint8
+        settings = settings or self.encoder.settings
+        cache = self.cache_for(settings)
         try:
-            image = self.image_cache.get(sop_instance_uid)
+            image = cache.get(sop_instance_uid)
         except CacheCorruptError:
             image = None
         if image is not None:
@@ -69,13 +86,12 @@ class Workspace:
             path = record.path if record else None
         if path is None:
             raise NotFoundError(f"no indexed image with SOPInstanceUID {sop_instance_uid}")
-        settings = self.encoder.settings
         decoded = read_image(path, self.config.reader, voi_window=settings.voi_window)
         if decoded.header.sop_instance_uid != sop_instance_uid:
             raise NotFoundError(f"{path} now holds SOPInstanceUID {decoded.header.sop_instance_uid}, "
                                 f"not {sop_instance_uid}", hint="re-ingest the archive")
         image = to_display_uint8(decoded.pixels, settings)
-        self.image_cache.put_many([(sop_instance_uid, image)])
+        cache.put_many([(sop_instance_uid, image)])
         return image
 
     def model_version_id(self) -> int:
@@ -117,6 +133,13 @@ class Workspace:
                                 hint="run `mretrieve ingest ARCHIVE_DIR` first (with the same config)")
         return index
 
+    def _live_changed(self) -> bool:
+        from .versions import read_live
+        if self.config.encoder.weights:
+            return False
+        live, _ = read_live(self.config.index_dir)
+        return live is not None and live.key != self.encoder.identity.key
+
     def _explain_missing_index(self) -> None:
         """If indexes of other models exist, say how this query's model differs from the newest one."""
         manifests = []
@@ -136,7 +159,10 @@ class Workspace:
                                          f"against the newest, {exc.message}", hint=exc.hint) from None
 
     def searchable_index(self) -> "VectorIndex":
-        """The index, caught up in memory with the database (a warm server keeps this one)."""
+        """The index, caught up in memory with the database (a warm server keeps this one and
+        picks up a reindex switch on its next query)."""
+        if self._index is not None and self._live_changed():
+            self._encoder, self._index, self._mv_id = None, None, None
         if self._index is None:
             index = self.open_index()
             mv_id = self._existing_model_version_id()
@@ -236,6 +262,19 @@ class Workspace:
         self._index = None
         return report
 
+    def reindex(self, weights: str | None = None, *, on_progress: Callable[[int, int], None] | None = None) -> dict:
+        from .reindex import run_reindex
+        result = run_reindex(self, weights, on_progress=on_progress)
+        self._encoder, self._index, self._mv_id = None, None, None
+        return result
+
+    def rollback(self) -> dict:
+        from .versions import rollback
+        with self.write_lock():
+            target = rollback(self.config.index_dir)
+        self._encoder, self._index, self._mv_id = None, None, None
+        return {"live": target.key, "encoder": target.encoder, "weights": target.weights}
+
     def embed_file(self, path: str | os.PathLike) -> tuple[QueryImage, "object"]:
         """Read, preprocess and embed one DICOM (raises DicomRejected with the reason)."""
         from .dicom.reader import read_image
@@ -274,6 +313,6 @@ class Workspace:
         return collect_status(self, rejected_limit=rejected_limit)
 
     def close(self) -> None:
-        if self._cache is not None:
-            self._cache.close()
+        for cache in self._caches.values():
+            cache.close()
         self.db.dispose()

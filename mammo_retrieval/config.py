@@ -55,6 +55,7 @@ class EncoderConfig:
     name: str
     weights: str | None
     allow_random_weights: bool
+    input_size: int | None
     batch_size: int
     device: str
 

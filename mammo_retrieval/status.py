@@ -22,11 +22,15 @@ def collect_status(ws: "Workspace", *, rejected_limit: int | None = None) -> dic
         versions = repo.model_versions(s)
         rejected = repo.rejected_files(s, rejected_limit)
         rejected_rows = [{"path": r.path, "code": r.code, "reason": r.reason} for r in rejected]
+    from .versions import read_live
+    live, previous = read_live(cfg.index_dir)
+    kept_keys = {m.key for m in previous}
     models = []
     for mv, n_vectors in versions:
         entry = {"key": mv.key, "encoder": mv.encoder, "weights_sha256": mv.weights_sha256,
                  "weights_path": mv.weights_path, "random_weights": mv.random_weights,
-                 "preprocess_digest": mv.preprocess_digest, "dim": mv.dim, "vectors": n_vectors}
+                 "preprocess_digest": mv.preprocess_digest, "dim": mv.dim, "vectors": n_vectors,
+                 "live": live is not None and live.key == mv.key, "kept_for_rollback": mv.key in kept_keys}
         directory = cfg.index_dir / mv.key
         try:
             manifest = Manifest.read(directory)
@@ -42,6 +46,7 @@ def collect_status(ws: "Workspace", *, rejected_limit: int | None = None) -> dic
         "database": _redact(cfg.database_url),
         "index_dir": str(cfg.index_dir),
         "configured_encoder": {"name": cfg.encoder.name, "weights": cfg.encoder.weights},
+        "live_model": live.key if live else None,
         "counts": counts,
         "model_versions": models,
         "rejected": rejected_rows,

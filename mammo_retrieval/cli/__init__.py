@@ -11,8 +11,10 @@ from . import index as index_commands
 from .analysis import evaluate, export, report
 from .ingest import ingest
 from .qc import qc
+from .reindex import reindex
 from .query import query
 from .status import status
+from .train import train
 
 
 class _Group(click.Group):
@@ -42,6 +44,8 @@ cli.add_command(qc)
 cli.add_command(report)
 cli.add_command(evaluate)
 cli.add_command(export)
+cli.add_command(train)
+cli.add_command(reindex)
 cli.add_command(db_commands.db)
 cli.add_command(index_commands.index)
 

@@ -23,7 +23,8 @@ def status(ctx: click.Context, fmt: str, rejected_limit: int) -> None:
                f"StudyInstanceUID: no AccessionNumber)  vectors {c['embeddings']}  rejected {c['rejected_files']}")
     for m in info["model_versions"]:
         weights = "RANDOM (seeded)" if m["random_weights"] else (m["weights_path"] or "?")
-        click.echo(f"model {m['key']}: {m['encoder']} dim {m['dim']}, weights {weights} "
+        role = "LIVE " if m["live"] else ("kept " if m["kept_for_rollback"] else "")
+        click.echo(f"{role}model {m['key']}: {m['encoder']} dim {m['dim']}, weights {weights} "
                    f"sha256 {m['weights_sha256'][:16]}, preprocess {m['preprocess_digest']}, {m['vectors']} vectors")
         idx = m.get("index")
         if idx:

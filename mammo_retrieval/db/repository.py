@@ -101,6 +101,16 @@ def write_images(session: Session, items: Sequence[NewImage], model_version_id: 
     return vector_ids
 
 
+def add_embeddings(session: Session, rows: Iterable[tuple[int, np.ndarray]], model_version_id: int) -> list[int]:
+    """Vectors of another model version for images already stored (reindex)."""
+    embeddings = [Embedding(image_id=int(image_id), model_version_id=model_version_id,
+                            vector=np.ascontiguousarray(vector, dtype=np.float32).tobytes())
+                  for image_id, vector in rows]
+    session.add_all(embeddings)
+    session.flush()
+    return [e.id for e in embeddings]
+
+
 def record_rejections(session: Session, rejections: Iterable[tuple[str, str, str]]) -> None:
     """(path, code, reason); a file rejected again keeps one row with the latest reason."""
     for path, code, reason in rejections:

@@ -48,6 +48,12 @@ class Encoder:
         return torch.nn.functional.normalize(features.float(), p=2, dim=1).cpu().numpy()
 
 
+def packaged_weights(name: str) -> Path:
+    """A weights file shipped in mammo_retrieval/weights/ (never downloaded)."""
+    from importlib import resources
+    return Path(str(resources.files("mammo_retrieval") / "weights" / name))
+
+
 def create_backbone(spec: EncoderSpec) -> torch.nn.Module:
     """A headless timm model with seeded initialisation, so random weights are reproducible."""
     with torch.random.fork_rng(devices=[]):
@@ -59,8 +65,9 @@ def build_encoder(cfg: EncoderConfig, preprocess_cfg: PreprocessConfig,
                   registry: EncoderRegistry = DEFAULT_REGISTRY) -> Encoder:
     spec = registry.get(cfg.name)
     model = create_backbone(spec)
-    if cfg.weights:
-        path = Path(cfg.weights).expanduser()
+    weights = cfg.weights or (str(packaged_weights(spec.weights_file)) if spec.weights_file else None)
+    if weights:
+        path = Path(weights).expanduser()
         checkpoint = read_checkpoint(path)
         load_into(model, extract_encoder_state(checkpoint, path), path)
         weights_sha, random_weights, weights_path = sha256_file(path), False, str(path)
@@ -69,7 +76,8 @@ def build_encoder(cfg: EncoderConfig, preprocess_cfg: PreprocessConfig,
     else:
         raise WeightsError("no encoder weights configured and encoder.allow_random_weights is false",
                            hint="set encoder.weights or $MRETRIEVE_WEIGHTS to a checkpoint file")
-    settings = PreprocessSettings.from_config(preprocess_cfg, size=spec.input_size, mean=spec.mean, std=spec.std)
+    size = (cfg.input_size, cfg.input_size) if cfg.input_size else spec.input_size
+    settings = PreprocessSettings.from_config(preprocess_cfg, size=size, mean=spec.mean, std=spec.std)
     identity = ModelIdentity(encoder=spec.name, weights_sha256=weights_sha, preprocess_digest=settings.digest(),
                              dim=spec.dim, random_weights=random_weights, weights_path=weights_path)
     return Encoder(spec, model, settings, identity, resolve_device(cfg.device))

@@ -19,6 +19,7 @@ class EncoderSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     description: str = ""
+    weights_file: str | None = None  # shipped inside the package (mammo_retrieval/weights/); used when none is configured
 
 
 class EncoderRegistry:

@@ -98,6 +98,15 @@ def _screen(ws: "Workspace", paths: list[Path], mv_id: int, seen: set[str]) -> t
     return todo, rejected, len(present)
 
 
+def _record_first_live_model(ws: "Workspace") -> None:
+    """The first model to fill an index becomes the live one (reindex switches from it later)."""
+    from ..versions import ServingModel, read_live, switch_live
+    live, _ = read_live(ws.config.index_dir)
+    if live is None:
+        cfg = ws.serving_encoder_config()
+        switch_live(ws.config.index_dir, ServingModel(ws.encoder.identity.key, cfg.name, cfg.weights, cfg.input_size))
+
+
 def run_ingest(ws: "Workspace", root: str | Path, *, workers: int | None = None,
                on_progress: Callable[[int, int], None] | None = None) -> IngestReport:
     started = time.perf_counter()
@@ -176,6 +185,7 @@ def run_ingest(ws: "Workspace", root: str | Path, *, workers: int | None = None,
         flush()
         ws.maybe_relayout(index, mv_id)
         index.save()
+        _record_first_live_model(ws)
         report.model_key = encoder.identity.key
         report.random_weights = encoder.identity.random_weights
         report.index_type = index.manifest.index_type

