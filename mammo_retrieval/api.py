@@ -19,6 +19,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from .cache import ImageCache
+    from .timing import Stopwatch
     from .encoders import Encoder, EncoderRegistry
     from .index import VectorIndex
     from .ingest.runner import IngestReport
@@ -254,6 +255,26 @@ class Workspace:
             self._index = None
             return index
 
+    def tune_index(self, target: float = 0.95, *, queries: int = 1000, k: int = 10, seed: int = 0):
+        """Choose nprobe for ``target`` recall@k against exact search on this corpus; saved in the manifest."""
+        from .index.tune import exact_neighbours, tune_nprobe
+        with self.write_lock():
+            mv_id = self.model_version_id()
+            index = self.open_index()
+            self.sync_index(index, mv_id, relayout=False)
+            dim = index.manifest.dim
+            with self.db.session() as s:
+                sample = repo.sample_vectors(s, mv_id, dim, n=queries, seed=seed)
+
+            def chunks():
+                with self.db.session() as s:
+                    yield from repo.iter_vectors(s, mv_id, dim)
+            truth = exact_neighbours(sample, chunks, k)
+            result = tune_nprobe(index, sample, truth, target, k)
+            index.save()
+            self._index = None
+            return result
+
     # --- the verbs ------------------------------------------------------------------------------
     def ingest(self, root: str | os.PathLike, *, workers: int | None = None,
                on_progress: Callable[[int, int], None] | None = None) -> "IngestReport":
@@ -275,20 +296,34 @@ class Workspace:
         self._encoder, self._index, self._mv_id = None, None, None
         return {"live": target.key, "encoder": target.encoder, "weights": target.weights}
 
-    def embed_file(self, path: str | os.PathLike) -> tuple[QueryImage, "object"]:
-        """Read, preprocess and embed one DICOM (raises DicomRejected with the reason)."""
-        from .dicom.reader import read_image
-        from .preprocess import preprocess
-        image = read_image(path, self.config.reader, voi_window=self.encoder.settings.voi_window)
-        tensor = preprocess(image.pixels, self.encoder.settings)
-        vector = self.encoder.embed(tensor[None])
-        h = image.header
+    def embed_file(self, path: str | os.PathLike, watch: "Stopwatch | None" = None) -> tuple[QueryImage, "object"]:
+        """Read, preprocess and embed one DICOM (raises DicomRejected with the reason), as ingest does."""
+        from .ingest.stages import Rejected, prepare_file
+        from .preprocess import normalise
+        from .timing import Stopwatch
+        watch = watch or Stopwatch()
+        with watch.stage("encoder_load"):
+            encoder = self.encoder
+        with watch.stage("decode_preprocess"):
+            prepared = prepare_file(str(path), self.config.reader, encoder.settings,
+                                    fast=self.config.ingest.fast_path, reduced_j2k=self.config.ingest.reduced_j2k)
+        if isinstance(prepared, Rejected):
+            from .errors import DicomRejected
+            raise DicomRejected(prepared.path, prepared.code, prepared.reason)
+        with watch.stage("embed"):
+            vector = encoder.embed(normalise(prepared.display, encoder.settings)[None])
+        h = prepared.header
         return QueryImage(h.sop_instance_uid, h.accession_number, h.patient_id, h.laterality, h.view, str(path)), vector
 
-    def query_dicom(self, path: str | os.PathLike, k: int = 10, filters: QueryFilters = QueryFilters()) -> QueryResult:
-        index = self.searchable_index()
-        query, vector = self.embed_file(path)
-        return search(self.db, index, vector, query, k, filters)
+    def query_dicom(self, path: str | os.PathLike, k: int = 10, filters: QueryFilters = QueryFilters(),
+                    watch: "Stopwatch | None" = None) -> QueryResult:
+        from .timing import Stopwatch
+        watch = watch or Stopwatch()
+        with watch.stage("index_load"):  # includes building the encoder, needed to name the index
+            index = self.searchable_index()
+        query, vector = self.embed_file(path, watch)
+        with watch.stage("search"):
+            return search(self.db, index, vector, query, k, filters)
 
     def query_accession(self, accession: str, k: int = 10,
                         filters: QueryFilters = QueryFilters()) -> list[QueryResult]:

@@ -58,6 +58,8 @@ class EncoderConfig:
     input_size: int | None
     batch_size: int
     device: str
+    precision: str
+    channels_last: bool
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class IndexConfig:
 @dataclass(frozen=True)
 class IngestConfig:
     workers: int | str
+    fast_path: bool
+    reduced_j2k: bool
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,7 @@ _CHOICES = {
     ("reader", "multiframe"): {"reject", "middle"},
     ("preprocess", "flip_to_side"): {None, "L", "R"},
     ("encoder", "device"): {"cpu", "cuda", "auto"},
+    ("encoder", "precision"): {"fp32", "bf16"},
     ("index", "type"): {"ivf_flat", "ivf_sq8", "ivf_pq"},
 }
 

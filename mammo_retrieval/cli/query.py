@@ -15,17 +15,24 @@ COLUMNS = ["rank", "score", "accession_number", "patient_id", "laterality", "vie
 @click.option("--exclude-same-patient", is_flag=True, help="Drop the query patient's own images.")
 @click.option("--view", type=click.Choice(["CC", "MLO", "ML", "LM", "XCCL"], case_sensitive=False))
 @click.option("--laterality", type=click.Choice(["L", "R"], case_sensitive=False))
+@click.option("--timings", is_flag=True, help="Print the time of each stage to stderr (JSON).")
 @click.pass_context
 def query(ctx: click.Context, dicom_path: str | None, accession: str | None, k: int, fmt: str,
-          exclude_same_patient: bool, view: str | None, laterality: str | None) -> None:
+          exclude_same_patient: bool, view: str | None, laterality: str | None, timings: bool) -> None:
     """Print the k most similar indexed images."""
     from ..query import QueryFilters
+    from ..timing import Stopwatch
+    watch = Stopwatch()
     if bool(dicom_path) == bool(accession):
         raise click.UsageError("give exactly one of --dicom or --accession")
     filters = QueryFilters(view=view.upper() if view else None, laterality=laterality.upper() if laterality else None,
                            exclude_same_patient=exclude_same_patient)
-    ws = workspace(ctx)
-    results = [ws.query_dicom(dicom_path, k, filters)] if dicom_path else ws.query_accession(accession, k, filters)
+    with watch.stage("workspace_open"):
+        ws = workspace(ctx)
+    results = ([ws.query_dicom(dicom_path, k, filters, watch)] if dicom_path
+               else ws.query_accession(accession, k, filters))
+    if timings:
+        click.echo(dumps({"stages_ms": watch.as_ms()}), err=True)
     if fmt == "json":
         click.echo(dumps([r.as_dict() for r in results]))
         return

@@ -37,6 +37,29 @@ REJECTION_CODES = (
 
 
 @dataclass(frozen=True)
+class StoredImage:
+    """Decoded stored values before any transform; ``reduction`` > 1 when decoded at reduced resolution."""
+
+    path: str
+    header: HeaderFields
+    stored: np.ndarray
+    sha256: str
+    frame_index: int
+    slope: float
+    intercept: float
+    window: tuple[float, float, str] | None
+    reduction: int = 1
+
+    def presentation(self, voi_window: bool) -> np.ndarray:
+        """Modality LUT -> VOI (optional) -> presentation, as float32."""
+        try:
+            return to_presentation(self.stored, self.header.photometric, slope=self.slope, intercept=self.intercept,
+                                   window=self.window if voi_window else None)
+        except ValueError as exc:
+            raise _reject(self.path, "unreadable_header", f"invalid rescale/window values: {exc}") from None
+
+
+@dataclass(frozen=True)
 class DicomImage:
     """A decoded image, ready for preprocessing: float32, brighter = denser, one 2-D frame."""
 
@@ -158,8 +181,42 @@ def _check_pixel_data(path: Path, ds: Dataset, f: HeaderFields) -> None:
                       f"is {dims[0]} x {dims[1]}")
 
 
-def _decode(path: Path, ds: Dataset, f: HeaderFields, frame: int) -> np.ndarray:
+def reduction_for(f: HeaderFields, target: int | None) -> int:
+    """Largest power-of-two reduction of a JPEG 2000 image that stays at least ``target`` on its short side."""
+    if not target or not f.transfer_syntax.startswith("1.2.840.10008.1.2.4.9") or f.number_of_frames > 1:
+        return 1
     try:
+        import glymur  # noqa: F401  (needs the system libopenjp2)
+        if not glymur.version.openjpeg_version:
+            return 1
+    except Exception:
+        return 1
+    reduction = 1
+    while min(f.rows, f.columns) // (reduction * 2) >= target:
+        reduction *= 2
+    return reduction
+
+
+def _decode_j2k_reduced(path: Path, ds: Dataset, f: HeaderFields, reduction: int) -> np.ndarray:
+    """JPEG 2000 decoded at 1/reduction size by OpenJPEG (glymur): the wavelet levels above are skipped."""
+    import tempfile
+
+    import glymur
+    frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+    with tempfile.NamedTemporaryFile(suffix=".j2k", dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as fh:
+        fh.write(frame)
+        fh.flush()
+        arr = glymur.Jp2k(fh.name)[::reduction, ::reduction]
+    expected = (-(-f.rows // reduction), -(-f.columns // reduction))
+    if arr.shape != expected:
+        raise ValueError(f"reduced decode gave {arr.shape}, expected {expected}")
+    return arr
+
+
+def _decode(path: Path, ds: Dataset, f: HeaderFields, frame: int, reduction: int = 1) -> np.ndarray:
+    try:
+        if reduction > 1:
+            return _decode_j2k_reduced(path, ds, f, reduction)
         if f.number_of_frames > 1:
             arr = pydicom.pixels.pixel_array(ds, index=frame)
         else:
@@ -189,19 +246,33 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def read_image(path: str | os.PathLike, cfg: ReaderConfig, *, voi_window: bool = False) -> DicomImage:
-    """Validated decode: header checks, size checks, decode, then modality LUT -> VOI -> presentation."""
+def read_stored(path: str | os.PathLike, cfg: ReaderConfig, *, reduce_to: int | None = None) -> StoredImage:
+    """Validated decode of the stored values: header checks, size checks, decode (JPEG 2000 at reduced
+    resolution when ``reduce_to`` allows it and glymur/libopenjp2 are present)."""
     path = Path(path)
     ds = _dcmread(path, stop_before_pixels=False)
     fields = _fields(path, ds)
     _check_header(path, ds, fields, cfg)
     _check_pixel_data(path, ds, fields)
     frame = fields.number_of_frames // 2 if fields.number_of_frames > 1 else 0
-    raw = _decode(path, ds, fields, frame)
-    window = _window(ds) if voi_window else None
+    reduction = reduction_for(fields, reduce_to)
     try:
-        pixels = to_presentation(raw, fields.photometric, slope=float(ds.get("RescaleSlope") or 1.0),
-                                 intercept=float(ds.get("RescaleIntercept") or 0.0), window=window)
-    except ValueError as exc:
+        stored = _decode(path, ds, fields, frame, reduction)
+    except DicomRejected:
+        if reduction == 1:
+            raise
+        reduction, stored = 1, _decode(path, ds, fields, frame)  # the reduced decoder failed: decode fully
+    try:
+        slope, intercept = float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0)
+        window = _window(ds)
+    except (TypeError, ValueError) as exc:
         raise _reject(path, "unreadable_header", f"invalid rescale/window values: {exc}") from None
-    return DicomImage(path=str(path), header=fields, pixels=pixels, sha256=file_sha256(path), frame_index=frame)
+    return StoredImage(path=str(path), header=fields, stored=stored, sha256=file_sha256(path), frame_index=frame,
+                       slope=slope, intercept=intercept, window=window, reduction=reduction)
+
+
+def read_image(path: str | os.PathLike, cfg: ReaderConfig, *, voi_window: bool = False) -> DicomImage:
+    """Validated full-resolution decode, then modality LUT -> VOI -> presentation (float32)."""
+    stored = read_stored(path, cfg)
+    return DicomImage(path=stored.path, header=stored.header, pixels=stored.presentation(voi_window),
+                      sha256=stored.sha256, frame_index=stored.frame_index)

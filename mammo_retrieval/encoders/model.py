@@ -29,12 +29,17 @@ class Encoder:
     """Wraps a backbone with its preprocessing settings and identity; ``embed`` is batch in, vectors out."""
 
     def __init__(self, spec: EncoderSpec, model: torch.nn.Module, settings: PreprocessSettings,
-                 identity: ModelIdentity, device: torch.device) -> None:
+                 identity: ModelIdentity, device: torch.device, *, precision: str = "fp32",
+                 channels_last: bool = False) -> None:
         self.spec = spec
         self.model = model.eval().to(device)
         self.settings = settings
         self.identity = identity
         self.device = device
+        self.precision = precision
+        self.channels_last = channels_last
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
 
     @property
     def dim(self) -> int:
@@ -44,7 +49,10 @@ class Encoder:
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, 3, H, W) -> float32 (N, D), unit length."""
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
-        features = self.model(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            features = self.model(x)
         return torch.nn.functional.normalize(features.float(), p=2, dim=1).cpu().numpy()
 
 
@@ -80,4 +88,5 @@ def build_encoder(cfg: EncoderConfig, preprocess_cfg: PreprocessConfig,
     settings = PreprocessSettings.from_config(preprocess_cfg, size=size, mean=spec.mean, std=spec.std)
     identity = ModelIdentity(encoder=spec.name, weights_sha256=weights_sha, preprocess_digest=settings.digest(),
                              dim=spec.dim, random_weights=random_weights, weights_path=weights_path)
-    return Encoder(spec, model, settings, identity, resolve_device(cfg.device))
+    return Encoder(spec, model, settings, identity, resolve_device(cfg.device), precision=cfg.precision,
+                   channels_last=cfg.channels_last)

@@ -173,7 +173,9 @@ def run_ingest(ws: "Workspace", root: str | Path, *, workers: int | None = None,
                 report.already_present += n_present
                 done += len(header_rejected) + n_present
                 for path in todo:
-                    in_flight.append(pool.submit(prepare_file, str(path), ws.config.reader, settings))
+                    in_flight.append(pool.submit(prepare_file, str(path), ws.config.reader, settings,
+                                                 fast=ws.config.ingest.fast_path,
+                                                 reduced_j2k=ws.config.ingest.reduced_j2k))
                     while len(in_flight) >= max_in_flight:
                         collect(in_flight.popleft())
                 if on_progress:

@@ -8,9 +8,10 @@ import numpy as np
 
 from ..config import ReaderConfig
 from ..dicom.header import HeaderFields
-from ..dicom.reader import read_image
+from ..dicom.reader import read_image, read_stored
 from ..errors import DicomRejected
 from ..preprocess import PreprocessSettings, to_display_uint8
+from ..preprocess.fast import display_from_stored
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,20 @@ class Rejected:
     reason: str
 
 
-def prepare_file(path: str, reader_cfg: ReaderConfig, settings: PreprocessSettings) -> Prepared | Rejected:
-    """Reader + preprocessor for one file. Never raises for a bad file: one file never kills a batch."""
+def prepare_file(path: str, reader_cfg: ReaderConfig, settings: PreprocessSettings, *, fast: bool = True,
+                 reduced_j2k: bool = True) -> Prepared | Rejected:
+    """Reader + preprocessor for one file. Never raises for a bad file: one file never kills a batch.
+
+    ``fast``: integer lookup-table scaling (same output); ``reduced_j2k``: decode JPEG 2000 at the
+    smallest power-of-two reduction that keeps the model size (output agrees, not bit-identical).
+    """
     try:
-        image = read_image(path, reader_cfg, voi_window=settings.voi_window)
-        display = to_display_uint8(image.pixels, settings)
+        if fast:
+            image = read_stored(path, reader_cfg, reduce_to=max(settings.size) if reduced_j2k else None)
+            display = display_from_stored(image, settings)
+        else:
+            image = read_image(path, reader_cfg, voi_window=settings.voi_window)
+            display = to_display_uint8(image.pixels, settings)
         return Prepared(path=str(path), header=image.header, sha256=image.sha256, frame_index=image.frame_index,
                         display=display)
     except DicomRejected as exc:

@@ -82,7 +82,11 @@ def breast_side(image: np.ndarray) -> str:
 
 def to_display_uint8(pixels: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
     """Steps 3, 4 and 6 of the card (and the optional crop/flip): float image -> uint8 (H, W)."""
-    image = percentile_scale_uint8(pixels, *settings.percentiles)
+    return finish_display(percentile_scale_uint8(pixels, *settings.percentiles), settings)
+
+
+def finish_display(image: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
+    """After intensity scaling: optional crop/flip, CLAHE, bilinear resize to the model size."""
     if settings.crop_to_breast:
         top, bottom, left, right = breast_bounding_box(image)
         image = np.ascontiguousarray(image[top:bottom, left:right])

@@ -10,7 +10,7 @@ from mammo_retrieval.errors import WeightsError
 
 CFG = load_config(env={})
 ENC = CFG.encoder.__class__(name="resnet18", weights=None, allow_random_weights=True, input_size=None, batch_size=4,
-                            device="cpu")
+                            device="cpu", precision="fp32", channels_last=False)
 BATCH = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
 
 
@@ -90,3 +90,10 @@ def test_input_size_override_changes_the_preprocessing_digest():
     assert small.settings.size == (128, 128)
     assert small.identity.preprocess_digest != build_encoder(ENC, CFG.preprocess).identity.preprocess_digest
     assert small.embed(BATCH[:, :, :128, :128]).shape == (2, 512)
+
+
+def test_bf16_and_channels_last_agree_with_fp32():
+    exact = build_encoder(ENC, CFG.preprocess).embed(BATCH)
+    fast = build_encoder(ENC.__class__(**{**ENC.__dict__, "precision": "bf16", "channels_last": True}),
+                         CFG.preprocess).embed(BATCH)
+    assert (exact * fast).sum(axis=1).min() > 0.99
