@@ -33,22 +33,27 @@ def embedding_like(n: int, dim: int = 2048, latent: int = 64, clusters: int = 50
 
 def populate(ws: Workspace, vectors: np.ndarray, batch: int = 5_000) -> float:
     """Insert images and embeddings rows for these vectors (Core bulk inserts). Returns seconds."""
+    return populate_stream(ws, len(vectors), lambda start, stop: vectors[start:stop], batch)
+
+
+def populate_stream(ws: Workspace, n: int, vectors_for, batch: int = 5_000) -> float:
+    """Like populate, with vectors made a batch at a time (never all in memory)."""
     started = time.perf_counter()
     mv_id = ws.model_version_id()
-    n = len(vectors)
     with ws.db.session() as s:
         s.execute(insert(Study), [{"id": i + 1, "study_key": f"SYN{i:07d}", "key_source": "accession",
                                    "accession_number": f"SYN{i:07d}", "patient_id": f"P{i:07d}"}
                                   for i in range(n // 2 + 1)])
     for start in range(0, n, batch):
         rows = range(start, min(n, start + batch))
+        vectors = vectors_for(start, min(n, start + batch))
         with ws.db.session() as s:
             s.execute(insert(Image), [{"id": i + 1, "sop_instance_uid": f"2.25.{i}", "study_id": i // 2 + 1,
                                        "patient_id": f"P{i // 2:07d}", "laterality": "LR"[i % 2], "view": "MLO",
                                        "path": f"/synthetic/{i}.dcm", "sha256": "0" * 64, "rows": 1, "columns": 1,
                                        "number_of_frames": 1, "frame_index": 0} for i in rows])
             s.execute(insert(Embedding), [{"image_id": i + 1, "model_version_id": mv_id,
-                                           "vector": vectors[i].tobytes()} for i in rows])
+                                           "vector": vectors[i - start].tobytes()} for i in rows])
     return time.perf_counter() - started
 
 

@@ -131,9 +131,20 @@ def evaluate_space(features: np.ndarray, labels: pd.DataFrame, columns: list[str
     return result
 
 
+def heldout_patients(checkpoint: str) -> set[str]:
+    """The women a checkpoint from `mretrieve train` never saw (recorded in its metadata)."""
+    import torch
+    data = torch.load(checkpoint, map_location="cpu", weights_only=True).get("data") or {}
+    if "heldout_patients" not in data:
+        from ..errors import MammoRetrievalError
+        raise MammoRetrievalError(f"{checkpoint} records no held-out patients",
+                                  hint="train with --holdout-fraction to keep women out")
+    return set(data["heldout_patients"])
+
+
 def evaluate(ws: "Workspace", labels_csv: str, *, columns: list[str] | None = None,
-             ks: tuple[int, ...] = (1, 5, 10), subset: np.ndarray | None = None) -> dict:
-    """The configured encoder and the two references, on the labelled images (``subset``: optional row mask)."""
+             ks: tuple[int, ...] = (1, 5, 10), patients: set[str] | None = None) -> dict:
+    """The serving encoder and the two references, on the labelled images (of ``patients`` only, if given)."""
     from .labels import join_labels, label_columns, read_labels
     from .vectors import load_embeddings
     table = load_embeddings(ws)
@@ -141,14 +152,14 @@ def evaluate(ws: "Workspace", labels_csv: str, *, columns: list[str] | None = No
     aligned, join = join_labels(table.meta, raw_labels)
     columns = label_columns(raw_labels, columns)
     labelled = aligned[columns].replace("", pd.NA).notna().any(axis=1).to_numpy()
-    keep = labelled if subset is None else labelled & subset
+    keep = labelled if patients is None else labelled & table.meta.patient_id.isin(patients).to_numpy()
     if keep.sum() < 4:
         from ..errors import MammoRetrievalError
         raise MammoRetrievalError(f"only {int(keep.sum())} indexed images have labels (joined on {join})",
                                   hint="check that the labels CSV describes the ingested archive")
     meta = table.meta[keep].reset_index(drop=True)
     aligned = aligned[keep].reset_index(drop=True)
-    patients = meta.patient_id.fillna("").to_numpy(dtype=object)
+    patient_ids = meta.patient_id.fillna("").to_numpy(dtype=object)
     lateralities = meta.laterality.fillna("").to_numpy(dtype=object)
     images = [ws.cached_image(sop) for sop in meta.sop_instance_uid]
     spaces = {
@@ -158,10 +169,11 @@ def evaluate(ws: "Workspace", labels_csv: str, *, columns: list[str] | None = No
     }
     ks = sorted(set(ks))
     report = {"labels_csv": str(labels_csv), "joined_on": join, "images": int(keep.sum()),
-              "patients": int(len(set(patients))), "label_columns": columns, "k": ks,
+              "patients": int(len(set(patient_ids))), "label_columns": columns, "k": ks,
+              "restricted_to_patients": None if patients is None else len(patients),
               "random_weights": ws.encoder.identity.random_weights, "spaces": {}}
     for name, features in spaces.items():
-        report["spaces"][name] = evaluate_space(features, aligned, columns, patients, lateralities, ks)
+        report["spaces"][name] = evaluate_space(features, aligned, columns, patient_ids, lateralities, ks)
     return report
 
 

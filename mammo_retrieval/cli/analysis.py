@@ -58,15 +58,19 @@ def clusters(ctx: click.Context, out_dir: str, k: int | None, labels_csv: str | 
 @click.option("--label-column", "columns", multiple=True, help="Columns to evaluate (default: categorical ones).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Write evaluation.json and evaluation.md here (default: print Markdown).")
+@click.option("--heldout-from", "heldout_ckpt", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Only the women this `mretrieve train` checkpoint held out of training.")
 @click.pass_context
-def evaluate(ctx: click.Context, labels_csv: str, ks: str, columns: tuple[str, ...], out_dir: str | None) -> None:
+def evaluate(ctx: click.Context, labels_csv: str, ks: str, columns: tuple[str, ...], out_dir: str | None,
+             heldout_ckpt: str | None) -> None:
     """precision@k, mAP, contralateral hit rate and classifier scores, against two classical references."""
-    from ..analysis.evaluate import evaluate as run, to_markdown, write_evaluation
+    from ..analysis.evaluate import evaluate as run, heldout_patients, to_markdown, write_evaluation
     try:
         k_values = tuple(int(k) for k in ks.split(","))
     except ValueError:
         raise click.UsageError(f"--k must be a comma list of integers, not '{ks}'") from None
-    report = run(workspace(ctx), labels_csv, columns=list(columns) or None, ks=k_values)
+    patients = heldout_patients(heldout_ckpt) if heldout_ckpt else None
+    report = run(workspace(ctx), labels_csv, columns=list(columns) or None, ks=k_values, patients=patients)
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -146,7 +146,11 @@ class VectorIndex:
         return None
 
     def rebuild(self, layout: Layout, training_sample: np.ndarray, chunks: VectorChunks) -> None:
-        """Train a new index on a sample and stream every vector into it (memory: one chunk at a time)."""
+        """Train a new index on a sample and stream every vector into it (memory: one chunk at a time).
+
+        The old in-memory index is dropped first so that the vectors are never held twice; the copy on
+        disk stays the live one until ``save``."""
+        self.index = None
         index = new_faiss_index(layout, self.cfg, self.manifest.dim)
         if not index.is_trained:
             index.train(np.ascontiguousarray(training_sample, dtype=np.float32))
