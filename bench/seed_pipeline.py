@@ -9,7 +9,7 @@ import timm
 import torch
 
 
-class DICOMProcessor:  # verbatim from primer-model-card.txt
+class DICOMProcessor:  # verbatim from primer-model-card.txt ("Complete Preprocessing Code"); tests use it too
     def __init__(self):
         self.clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
 

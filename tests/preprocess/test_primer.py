@@ -6,7 +6,7 @@ from mammo_retrieval.dicom.reader import read_image
 from mammo_retrieval.preprocess import PreprocessSettings, preprocess, to_display_uint8
 from mammo_retrieval.preprocess.primer import breast_bounding_box, breast_side
 from tests.factory import breast_phantom
-from tests.preprocess.primer_reference import DICOMProcessor
+from bench.seed_pipeline import DICOMProcessor  # the card's code, verbatim
 
 READER = load_config(env={}).reader
 PRIMER = PreprocessSettings()
