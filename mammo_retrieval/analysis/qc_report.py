@@ -20,7 +20,7 @@ body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222
 .card img{width:184px;height:184px;object-fit:contain;background:#000;display:block;margin-bottom:4px}
 .pair{display:flex;gap:8px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;margin:6px 0}
 .pair img{width:160px;height:160px;object-fit:contain;background:#000}
-.flag{color:#b00;font-weight:600}.new{color:#06a;font-weight:600}.path{color:#666;word-break:break-all}
+.flag{color:#b00;font-weight:600;overflow-wrap:anywhere}.new{color:#06a;font-weight:600}.path{color:#666;word-break:break-all}
 """
 
 
@@ -47,13 +47,13 @@ def write_html(ws: "Workspace", result: "QcResult", path: Path, top: int) -> Non
             f'<div class=card>{thumbnail(ws, r.sop_instance_uid)}<b>#{r.rank}</b> score {r.score:.4f}'
             f'{" <span class=new>NEW</span>" if is_new else ""}<br>{e(str(r.accession_number or "-"))} · '
             f'{e(str(r.patient_id or "-"))} · {e(str(r.laterality or "?"))} {e(str(r.view or "?"))}'
-            f'{"<br><span class=flag>" + e(r.flags) + "</span>" if r.flags else ""}'
+            f'{"<br><span class=flag>" + e(r.flags.replace(";", ", ")) + "</span>" if r.flags else ""}'
             f'<div class=path>{e(r.path)}</div></div>')
     parts.append("</div>")
     flagged = result.scores[result.scores["flags"] != ""]
     parts.append(f"<h2>Header-versus-content flags ({len(flagged)})</h2><div class=grid>")
     for r in flagged.head(top).itertuples():
-        parts.append(f'<div class=card>{thumbnail(ws, r.sop_instance_uid)}<span class=flag>{e(r.flags)}</span>'
+        parts.append(f'<div class=card>{thumbnail(ws, r.sop_instance_uid)}<span class=flag>{e(r.flags.replace(";", ", "))}</span>'
                      f'<br>rank {r.rank}<div class=path>{e(r.path)}</div></div>')
     parts.append(f"</div><h2>Near-duplicate pairs ({len(result.duplicates)})</h2>")
     for r in result.duplicates.head(top).itertuples():

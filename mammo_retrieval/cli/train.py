@@ -22,13 +22,16 @@ from ._common import workspace
               help="Share of women kept out of training and validation entirely (recorded in the checkpoint).")
 @click.option("--image-size", type=int, default=None, help="Train at this size (default: the encoder's).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA (with AMP) when present, else the CPU.")
 @click.pass_context
 def train(ctx: click.Context, epochs: int, batch_size: int, out_path: str, init_path: str | None, lr: float,
           warmup_epochs: int, patience: int, val_fraction: float, holdout_fraction: float, image_size: int | None,
-          seed: int) -> None:
+          seed: int, device: str) -> None:
     """SimCLR finetuning of the configured encoder on the ingested archive (CUDA when present).
 
     Resumes by itself when <out>.resume exists (same options)."""
+    from ..encoders.model import resolve_device
     from ..train.data import load_training_images
     from ..train.trainer import SimCLRTrainer, TrainConfig
     ws = workspace(ctx)
@@ -36,7 +39,7 @@ def train(ctx: click.Context, epochs: int, batch_size: int, out_path: str, init_
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, patience=patience,
                       val_fraction=val_fraction, holdout_fraction=holdout_fraction, seed=seed, image_size=image_size)
     trainer = SimCLRTrainer(ws.encoder, images, patients, cfg, out_path, init_checkpoint=init_path,
-                            log=lambda line: click.echo(line, err=True))
+                            log=lambda line: click.echo(line, err=True), device=resolve_device(device))
     click.echo(f"training {ws.encoder.spec.name} on {len(trainer.train_idx)} images "
                f"({len(trainer.val_idx)} validation, {len(trainer.held_idx)} held out) on {trainer.device}", err=True)
     result = trainer.fit({"database": ws.status()["database"], "images": len(images),

@@ -49,7 +49,12 @@ class EncoderRegistry:
         return iter(self._specs.values())
 
 
+BUILTIN = "mammo-simclr"
+
 DEFAULT_REGISTRY = EncoderRegistry([
+    EncoderSpec(BUILTIN, "resnet18", 512, input_size=(128, 128), weights_file="mammo-simclr-r18-128.safetensors",
+                description="built-in: ResNet-18, SimCLR-trained by `mretrieve train` on mini-MIAS at 128 px "
+                            "(CPU recipe, README), shipped as fp16"),
     EncoderSpec("resnet50", "resnet50", 2048, description="ResNet-50, the PRIMER backbone (default)"),
     EncoderSpec("densenet121", "densenet121", 1024, description="DenseNet-121"),
     EncoderSpec("inception_v3", "inception_v3", 2048, input_size=(299, 299),

@@ -86,12 +86,13 @@ def _save_atomic(obj: dict, path: Path) -> None:
 
 class SimCLRTrainer:
     def __init__(self, encoder: "Encoder", images: np.ndarray, patients: list[str], cfg: TrainConfig,
-                 out: Path, *, init_checkpoint: str | None = None, log: Callable[[str], None] = print) -> None:
+                 out: Path, *, init_checkpoint: str | None = None, log: Callable[[str], None] = print,
+                 device: torch.device | None = None) -> None:
         if len(images) != len(patients):
             raise ValueError("one patient id per image")
         self.cfg, self.out, self.log = cfg, Path(out), log
         self.encoder = encoder
-        self.device = encoder.device
+        self.device = device or encoder.device
         self.settings = encoder.settings
         self.images = torch.from_numpy(np.ascontiguousarray(images))  # uint8 (N, H, W), stays on the CPU
         self.patients = list(patients)
