@@ -306,7 +306,8 @@ class Workspace:
             encoder = self.encoder
         with watch.stage("decode_preprocess"):
             prepared = prepare_file(str(path), self.config.reader, encoder.settings,
-                                    fast=self.config.ingest.fast_path, reduced_j2k=self.config.ingest.reduced_j2k)
+                                    fast=self.config.ingest.fast_path, reduced_j2k=self.config.ingest.reduced_j2k,
+                                    downscale_early=self.config.ingest.downscale_early)
         if isinstance(prepared, Rejected):
             from .errors import DicomRejected
             raise DicomRejected(prepared.path, prepared.code, prepared.reason)

@@ -77,6 +77,7 @@ class IngestConfig:
     workers: int | str
     fast_path: bool
     reduced_j2k: bool
+    downscale_early: bool
 
 
 @dataclass(frozen=True)

@@ -191,10 +191,8 @@ def reduction_for(f: HeaderFields, target: int | None) -> int:
             return 1
     except Exception:
         return 1
-    reduction = 1
-    while min(f.rows, f.columns) // (reduction * 2) >= target:
-        reduction *= 2
-    return reduction
+    from ..preprocess.fast import power_of_two_reduction
+    return power_of_two_reduction(f.rows, f.columns, target)
 
 
 def _decode_j2k_reduced(path: Path, ds: Dataset, f: HeaderFields, reduction: int) -> np.ndarray:

@@ -175,7 +175,8 @@ def run_ingest(ws: "Workspace", root: str | Path, *, workers: int | None = None,
                 for path in todo:
                     in_flight.append(pool.submit(prepare_file, str(path), ws.config.reader, settings,
                                                  fast=ws.config.ingest.fast_path,
-                                                 reduced_j2k=ws.config.ingest.reduced_j2k))
+                                                 reduced_j2k=ws.config.ingest.reduced_j2k,
+                                                 downscale_early=ws.config.ingest.downscale_early))
                     while len(in_flight) >= max_in_flight:
                         collect(in_flight.popleft())
                 if on_progress:

@@ -54,6 +54,31 @@ def percentile_scale_uint8_integer(stored: np.ndarray, low: float, high: float) 
     return lut[shifted] if smallest else lut[stored]
 
 
+def power_of_two_reduction(rows: int, columns: int, target: int) -> int:
+    """Largest power of two r with min(rows, columns) / r still >= target (what JPEG 2000 decoding allows)."""
+    reduction = 1
+    while min(rows, columns) // (reduction * 2) >= target:
+        reduction *= 2
+    return reduction
+
+
+def downscale_early(image: "StoredImage", target: int) -> "StoredImage":
+    """Area-average the decoded image down to the power-of-two reduction that keeps the model size, so
+    that scaling and CLAHE run on ~1/r^2 of the pixels (what a reduced JPEG 2000 decode gives for free)."""
+    import dataclasses
+
+    import cv2
+    if image.reduction > 1 or image.stored.dtype.kind not in "ui" or image.stored.itemsize > 2:
+        return image
+    rows, columns = image.stored.shape
+    r = power_of_two_reduction(rows, columns, target)
+    if r == 1:
+        return image
+    size = (-(-columns // r), -(-rows // r))
+    return dataclasses.replace(image, stored=cv2.resize(image.stored, size, interpolation=cv2.INTER_AREA),
+                               reduction=r)
+
+
 def display_from_stored(image: "StoredImage", settings: PreprocessSettings) -> np.ndarray:
     """uint8 model-size image by the integer path where it is exact (integer pixels, identity modality
     LUT, no VOI window), by the card's float path otherwise."""

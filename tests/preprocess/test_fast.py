@@ -63,3 +63,13 @@ def test_reduction_keeps_the_model_size():
     rle = HeaderFields(rows=4096, columns=3000, transfer_syntax="1.2.840.10008.1.2.5", **fields)
     assert reduction_for(rle, 224) == 1 and reduction_for(j2k, None) == 1
     assert reduction_for(j2k, 224) in (1, 4) and reduction_for(j2k, 299) in (1, 2)
+
+
+def test_early_downscale_agrees_on_full_size_mammograms(cbis_files):
+    from mammo_retrieval.preprocess.fast import downscale_early
+    stored = read_stored(cbis_files[0], READER)
+    small = downscale_early(stored, 224)
+    assert small.reduction == 8 and small.stored.shape == tuple(-(-d // 8) for d in stored.stored.shape)
+    fast = display_from_stored(small, PRIMER).astype(np.float32)
+    exact = to_display_uint8(read_image(cbis_files[0], READER).pixels, PRIMER).astype(np.float32)
+    assert np.corrcoef(fast.ravel(), exact.ravel())[0, 1] > 0.95
