@@ -28,7 +28,7 @@ def test_ingest_query_reingest_status(run, cbis_files, tmp_path):
     archive = cbis_files[0].parents[1]
     out = run("ingest", archive, "--no-progress", "--workers", "1").output
     assert "ingested 8, already present 0, rejected 0" in out
-    assert "RANDOM WEIGHTS" in out  # never silent about untrained weights
+    assert "RANDOM" not in out  # the built-in encoder is the default
 
     table = run("query", "--dicom", cbis_files[0], "-k", "3").output.splitlines()
     assert table[1].split()[:2] == ["rank", "score"] and len([l for l in table if l[:1].isdigit()]) == 3
@@ -43,10 +43,18 @@ def test_ingest_query_reingest_status(run, cbis_files, tmp_path):
     status = json.loads(run("status", "--format", "json").output)
     assert status["counts"]["images"] == 8 and status["counts"]["embeddings"] == 8
     model = status["model_versions"][0]
-    assert (model["encoder"], model["dim"], model["random_weights"]) == ("resnet50", 2048, True)
+    assert (model["encoder"], model["dim"], model["random_weights"]) == ("mammo-simclr", 512, False)
     assert model["index"]["ntotal"] == 8 and model["index"]["metric"] == "inner_product"
     text = run("status").output
-    assert "images 8" in text and "RANDOM" in text
+    assert "images 8" in text and "LIVE model mammo-simclr" in text
+
+
+def test_random_weights_are_flagged_loudly(run, tmp_path, cbis_files):
+    config = tmp_path / "random.yaml"
+    config.write_text("encoder:\n  name: resnet18\n")
+    out = run("--config", config, "ingest", cbis_files[0].parent, "--no-progress", "--workers", "0").output
+    assert "WARNING: RANDOM WEIGHTS" in out
+    assert "RANDOM" in run("--config", config, "status").output
 
 
 def test_bad_query_file_exits_with_its_reason(run, tmp_path):
