@@ -1,6 +1,6 @@
 """Benchmark: `qc` and `report clusters` on N synthetic embedding-like vectors (default 100k x 2048).
 
-    .venv/bin/python bench/bench_analysis.py --n 100000 --home /tmp/bench-analysis
+    .venv/bin/python bench/bench_analysis.py --n 100000 --encoder resnet50   # 2048-d (mammo-simclr: 512-d)
 
 Times each stage end to end through the library (database load included). Target: each command within
 a minute on 2 cores.
@@ -25,13 +25,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--home", type=Path, default=Path("/tmp/bench-analysis"))
     ap.add_argument("--plots", default="pca,tsne,umap")
+    ap.add_argument("--encoder", default="mammo-simclr", help="sets the vector width: mammo-simclr 512, resnet50 2048")
     a = ap.parse_args()
     from mammo_retrieval.analysis.clusters import report_clusters
     from mammo_retrieval.analysis.qc import run_qc, write_outputs
     from mammo_retrieval.analysis.vectors import load_embeddings
 
     t = time.perf_counter()
-    ws = synthetic_workspace(a.home / f"n{a.n}", a.n)
+    ws = synthetic_workspace(a.home / f"n{a.n}-{a.encoder}", a.n, encoder=a.encoder)
     setup = time.perf_counter() - t
     results = {"n": a.n, "dim": ws.encoder.identity.dim, "cpus": os.cpu_count(), "machine": platform.machine(),
                "setup_s": round(setup, 1)}

@@ -64,7 +64,7 @@ def search_bench(dim: int, sizes: list[int], n_queries: int, nprobes: list[int])
             t = time.perf_counter()
             index = faiss.index_factory(dim, f"IVF{nlist},{codec}", faiss.METRIC_INNER_PRODUCT)
             rng = np.random.default_rng(0)
-            train = data[np.sort(rng.choice(n, size=min(n, 40 * nlist), replace=False))]
+            train = data[np.sort(rng.choice(n, size=min(n, 50 * nlist), replace=False))]  # as the workspace does
             index.train(train)
             index.add(data)
             build = time.perf_counter() - t

@@ -69,6 +69,7 @@ LEVERS = [  # name, config overrides (cumulative, each adds one lever to the one
     ("+ 2 worker processes", {"ingest": {"workers": 2, "fast_path": True, "reduced_j2k": True,
                                          "downscale_early": True},
                               "encoder": {"precision": "bf16", "channels_last": True}}),
+    ("default config, as shipped", {}),
 ]
 
 
@@ -113,6 +114,8 @@ def main() -> None:
     ap.add_argument("--levers", default="all", help="comma list of lever indexes, or all")
     ap.add_argument("--encoder", default="resnet50", help="model for our rows (the seed is always ResNet-50)")
     ap.add_argument("--no-seed", action="store_true", help="skip the seed pipeline (ratios are then absent)")
+    ap.add_argument("--shipped", action="store_true",
+                    help="also run the shipped default configuration (built-in encoder) in the same run")
     a = ap.parse_args()
     import torch
     from seed_pipeline import run_seed
@@ -130,7 +133,11 @@ def main() -> None:
     results = {"corpus": a.corpus, "files": len(paths), "cpus": os.cpu_count(), "machine": platform.processor()
                or platform.machine(), "torch_threads": torch.get_num_threads(), "rows": []}
     started = time.perf_counter()
-    seed_vectors = run_seed(paths) if not a.no_seed else None
+    from mammo_retrieval.encoders import DEFAULT_REGISTRY
+    from mammo_retrieval.encoders.model import create_backbone
+    # the same seeded ResNet-50 weights as our rows, so that the vectors can be compared too
+    seed_model = create_backbone(DEFAULT_REGISTRY.get("resnet50")).eval()
+    seed_vectors = run_seed(paths, seed_model) if not a.no_seed else None
     seed_s = time.perf_counter() - started
     if seed_vectors is not None:
         results["rows"].append({"pipeline": "seed (card DICOMProcessor, one at a time, ResNet-50 fp32)",
@@ -147,6 +154,15 @@ def main() -> None:
                "images_per_s": round(len(paths) / seconds, 2),
                "ratio": round(seed_s / seconds, 2) if seed_vectors is not None else None,
                "agreement_with_exact": agreement(exact, vectors)}
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    shipped = [("shipped defaults (built-in ResNet-18 at 128 px, LUT path, workers auto = 1)", {}),
+               ("shipped defaults with --workers 2", {"ingest": {"workers": 2}})] if a.shipped else []
+    for name, overrides in shipped:
+        seconds, _, _ = run_ours(paths, a.work / "state-shipped", overrides, archive, "mammo-simclr")
+        row = {"pipeline": f"mretrieve ingest, {name}", "seconds": round(seconds, 1),
+               "images_per_s": round(len(paths) / seconds, 2),
+               "ratio": round(seed_s / seconds, 2) if seed_vectors is not None else None}
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
     same_model = a.encoder == "resnet50"

@@ -57,9 +57,9 @@ def populate_stream(ws: Workspace, n: int, vectors_for, batch: int = 5_000) -> f
     return time.perf_counter() - started
 
 
-def synthetic_workspace(home: Path, n: int, seed: int = 0) -> Workspace:
+def synthetic_workspace(home: Path, n: int, seed: int = 0, encoder: str = "mammo-simclr") -> Workspace:
     from mammo_retrieval.config import load_config
-    ws = Workspace(load_config(env={"MRETRIEVE_HOME": str(home)}))
+    ws = Workspace(load_config(env={"MRETRIEVE_HOME": str(home)}).replace("encoder", name=encoder))
     with ws.db.session() as s:
         count = repo.counts(s)["embeddings"]
     if count != n:

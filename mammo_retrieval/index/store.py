@@ -161,7 +161,8 @@ class VectorIndex:
         self.index = index
         self.manifest.index_type = layout.index_type
         self.manifest.nlist = layout.nlist
-        self.manifest.nprobe = None if layout.index_type == FLAT else (self.manifest.nprobe or self.cfg.nprobe)
+        self.manifest.nprobe = (None if layout.index_type == FLAT
+                                else min(self.manifest.nprobe or self.cfg.nprobe, layout.nlist))
         self.manifest.ntotal = self.ntotal
         self.manifest.max_vector_id = max_id
         self._apply_nprobe()
