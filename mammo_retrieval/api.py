@@ -2,6 +2,7 @@
 database, encoder and index. It holds no global state; build as many as you like."""
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 from contextlib import contextmanager
@@ -15,10 +16,11 @@ from .errors import BusyError, IndexCorruptError, IndexMismatchError, NotFoundEr
 from .index.manifest import Manifest
 from .query import QueryFilters, QueryImage, QueryResult, search
 
-import numpy as np
-
 if TYPE_CHECKING:
+    import numpy as np
+
     from .cache import ImageCache
+    from .ingest.stages import Prepared
     from .timing import Stopwatch
     from .encoders import Encoder, EncoderRegistry
     from .index import VectorIndex
@@ -47,8 +49,7 @@ class Workspace:
         live, _ = read_live(self.config.index_dir)
         if live is None or cfg.weights:
             return cfg
-        return cfg.__class__(**{**cfg.__dict__, "name": live.encoder, "weights": live.weights,
-                                "input_size": live.input_size})
+        return dataclasses.replace(cfg, name=live.encoder, weights=live.weights, input_size=live.input_size)
 
     def build_encoder(self, encoder_cfg) -> "Encoder":
         from .encoders import DEFAULT_REGISTRY, build_encoder
@@ -72,11 +73,23 @@ class Workspace:
             self._caches[digest] = ImageCache(self.config.cache_dir, digest, settings.size)
         return self._caches[digest]
 
-    def cached_image(self, sop_instance_uid: str, settings=None) -> np.ndarray:
+    def prepare_options(self) -> dict:
+        """How this workspace reads and preprocesses a file (ingest, queries and cache rebuilds alike)."""
+        cfg = self.config.ingest
+        return {"fast": cfg.fast_path, "reduced_j2k": cfg.reduced_j2k, "downscale_early": cfg.downscale_early}
+
+    def prepare(self, path: str | os.PathLike, settings) -> "Prepared":
+        """Read and preprocess one file as ingest does; a bad file raises DicomRejected with its reason."""
+        from .errors import DicomRejected
+        from .ingest.stages import Rejected, prepare_file
+        prepared = prepare_file(str(path), self.config.reader, settings, **self.prepare_options())
+        if isinstance(prepared, Rejected):
+            raise DicomRejected(prepared.path, prepared.code, prepared.reason)
+        return prepared
+
+    def cached_image(self, sop_instance_uid: str, settings=None) -> "np.ndarray":
         """The preprocessed image; a missing or corrupt entry is rebuilt from its DICOM file."""
         from .cache import CacheCorruptError
-        from .dicom.reader import read_image
-        from .preprocess import to_display_uint8
         settings = settings or self.encoder.settings
         cache = self.cache_for(settings)
         try:
@@ -90,13 +103,12 @@ class Workspace:
             path = record.path if record else None
         if path is None:
             raise NotFoundError(f"no indexed image with SOPInstanceUID {sop_instance_uid}")
-        decoded = read_image(path, self.config.reader, voi_window=settings.voi_window)
-        if decoded.header.sop_instance_uid != sop_instance_uid:
-            raise NotFoundError(f"{path} now holds SOPInstanceUID {decoded.header.sop_instance_uid}, "
+        prepared = self.prepare(path, settings)
+        if prepared.header.sop_instance_uid != sop_instance_uid:
+            raise NotFoundError(f"{path} now holds SOPInstanceUID {prepared.header.sop_instance_uid}, "
                                 f"not {sop_instance_uid}", hint="re-ingest the archive")
-        image = to_display_uint8(decoded.pixels, settings)
-        cache.put_many([(sop_instance_uid, image)])
-        return image
+        cache.put_many([(sop_instance_uid, prepared.display)])
+        return prepared.display
 
     def model_version_id(self) -> int:
         """The database row of the configured model, created on first use (writers only)."""
@@ -137,6 +149,10 @@ class Workspace:
                                 hint="run `mretrieve ingest ARCHIVE_DIR` first (with the same config)")
         return index
 
+    def _forget_model(self) -> None:
+        """Drop the encoder, index and model-version id, to be rebuilt for whichever model is live."""
+        self._encoder, self._index, self._mv_id = None, None, None
+
     def _live_changed(self) -> bool:
         from .versions import read_live
         if self.config.encoder.weights:
@@ -166,7 +182,7 @@ class Workspace:
         """The index, caught up in memory with the database (a warm server keeps this one and
         picks up a reindex switch on its next query)."""
         if self._index is not None and self._live_changed():
-            self._encoder, self._index, self._mv_id = None, None, None
+            self._forget_model()
         if self._index is None:
             index = self.open_index()
             mv_id = self._existing_model_version_id()
@@ -215,10 +231,9 @@ class Workspace:
             self.maybe_relayout(index, mv_id)
         return added
 
-    def maybe_relayout(self, index: "VectorIndex", mv_id: int, *, force: bool = False) -> bool:
+    def maybe_relayout(self, index: "VectorIndex", mv_id: int) -> bool:
         """Move from exact search to IVF (or to a bigger nlist) once the corpus is large enough."""
-        from .index.store import Layout, plan_layout
-        target = plan_layout(index.ntotal, self.config.index) if force else index.wants_rebuild(index.ntotal)
+        target = index.wants_rebuild(index.ntotal)
         if target is None:
             return False
         self._rebuild(index, mv_id, target)
@@ -230,10 +245,14 @@ class Workspace:
             # 50 per centroid (FAISS wants >= 39): at 1M vectors and nlist 4096 a 20% sample, never all of them
             sample = (repo.sample_vectors(s, mv_id, dim, n=TRAINING_POINTS_PER_LIST * layout.nlist)
                       if layout.nlist else None)
+        index.rebuild(layout, sample, self._vector_chunks(mv_id, dim))
+
+    def _vector_chunks(self, mv_id: int, dim: int) -> Callable[[], Iterator]:
+        """A re-iterable stream of (ids, vectors) of one model version, a chunk at a time."""
         def chunks():
             with self.db.session() as s:
                 yield from repo.iter_vectors(s, mv_id, dim)
-        index.rebuild(layout, sample, chunks)
+        return chunks
 
     def rebuild_index(self) -> "VectorIndex":
         """Rebuild this model's index from the database (repairs a lost or corrupt index)."""
@@ -248,9 +267,7 @@ class Workspace:
             except IndexCorruptError:
                 old = None
             ident = self.encoder.identity
-            fresh = Manifest(encoder=ident.encoder, weights_sha256=ident.weights_sha256,
-                             preprocess_digest=ident.preprocess_digest, dim=ident.dim,
-                             random_weights=ident.random_weights, nprobe=old.nprobe if old else None)
+            fresh = Manifest.for_identity(ident, nprobe=old.nprobe if old else None)
             index = VectorIndex(directory, fresh, new_faiss_index(Layout(FLAT, None), self.config.index, ident.dim),
                                 self.config.index)
             with self.db.session() as s:
@@ -270,11 +287,7 @@ class Workspace:
             dim = index.manifest.dim
             with self.db.session() as s:
                 sample = repo.sample_vectors(s, mv_id, dim, n=queries, seed=seed)
-
-            def chunks():
-                with self.db.session() as s:
-                    yield from repo.iter_vectors(s, mv_id, dim)
-            truth = exact_neighbours(sample, chunks, k)
+            truth = exact_neighbours(sample, self._vector_chunks(mv_id, dim), k)
             result = tune_nprobe(index, sample, truth, target, k)
             index.save()
             self._index = None
@@ -291,31 +304,25 @@ class Workspace:
     def reindex(self, weights: str | None = None, *, on_progress: Callable[[int, int], None] | None = None) -> dict:
         from .reindex import run_reindex
         result = run_reindex(self, weights, on_progress=on_progress)
-        self._encoder, self._index, self._mv_id = None, None, None
+        self._forget_model()
         return result
 
     def rollback(self) -> dict:
         from .versions import rollback
         with self.write_lock():
             target = rollback(self.config.index_dir)
-        self._encoder, self._index, self._mv_id = None, None, None
+        self._forget_model()
         return {"live": target.key, "encoder": target.encoder, "weights": target.weights}
 
     def embed_file(self, path: str | os.PathLike, watch: "Stopwatch | None" = None) -> tuple[QueryImage, "object"]:
         """Read, preprocess and embed one DICOM (raises DicomRejected with the reason), as ingest does."""
-        from .ingest.stages import Rejected, prepare_file
         from .preprocess import normalise
         from .timing import Stopwatch
         watch = watch or Stopwatch()
         with watch.stage("encoder_load"):
             encoder = self.encoder
         with watch.stage("decode_preprocess"):
-            prepared = prepare_file(str(path), self.config.reader, encoder.settings,
-                                    fast=self.config.ingest.fast_path, reduced_j2k=self.config.ingest.reduced_j2k,
-                                    downscale_early=self.config.ingest.downscale_early)
-        if isinstance(prepared, Rejected):
-            from .errors import DicomRejected
-            raise DicomRejected(prepared.path, prepared.code, prepared.reason)
+            prepared = self.prepare(path, encoder.settings)
         with watch.stage("embed"):
             vector = encoder.embed(normalise(prepared.display, encoder.settings)[None])
         h = prepared.header

@@ -8,6 +8,7 @@ interruption continues where it stopped (vectors already written are kept).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -31,7 +32,7 @@ def run_reindex(ws: "Workspace", weights: str | None, *,
     started = time.perf_counter()
     base = ws.serving_encoder_config()
     weights = str(Path(weights).expanduser().resolve()) if weights else base.weights
-    new_cfg = base.__class__(**{**base.__dict__, "weights": weights})
+    new_cfg = dataclasses.replace(base, weights=weights)
     encoder = ws.build_encoder(new_cfg)
     identity = encoder.identity
     failures: list[dict] = []

@@ -179,7 +179,7 @@ def evaluate(ws: "Workspace", labels_csv: str, *, columns: list[str] | None = No
 
 def to_markdown(report: dict) -> str:
     ks = report["k"]
-    lines = [f"# Embedding evaluation", "",
+    lines = ["# Embedding evaluation", "",
              f"{report['images']} images of {report['patients']} patients; labels joined on {report['joined_on']}."
              + (" **The encoder has random weights.**" if report["random_weights"] else ""),
              "Label retrieval excludes the query patient's own images; classifiers are 5-fold by patient.", "",

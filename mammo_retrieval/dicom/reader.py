@@ -74,7 +74,7 @@ def _reject(path: str | os.PathLike, code: str, reason: str, hint: str | None = 
     return DicomRejected(str(path), code, reason, hint=hint)
 
 
-def _dcmread(path: Path, *, stop_before_pixels: bool) -> Dataset:
+def _dcmread(path: Path) -> Dataset:
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -85,7 +85,7 @@ def _dcmread(path: Path, *, stop_before_pixels: bool) -> Dataset:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # defer_size keeps PixelData on disk until it is validated against the header
-            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size="64 KB")
+            ds = pydicom.dcmread(path, defer_size="64 KB")
     except InvalidDicomError as exc:
         raise _reject(path, "not_dicom", f"not a DICOM file ({exc})") from None
     except PermissionError as exc:
@@ -136,7 +136,7 @@ def _check_header(path: Path, ds: Dataset, f: HeaderFields, cfg: ReaderConfig) -
 def read_header(path: str | os.PathLike, cfg: ReaderConfig) -> HeaderFields:
     """Identity and validity from the header alone (pixels are not read)."""
     path = Path(path)
-    ds = _dcmread(path, stop_before_pixels=False)
+    ds = _dcmread(path)
     fields = _fields(path, ds)
     _check_header(path, ds, fields, cfg)
     return fields
@@ -248,7 +248,7 @@ def read_stored(path: str | os.PathLike, cfg: ReaderConfig, *, reduce_to: int | 
     """Validated decode of the stored values: header checks, size checks, decode (JPEG 2000 at reduced
     resolution when ``reduce_to`` allows it and glymur/libopenjp2 are present)."""
     path = Path(path)
-    ds = _dcmread(path, stop_before_pixels=False)
+    ds = _dcmread(path)
     fields = _fields(path, ds)
     _check_header(path, ds, fields, cfg)
     _check_pixel_data(path, ds, fields)

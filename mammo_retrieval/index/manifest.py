@@ -31,6 +31,13 @@ class Manifest:
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     updated_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
+    @classmethod
+    def for_identity(cls, identity, **fields) -> "Manifest":
+        """A new manifest for an index of this model (encoder, weights, preprocessing, dim)."""
+        return cls(encoder=identity.encoder, weights_sha256=identity.weights_sha256,
+                   preprocess_digest=identity.preprocess_digest, dim=identity.dim,
+                   random_weights=identity.random_weights, **fields)
+
     def check_matches(self, identity) -> None:
         """Refuse a query or write whose encoder, weights or preprocessing differ; say what differs."""
         diffs = []

@@ -74,9 +74,7 @@ class VectorIndex:
         directory.mkdir(parents=True, exist_ok=True)
         manifest = Manifest.read(directory)
         if manifest is None:
-            manifest = Manifest(encoder=identity.encoder, weights_sha256=identity.weights_sha256,
-                                preprocess_digest=identity.preprocess_digest, dim=identity.dim,
-                                random_weights=identity.random_weights)
+            manifest = Manifest.for_identity(identity)
             return cls(directory, manifest, new_faiss_index(Layout(FLAT, None), cfg, identity.dim), cfg)
         manifest.check_matches(identity)
         return cls(directory, manifest, cls._read_index_file(directory, manifest, cfg), cfg)

@@ -174,9 +174,7 @@ def run_ingest(ws: "Workspace", root: str | Path, *, workers: int | None = None,
                 done += len(header_rejected) + n_present
                 for path in todo:
                     in_flight.append(pool.submit(prepare_file, str(path), ws.config.reader, settings,
-                                                 fast=ws.config.ingest.fast_path,
-                                                 reduced_j2k=ws.config.ingest.reduced_j2k,
-                                                 downscale_early=ws.config.ingest.downscale_early))
+                                                 **ws.prepare_options()))
                     while len(in_flight) >= max_in_flight:
                         collect(in_flight.popleft())
                 if on_progress:
