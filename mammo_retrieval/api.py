@@ -76,7 +76,8 @@ class Workspace:
     def prepare_options(self) -> dict:
         """How this workspace reads and preprocesses a file (ingest, queries and cache rebuilds alike)."""
         cfg = self.config.ingest
-        return {"fast": cfg.fast_path, "reduced_j2k": cfg.reduced_j2k, "downscale_early": cfg.downscale_early}
+        return {"fast": cfg.fast_path, "sampled": cfg.sampled_clahe, "reduced_j2k": cfg.reduced_j2k,
+                "downscale_early": cfg.downscale_early}
 
     def prepare(self, path: str | os.PathLike, settings) -> "Prepared":
         """Read and preprocess one file as ingest does; a bad file raises DicomRejected with its reason."""

@@ -75,7 +75,10 @@ class IndexConfig:
 @dataclass(frozen=True)
 class IngestConfig:
     workers: int | str
+    encoder_threads: int | str
     fast_path: bool
+    sampled_clahe: bool
+    heap_reuse: bool
     reduced_j2k: bool
     downscale_early: bool
 

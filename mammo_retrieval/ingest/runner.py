@@ -22,10 +22,13 @@ from ..dicom.reader import read_header
 from ..errors import DicomRejected
 from ..preprocess import normalise
 from .stages import Prepared, Rejected, prepare_file
+from .threads import EncoderThreads
 from .walker import iter_files
+from .worker import prepare_worker_process
 
 if TYPE_CHECKING:
     from ..api import Workspace
+    from ..config import IngestConfig
 
 HEADER_CHUNK = 256
 
@@ -62,13 +65,15 @@ class _InlineExecutor(Executor):
         return future
 
 
-def _executor(workers: int) -> Executor:
+def _executor(workers: int, cfg: "IngestConfig") -> Executor:
     if workers <= 0:
         return _InlineExecutor()
     # fork, as torch's DataLoader does: workers never touch torch, and unlike spawn, fork does not
     # re-import the caller's __main__ (a plain script calling the API would otherwise break)
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
+                               initializer=prepare_worker_process,
+                               initargs=(cfg.heap_reuse, cfg.fast_path and cfg.sampled_clahe))
 
 
 def _screen(ws: "Workspace", paths: list[Path], mv_id: int, seen: set[str]) -> tuple[list[Path], list[Rejected], int]:
@@ -132,7 +137,9 @@ def run_ingest(ws: "Workspace", root: str | Path, *, workers: int | None = None,
         def flush() -> None:
             nonlocal batches_since_save
             if batch:
+                embedding = time.perf_counter()
                 vectors = encoder.embed(normalise(np.stack([p.display for p in batch]), settings))
+                threads.embedded(time.perf_counter() - embedding)
                 items = [repo.NewImage(p.header, p.path, p.sha256, p.frame_index, v) for p, v in zip(batch, vectors)]
                 with ws.db.session() as s:
                     ids = repo.write_images(s, items, mv_id)
@@ -151,12 +158,15 @@ def run_ingest(ws: "Workspace", root: str | Path, *, workers: int | None = None,
 
         seen: set[str] = set()
         max_in_flight = max(2, workers) * 4 + batch_size
-        with _executor(workers) as pool:
+        threads = EncoderThreads(encoder, ws.config.ingest.encoder_threads, workers)
+        with _executor(workers, ws.config.ingest) as pool, threads:
             in_flight: deque[Future] = deque()
 
             def collect(future: Future) -> None:
                 nonlocal done
+                waiting = time.perf_counter()
                 result = future.result()
+                threads.waited(time.perf_counter() - waiting)
                 if isinstance(result, Rejected):
                     report.rejected.append(result)
                     pending_rejections.append(result)

@@ -34,10 +34,12 @@ class Rejected:
 
 
 def prepare_file(path: str, reader_cfg: ReaderConfig, settings: PreprocessSettings, *, fast: bool = True,
-                 reduced_j2k: bool = True, downscale_early: bool = False) -> Prepared | Rejected:
+                 sampled: bool = True, reduced_j2k: bool = True,
+                 downscale_early: bool = False) -> Prepared | Rejected:
     """Reader + preprocessor for one file. Never raises for a bad file: one file never kills a batch.
 
-    ``fast``: integer lookup-table scaling (same output); ``reduced_j2k``: decode JPEG 2000 at the
+    ``fast``: integer lookup-table scaling (same output); ``sampled``: with it, CLAHE evaluated only
+    where the final resize reads (same output); ``reduced_j2k``: decode JPEG 2000 at the
     smallest power-of-two reduction that keeps the model size; ``downscale_early``: the same reduction by
     area averaging right after decoding, for the other codecs. The last two only approximate the exact
     path (on MIAS they miss the agreement bar: bench/bench_ingest.py, README), hence off by default.
@@ -48,7 +50,7 @@ def prepare_file(path: str, reader_cfg: ReaderConfig, settings: PreprocessSettin
             image = read_stored(path, reader_cfg, reduce_to=target if reduced_j2k else None)
             if downscale_early:
                 image = early_downscale(image, target)
-            display = display_from_stored(image, settings)
+            display = display_from_stored(image, settings, sampled=sampled)
         else:
             image = read_image(path, reader_cfg, voi_window=settings.voi_window)
             display = to_display_uint8(image.pixels, settings)

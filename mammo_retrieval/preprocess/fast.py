@@ -79,13 +79,18 @@ def downscale_early(image: "StoredImage", target: int) -> "StoredImage":
                                reduction=r)
 
 
-def display_from_stored(image: "StoredImage", settings: PreprocessSettings) -> np.ndarray:
+def display_from_stored(image: "StoredImage", settings: PreprocessSettings, *, sampled: bool = True) -> np.ndarray:
     """uint8 model-size image by the integer path where it is exact (integer pixels, identity modality
-    LUT, no VOI window), by the card's float path otherwise."""
+    LUT, no VOI window), by the card's float path otherwise. ``sampled``: on a large enough uint8/uint16
+    image, evaluate CLAHE only where the resize reads (``preprocess.sampled``; the same output)."""
+    from . import sampled as sampled_path
     stored = image.stored
     if (stored.dtype.kind in "ui" and image.slope == 1.0 and image.intercept == 0.0
             and not (settings.voi_window and image.window)):
-        if image.header.photometric == "MONOCHROME1":
+        monochrome1 = image.header.photometric == "MONOCHROME1"
+        if sampled and sampled_path.applies(stored, settings):
+            return sampled_path.display_sampled(stored, settings, monochrome1=monochrome1)
+        if monochrome1:
             stored = stored.max() - stored  # the card's max - x, still exact in integers
         return finish_display(percentile_scale_uint8_integer(stored, *settings.percentiles), settings)
     return to_display_uint8(image.presentation(settings.voi_window), settings)
