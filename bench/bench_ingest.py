@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--corpus", choices=["cbis", "mias"], default="cbis")
     ap.add_argument("--copies", type=int, default=200)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-ingest"))
-    ap.add_argument("--levers", default="all", help="comma list of lever indexes, or all")
+    ap.add_argument("--levers", default="all", help="comma list of lever indexes, all, or none")
     ap.add_argument("--encoder", default="resnet50", help="model for our rows (the seed is always ResNet-50)")
     ap.add_argument("--no-seed", action="store_true", help="skip the seed pipeline (ratios are then absent)")
     ap.add_argument("--repeat", type=int, default=1,
@@ -148,7 +148,8 @@ def main() -> None:
     from mammo_retrieval.encoders.model import create_backbone
     # the same seeded ResNet-50 weights as our rows, so that the vectors can be compared too
     seed_model = create_backbone(DEFAULT_REGISTRY.get("resnet50")).eval()
-    chosen = range(len(LEVERS)) if a.levers == "all" else [int(i) for i in a.levers.split(",")]
+    chosen = (range(len(LEVERS)) if a.levers == "all" else [] if a.levers == "none"
+              else [int(i) for i in a.levers.split(",")])
     jobs = [] if a.no_seed else [("seed (card DICOMProcessor, one at a time, ResNet-50 fp32)", None, None)]
     jobs += [(f"mretrieve ingest ({a.encoder}): {LEVERS[i][0]}", LEVERS[i][1], a.encoder) for i in chosen]
     if a.shipped:

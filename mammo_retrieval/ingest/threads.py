@@ -11,20 +11,20 @@ if TYPE_CHECKING:
 class EncoderThreads:
     """torch's CPU threads during an ingest, restored afterwards (the setting is process-wide).
 
-    ``auto`` starts with every core and watches a few batches. If the main process hardly ever waits for
-    the workers, the encoder is the bottleneck (ResNet-50 at 224 px) and keeps every core. Otherwise the
-    workers are, and extra encoder threads only compete with them: the encoder drops to one thread (2 cores,
-    built-in encoder: ingest 1.25x faster than with two). Without workers, or on a GPU, torch's own setting
-    stays. A number fixes the count.
+    ``auto`` starts at one thread, right for the built-in encoder: the workers are the bottleneck and extra
+    encoder threads only compete with them (2 cores: ingest 1.25x faster than with two). If the probe
+    batches show the main process hardly ever waiting for the workers, the encoder is the bottleneck
+    (ResNet-50 at 224 px) and gets every core from then on. Without workers, or on a GPU, torch's own
+    setting stays. A number fixes the count.
     """
 
-    def __init__(self, encoder: "Encoder", setting: int | str, workers: int, *, probe_batches: int = 3,
+    def __init__(self, encoder: "Encoder", setting: int | str, workers: int, *, probe_batches: int = 2,
                  cores: int | None = None) -> None:
         self.encoder = encoder
         self.cores = cores or os.cpu_count() or 1
         self.adaptive = setting == "auto" and workers > 0 and encoder.device.type == "cpu"
         if setting == "auto":
-            self.initial = self.cores if self.adaptive else None
+            self.initial = 1 if self.adaptive else None
         else:
             self.initial = int(setting) if encoder.device.type == "cpu" else None
         self.probe_batches = probe_batches
@@ -58,9 +58,9 @@ class EncoderThreads:
             self.embed_s += seconds
         if not self.decided and self.batches >= 1 + self.probe_batches:
             self.decided = True
-            if self.wait_s >= 0.2 * self.embed_s:
+            if self.wait_s < 0.2 * self.embed_s and self.cores > 1:
                 import torch
-                torch.set_num_threads(1)
+                torch.set_num_threads(self.cores)
 
     @property
     def current(self) -> int | None:

@@ -26,25 +26,25 @@ class FakeEncoder:
     device = torch.device("cpu")
 
 
-def test_a_worker_bound_ingest_drops_to_one_encoder_thread_and_is_restored():
+def test_a_worker_bound_ingest_keeps_one_encoder_thread_and_is_restored():
     before = torch.get_num_threads()
-    with EncoderThreads(FakeEncoder(), "auto", workers=2, cores=2, probe_batches=3) as threads:
-        assert torch.get_num_threads() == 2
-        for _ in range(3):  # the workers are the bottleneck: the main process waits as long as it embeds
+    with EncoderThreads(FakeEncoder(), "auto", workers=2, cores=2) as threads:
+        assert torch.get_num_threads() == 1
+        for _ in range(4):  # the workers are the bottleneck: the main process waits as long as it embeds
             threads.embedded(0.5)
             threads.waited(0.5)
-        assert not threads.decided and torch.get_num_threads() == 2  # still probing
-        threads.embedded(0.5)
         assert threads.decided and torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
 
 
-def test_an_encoder_bound_ingest_keeps_every_core():
-    with EncoderThreads(FakeEncoder(), "auto", workers=2, cores=2) as threads:
+def test_an_encoder_bound_ingest_gets_every_core_after_the_probe():
+    with EncoderThreads(FakeEncoder(), "auto", workers=2, cores=2, probe_batches=2) as threads:
         threads.waited(5.0)  # start-up wait before the first batch does not count
-        for _ in range(5):
+        for _ in range(2):
             threads.embedded(1.0)
             threads.waited(0.01)
+        assert not threads.decided and torch.get_num_threads() == 1  # still probing
+        threads.embedded(1.0)
         assert threads.decided and torch.get_num_threads() == 2
 
 
