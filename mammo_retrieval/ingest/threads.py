@@ -20,7 +20,6 @@ class EncoderThreads:
 
     def __init__(self, encoder: "Encoder", setting: int | str, workers: int, *, probe_batches: int = 2,
                  cores: int | None = None) -> None:
-        self.encoder = encoder
         self.cores = cores or os.cpu_count() or 1
         self.adaptive = setting == "auto" and workers > 0 and encoder.device.type == "cpu"
         if setting == "auto":
@@ -61,8 +60,3 @@ class EncoderThreads:
             if self.wait_s < 0.2 * self.embed_s and self.cores > 1:
                 import torch
                 torch.set_num_threads(self.cores)
-
-    @property
-    def current(self) -> int | None:
-        import torch
-        return torch.get_num_threads() if self._previous is not None else None

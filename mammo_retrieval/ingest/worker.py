@@ -3,7 +3,6 @@ made here touch nobody else's (the main process, which may be a user's program, 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_THRESHOLD = -3
@@ -15,10 +14,8 @@ def keep_freed_buffers(threshold: int = 1 << 30) -> bool:
     By default every buffer over a few MB is a fresh mmap, so each 25 MB decoded frame is page-faulted and
     zeroed by the kernel again; reusing the heap halves the read+decode time of a CBIS file. Returns False
     where the C library is not glibc (nothing changes there)."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded; no ldconfig subprocess
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * threshold))

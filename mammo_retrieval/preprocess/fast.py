@@ -38,6 +38,17 @@ def histogram_percentiles(counts: np.ndarray, offset: int, qs: tuple[float, ...]
     return out
 
 
+def scaling_lut(counts: np.ndarray, offset: int, low: float, high: float) -> np.ndarray:
+    """The card's percentile clip + min-max to uint8 as a table over the values offset ..
+    offset + len(counts) - 1 of an integer image whose histogram is ``counts`` (integer counts)."""
+    p_lo, p_hi = histogram_percentiles(counts, offset, (low, high))
+    # np.percentile returns float64 even for a float32 image, so the card's clip and scaling run in float64
+    values = np.arange(offset, offset + len(counts), dtype=np.float64)
+    clipped = np.clip(values, p_lo, p_hi)
+    lo, hi = clipped.min(), clipped.max()
+    return ((clipped - lo) / (hi - lo + 1e-8) * 255).astype(np.uint8)
+
+
 def percentile_scale_uint8_integer(stored: np.ndarray, low: float, high: float) -> np.ndarray:
     """uint8 image equal to ``percentile_scale_uint8(stored.astype(float32), low, high)``."""
     if stored.dtype.kind not in "ui":
@@ -45,12 +56,7 @@ def percentile_scale_uint8_integer(stored: np.ndarray, low: float, high: float) 
     smallest, largest = int(stored.min()), int(stored.max())
     shifted = stored.astype(np.int64, copy=False) - smallest if smallest else stored
     counts = np.bincount(shifted.ravel(), minlength=largest - smallest + 1)
-    p_lo, p_hi = histogram_percentiles(counts, smallest, (low, high))
-    # np.percentile returns float64 even for a float32 image, so the card's clip and scaling run in float64
-    values = np.arange(smallest, largest + 1, dtype=np.float64)
-    clipped = np.clip(values, p_lo, p_hi)
-    lo, hi = clipped.min(), clipped.max()
-    lut = ((clipped - lo) / (hi - lo + 1e-8) * 255).astype(np.uint8)
+    lut = scaling_lut(counts, smallest, low, high)
     return lut[shifted] if smallest else lut[stored]
 
 

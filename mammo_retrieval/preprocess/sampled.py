@@ -20,7 +20,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .fast import histogram_percentiles
+from .fast import scaling_lut
 from .primer import PreprocessSettings
 
 
@@ -81,25 +81,21 @@ def tile_histograms(stored: np.ndarray, tiles: tuple[int, int]) -> tuple[np.ndar
 
 
 def scaling_table(counts: np.ndarray, low: float, high: float) -> np.ndarray:
-    """uint8 lookup table over 0..len(counts)-1: the card's percentile clip + min-max to uint8, with the
-    arithmetic of ``fast.percentile_scale_uint8_integer`` (hence of the float path)."""
+    """uint8 lookup table over 0..len(counts)-1: ``fast.scaling_lut`` over the values that occur (the
+    table of ``fast.percentile_scale_uint8_integer``, hence of the float path)."""
     present = np.flatnonzero(counts)
     smallest, largest = int(present[0]), int(present[-1])
-    p_lo, p_hi = histogram_percentiles(counts[smallest:largest + 1].astype(np.int64), smallest, (low, high))
-    values = np.arange(smallest, largest + 1, dtype=np.float64)
-    clipped = np.clip(values, p_lo, p_hi)
-    lo, hi = clipped.min(), clipped.max()
     table = np.empty(len(counts), dtype=np.uint8)
-    table[smallest:largest + 1] = ((clipped - lo) / (hi - lo + 1e-8) * 255).astype(np.uint8)
+    table[smallest:largest + 1] = scaling_lut(counts[smallest:largest + 1].astype(np.int64), smallest, low, high)
     table[:smallest], table[largest + 1:] = table[smallest], table[largest]  # values that do not occur
     return table
 
 
 def mapped_histograms(per_tile: np.ndarray, table: np.ndarray) -> np.ndarray:
     """Per-tile histograms of ``table[value]`` (256 bins) from per-tile histograms of value."""
-    steps = np.flatnonzero(np.diff(table.astype(np.int16))) + 1
-    if np.all(np.diff(table.astype(np.int16)) >= 0):  # monotone: each output level is one run of values
-        starts = np.concatenate([[0], steps])
+    change = np.diff(table.astype(np.int16))
+    if np.all(change >= 0):  # monotone: each output level is one run of values
+        starts = np.concatenate([[0], np.flatnonzero(change) + 1])
         out = np.zeros((per_tile.shape[0], 256), dtype=np.int64)
         out[:, table[starts]] = np.add.reduceat(per_tile, starts, axis=1)
         return out
@@ -169,6 +165,6 @@ def display_sampled(stored: np.ndarray, settings: PreprocessSettings, *, monochr
     grid = stored[np.ix_(rows, cols)].astype(np.int64)
     if monochrome1:
         grid = top - grid
-    canvas = np.zeros(stored.shape, dtype=np.uint8)  # untouched pages are never read by the resize
+    canvas = np.zeros(stored.shape, dtype=np.uint8)  # pixels off the taps are never read by the resize
     canvas[np.ix_(rows, cols)] = clahe_at(table[grid], rows, cols, tables, tile_size, tiles)
     return cv2.resize(canvas, (width, height), interpolation=cv2.INTER_LINEAR)
