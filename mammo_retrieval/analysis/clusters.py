@@ -5,13 +5,13 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import faiss
 import numpy as np
 from sklearn import metrics
 
-from ..errors import MammoRetrievalError
+from ..errors import ConfigError, MammoRetrievalError
 from .vectors import EmbeddingTable
 
 if TYPE_CHECKING:
@@ -19,6 +19,30 @@ if TYPE_CHECKING:
 
 SILHOUETTE_SAMPLE = 10_000   # silhouette is quadratic: sampled above this
 PROJECTION_SAMPLE = 5_000    # t-SNE and UMAP: sampled above this
+PLOTS = ("pca", "tsne", "umap")
+
+# on_progress(step, done, total): the library reports, the CLI renders
+Progress = Callable[[str, int, int], None]
+
+
+def parse_plots(text: str) -> tuple[str, ...]:
+    """``"pca,umap"`` -> ("pca", "umap"); ``"none"`` or ``""`` -> (); an unknown name is a usage error."""
+    chosen = tuple(dict.fromkeys(p.strip().lower() for p in text.split(",") if p.strip()))
+    if chosen == ("none",):
+        return ()
+    unknown = [p for p in chosen if p not in PLOTS]
+    if unknown:
+        raise ConfigError(f"unknown plot(s) {', '.join(unknown)} in --plots '{text}'",
+                          hint=f"choose from {', '.join(PLOTS)} (comma separated), or none")
+    return chosen
+
+
+def check_k(k: int, n: int) -> None:
+    """k-means needs 2 <= k < n; faiss itself would fail with a C++ traceback."""
+    if not 2 <= k < n:
+        raise ConfigError(f"cannot make k={k} clusters of {n} images: k must be at least 2 and below the "
+                          f"number of images ({n})",
+                          hint=f"choose k between 2 and {n - 1}" if n > 2 else "ingest more images first")
 
 
 @dataclass
@@ -29,6 +53,7 @@ class ClusterReport:
 
 
 def kmeans_assignments(vectors: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    check_k(k, len(vectors))
     km = faiss.Kmeans(vectors.shape[1], k, niter=20, seed=seed, spherical=False, verbose=False,
                       max_points_per_centroid=512)
     km.train(np.ascontiguousarray(vectors, dtype=np.float32))
@@ -84,6 +109,8 @@ def projections(vectors: np.ndarray, which: tuple[str, ...], seed: int = 0) -> d
     n = len(vectors)
     if "pca" in which:
         out["pca"] = (PCA(n_components=2, random_state=seed).fit_transform(vectors), np.arange(n))
+    if "tsne" not in which and "umap" not in which:
+        return out
     rows = np.arange(n)
     if n > PROJECTION_SAMPLE:
         rows = np.sort(np.random.default_rng(seed).choice(n, PROJECTION_SAMPLE, replace=False))
@@ -129,7 +156,15 @@ def plot_projections(coords: dict[str, tuple[np.ndarray, np.ndarray]], assignmen
 
 def report_clusters(table: EmbeddingTable, out: Path, *, k: int | None = None, labels: np.ndarray | None = None,
                     label_name: str | None = None, index: "VectorIndex | None" = None,
-                    plots: tuple[str, ...] = ("pca", "tsne", "umap"), seed: int = 0) -> ClusterReport:
+                    plots: tuple[str, ...] = PLOTS, seed: int = 0, on_progress: Progress | None = None
+                    ) -> ClusterReport:
+    """Metrics and plots of k-means clusters, or of ``labels`` (column ``label_name``) when given."""
+    progress = on_progress or (lambda step, done, total: None)
+    unknown = [p for p in plots if p not in PLOTS]
+    if unknown:
+        raise ConfigError(f"unknown plot(s) {', '.join(unknown)}", hint=f"choose from {', '.join(PLOTS)}")
+    if labels is None and k is not None:
+        check_k(k, len(table.vectors))
     out.mkdir(parents=True, exist_ok=True)
     vectors = table.vectors
     if labels is not None:
@@ -139,18 +174,30 @@ def report_clusters(table: EmbeddingTable, out: Path, *, k: int | None = None, l
         keep = assignments_all >= 0
         vectors, assignments = vectors[keep], assignments_all[keep]
         source = f"labels: {label_name} ({int(keep.sum())} of {len(keep)} images labelled)"
+        if not 2 <= len(names) < len(vectors):
+            raise ConfigError(f"label column {label_name} has {len(names)} distinct values on {len(vectors)} "
+                              "labelled images: need at least 2, and fewer than the images",
+                              hint="choose another --label-column")
     else:
         k = k or max(2, min(10, int(np.sqrt(len(vectors) / 2))))
+        progress(f"k-means (k={k}) on {len(vectors)} embeddings", 0, 1)
         assignments = kmeans_assignments(vectors, k, seed)
         names = [f"cluster {i}" for i in range(k)]
         source = f"faiss k-means, k={k}"
+    progress("cluster metrics", 0, 1)
     result = cluster_metrics(vectors, assignments, seed)
     result["clusters_from"] = source
+    # which column the clusters are, and each cluster id's label value (cluster_sizes is keyed by id)
+    result["label_column"] = label_name if labels is not None else None
+    result["cluster_names"] = {str(i): name for i, name in enumerate(names)}
+    result["cluster_sizes_by_name"] = {names[int(c)]: n for c, n in result["cluster_sizes"].items()}
     result["ivf_list_balance"] = ivf_balance(index)
     result["notes"] = [f"silhouette computed on a random sample of {SILHOUETTE_SAMPLE} (quadratic cost)"
                        if result["silhouette_sampled"] else "silhouette computed on all samples",
                        f"t-SNE/UMAP on at most {PROJECTION_SAMPLE} sampled points after PCA to 50-d; the UMAP layout is "
                        "not seeded (seeding makes it single-threaded)"]
+    if plots:
+        progress(f"2-D projections ({', '.join(plots)})", 0, 1)
     coords = projections(vectors, plots, seed)
     result["plots"] = [p.name for p in plot_projections(coords, assignments, names, out, source)]
     (out / "clustering_metrics.json").write_text(json.dumps(result, indent=2))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import cv2
 import numpy as np
@@ -22,6 +22,11 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
+
+from ..errors import ConfigError, MammoRetrievalError
+
+# on_progress(step, done, total): the library reports, the CLI renders
+Progress = Callable[[str, int, int], None]
 
 if TYPE_CHECKING:
     from ..api import Workspace
@@ -136,32 +141,43 @@ def heldout_patients(checkpoint: str) -> set[str]:
     import torch
     data = torch.load(checkpoint, map_location="cpu", weights_only=True).get("data") or {}
     if "heldout_patients" not in data:
-        from ..errors import MammoRetrievalError
         raise MammoRetrievalError(f"{checkpoint} records no held-out patients",
                                   hint="train with --holdout-fraction to keep women out")
     return set(data["heldout_patients"])
 
 
 def evaluate(ws: "Workspace", labels_csv: str, *, columns: list[str] | None = None,
-             ks: tuple[int, ...] = (1, 5, 10), patients: set[str] | None = None) -> dict:
+             ks: tuple[int, ...] = (1, 5, 10), patients: set[str] | None = None,
+             on_progress: Progress | None = None) -> dict:
     """The serving encoder and the two references, on the labelled images (of ``patients`` only, if given)."""
     from .labels import join_labels, label_columns, read_labels
     from .vectors import load_embeddings
-    table = load_embeddings(ws)
+    progress = on_progress or (lambda step, done, total: None)
+    if not ks or min(ks) < 1:
+        raise ConfigError(f"k must be at least 1 for precision@k, got {', '.join(map(str, ks)) or 'nothing'}",
+                          hint="e.g. --k 1,5,10")
     raw_labels = read_labels(labels_csv)
+    columns = label_columns(raw_labels, columns, labels_csv)
+    progress("loading vectors", 0, 1)
+    table = load_embeddings(ws)
     aligned, join = join_labels(table.meta, raw_labels)
-    columns = label_columns(raw_labels, columns)
     labelled = aligned[columns].replace("", pd.NA).notna().any(axis=1).to_numpy()
     keep = labelled if patients is None else labelled & table.meta.patient_id.isin(patients).to_numpy()
     if keep.sum() < 4:
-        from ..errors import MammoRetrievalError
         raise MammoRetrievalError(f"only {int(keep.sum())} indexed images have labels (joined on {join})",
                                   hint="check that the labels CSV describes the ingested archive")
+    if max(ks) > keep.sum() - 1:
+        raise ConfigError(f"k={max(ks)} is more than the {int(keep.sum()) - 1} other images each of the "
+                          f"{int(keep.sum())} labelled images can retrieve",
+                          hint=f"choose k between 1 and {int(keep.sum()) - 1}")
     meta = table.meta[keep].reset_index(drop=True)
     aligned = aligned[keep].reset_index(drop=True)
     patient_ids = meta.patient_id.fillna("").to_numpy(dtype=object)
     lateralities = meta.laterality.fillna("").to_numpy(dtype=object)
-    images = [ws.cached_image(sop) for sop in meta.sop_instance_uid]
+    images = []
+    for i, sop in enumerate(meta.sop_instance_uid):
+        progress("reading the cached images for the references", i, len(meta))
+        images.append(ws.cached_image(sop))
     spaces = {
         f"encoder:{ws.encoder.identity.key}": table.vectors[keep],
         "raw_pixels_32x32": raw_pixel_features(images),
@@ -172,7 +188,8 @@ def evaluate(ws: "Workspace", labels_csv: str, *, columns: list[str] | None = No
               "patients": int(len(set(patient_ids))), "label_columns": columns, "k": ks,
               "restricted_to_patients": None if patients is None else len(patients),
               "random_weights": ws.encoder.identity.random_weights, "spaces": {}}
-    for name, features in spaces.items():
+    for i, (name, features) in enumerate(spaces.items()):
+        progress(f"retrieval and classifier metrics for {name} ({i + 1} of {len(spaces)})", 0, 1)
         report["spaces"][name] = evaluate_space(features, aligned, columns, patient_ids, lateralities, ks)
     return report
 

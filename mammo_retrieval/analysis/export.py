@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..csv_safety import write_frame
 from .vectors import EmbeddingTable
 
 JOINED_COLUMNS = {"sop_instance_uid": "SOPInstanceUID", "accession_number": "AccessionNumber",
@@ -20,7 +21,7 @@ def export_table(table: EmbeddingTable, out: Path) -> dict[str, Path]:
     joined = table.meta[list(JOINED_COLUMNS)].rename(columns=JOINED_COLUMNS)
     joined.insert(len(joined.columns), "EmbeddingIndex", np.arange(len(joined)))
     np.save(out / "features.npy", np.ascontiguousarray(table.vectors, dtype=np.float32))
-    joined.to_csv(out / "joined.csv", index=False)
+    write_frame(joined, out / "joined.csv")
     frame = joined.copy()
     frame["embedding"] = list(table.vectors.astype(np.float32))
     frame.to_parquet(out / "embeddings.parquet", index=False)

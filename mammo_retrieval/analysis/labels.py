@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import MammoRetrievalError
+from ..errors import ConfigError
+
+
+class LabelsError(ConfigError):
+    """A labels CSV that cannot be used as given: unreadable, nothing to join on, or a wrong label column.
+
+    One class (a usage error, exit 2) for every command that reads labels, so the same mistake always
+    exits the same way.
+    """
 
 ID_COLUMNS = {"file", "path", "imagepath", "accessionnumber", "patientid", "sopinstanceuid", "studyinstanceuid",
               "laterality", "view", "x", "y", "radius", "sha256", "split"}
@@ -15,9 +23,9 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
-        raise MammoRetrievalError(f"labels file not found: {path}") from None
+        raise LabelsError(f"labels file not found: {path}") from None
     except Exception as exc:
-        raise MammoRetrievalError(f"{path}: cannot read labels CSV: {exc}") from None
+        raise LabelsError(f"{path}: cannot read labels CSV: {exc}") from None
 
 
 def _find(labels: pd.DataFrame, *names: str) -> str | None:
@@ -46,15 +54,22 @@ def join_labels(meta: pd.DataFrame, labels: pd.DataFrame) -> tuple[pd.DataFrame,
     if (col := _find(labels, "accessionnumber")) is not None:
         by = labels.drop_duplicates(col).set_index(col)
         return by.reindex(meta.accession_number.values).reset_index(drop=True), f"AccessionNumber ({col})"
-    raise MammoRetrievalError("labels CSV has no SOPInstanceUID, file/path or AccessionNumber column to join on")
+    raise LabelsError("labels CSV has no SOPInstanceUID, file/path or AccessionNumber column to join on",
+                      hint=f"its columns: {', '.join(map(str, labels.columns))}")
 
 
-def label_columns(labels: pd.DataFrame, requested: list[str] | None = None) -> list[str]:
+def label_columns(labels: pd.DataFrame, requested: list[str] | None = None, source: str | Path = "the labels CSV"
+                  ) -> list[str]:
+    """The requested label columns (each must exist), else every categorical column that is not an id."""
     if requested:
         missing = [c for c in requested if c not in labels.columns]
         if missing:
-            raise MammoRetrievalError(f"label column(s) {missing} not in the labels CSV",
-                                      hint=f"columns: {', '.join(labels.columns)}")
-        return requested
-    return [c for c in labels.columns if c.lower().replace("_", "") not in ID_COLUMNS
-            and 1 < labels[c].replace("", pd.NA).dropna().nunique() <= 50]
+            raise LabelsError(f"label column(s) {', '.join(missing)} not in {source}",
+                              hint=f"its columns: {', '.join(map(str, labels.columns))}")
+        return list(requested)
+    found = [c for c in labels.columns if c.lower().replace("_", "") not in ID_COLUMNS
+             and 1 < labels[c].replace("", pd.NA).dropna().nunique() <= 50]
+    if not found:
+        raise LabelsError(f"{source} has no categorical label column (2 to 50 distinct values besides ids)",
+                          hint=f"name one with --label-column; its columns: {', '.join(map(str, labels.columns))}")
+    return found

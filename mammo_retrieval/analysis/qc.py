@@ -5,14 +5,15 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
 from sqlalchemy import select
 
+from ..csv_safety import write_frame
 from ..db.models import QcRun, QcScore
-from ..errors import MammoRetrievalError
+from ..errors import ConfigError, MammoRetrievalError
 from .content_checks import header_flags, side_convention
 from .neighbours import Neighbours, knn
 from .vectors import EmbeddingTable, load_embeddings
@@ -21,6 +22,13 @@ if TYPE_CHECKING:
     from ..api import Workspace
 
 METHODS = ("knn", "lof", "iforest")
+
+# on_progress(step, done, total): the library reports, the CLI renders (a bar on a terminal, lines elsewhere)
+Progress = Callable[[str, int, int], None]
+
+
+def _quiet(step: str, done: int, total: int) -> None:
+    pass
 
 
 @dataclass
@@ -55,7 +63,7 @@ def outlier_scores(vectors: np.ndarray, neighbours: Neighbours, method: str, k: 
         reduced = PCA(n_components=min(32, *vectors.shape), random_state=seed).fit_transform(vectors)
         forest = IsolationForest(n_estimators=200, random_state=seed).fit(reduced)
         return -forest.score_samples(reduced)
-    raise MammoRetrievalError(f"unknown QC method '{method}'", hint=f"choose one of {', '.join(METHODS)}")
+    raise ConfigError(f"unknown QC method '{method}'", hint=f"choose one of {', '.join(METHODS)}")
 
 
 def duplicate_pairs(table: EmbeddingTable, neighbours: Neighbours, threshold: float) -> pd.DataFrame:
@@ -86,30 +94,36 @@ def pixel_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def run_qc(ws: "Workspace", *, method: str = "knn", k: int = 10, dup_threshold: float = 0.999,
            min_pixel_correlation: float | None = 0.98, header_checks: bool = True,
-           record: bool = True) -> QcResult:
+           record: bool = True, on_progress: Progress | None = None) -> QcResult:
     """Score every indexed image. Near-duplicates need cosine >= dup_threshold and, unless
     min_pixel_correlation is None, cached-image correlation >= it (a weak encoder cannot flood the list)."""
+    progress = on_progress or _quiet
     if method not in METHODS:
-        raise MammoRetrievalError(f"unknown QC method '{method}'", hint=f"choose one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown QC method '{method}'", hint=f"choose one of {', '.join(METHODS)}")
+    progress("loading vectors", 0, 1)
     table = load_embeddings(ws)
     if len(table) < 3:
         raise MammoRetrievalError(f"QC needs at least 3 indexed images, found {len(table)}")
     k = min(k, len(table) - 1)
+    progress(f"nearest neighbours of {len(table)} images", 0, 1)
     neighbours = knn(table.vectors, k + 1)
+    progress(f"{method} outlier scores", 0, 1)
     scores = outlier_scores(table.vectors, neighbours, method, k)
     frame = table.meta[["image_id", "sop_instance_uid", "accession_number", "patient_id", "laterality", "view",
                         "path"]].copy()
     frame["score"] = np.round(scores.astype(float), 6)
     frame["flags"] = ""
     if header_checks:
-        frame["flags"] = _header_flags(ws, table)
+        frame["flags"] = _header_flags(ws, table, progress)
     frame = frame.sort_values("score", ascending=False, kind="stable", ignore_index=True)
     frame["rank"] = np.arange(1, len(frame) + 1)
     duplicates = duplicate_pairs(table, neighbours, dup_threshold)
     if min_pixel_correlation is not None:
-        duplicates["pixel_correlation"] = [
-            round(pixel_correlation(ws.cached_image(a), ws.cached_image(b)), 4)
-            for a, b in zip(duplicates.sop_instance_uid_a, duplicates.sop_instance_uid_b)]
+        correlations = []
+        for i, (a, b) in enumerate(zip(duplicates.sop_instance_uid_a, duplicates.sop_instance_uid_b)):
+            progress("pixel check of near-duplicate candidates", i, len(duplicates))
+            correlations.append(round(pixel_correlation(ws.cached_image(a), ws.cached_image(b)), 4))
+        duplicates["pixel_correlation"] = correlations
         duplicates = duplicates[duplicates.pixel_correlation >= min_pixel_correlation].reset_index(drop=True)
     result = QcResult(scores=frame, duplicates=duplicates,
                       neighbours_method=neighbours.method, method=method,
@@ -120,9 +134,12 @@ def run_qc(ws: "Workspace", *, method: str = "knn", k: int = 10, dup_threshold: 
     return result
 
 
-def _header_flags(ws: "Workspace", table: EmbeddingTable) -> list[str]:
+def _header_flags(ws: "Workspace", table: EmbeddingTable, progress: Progress = _quiet) -> list[str]:
     from ..preprocess.primer import breast_side
-    images = [ws.cached_image(sop) for sop in table.meta.sop_instance_uid]
+    images = []
+    for i, sop in enumerate(table.meta.sop_instance_uid):
+        progress("header checks on the cached images", i, len(table))
+        images.append(ws.cached_image(sop))
     convention = side_convention([(lat, breast_side(img)) for lat, img in zip(table.meta.laterality, images)])
     return [";".join(header_flags(img, lat, view, convention))
             for img, lat, view in zip(images, table.meta.laterality, table.meta.view)]
@@ -146,21 +163,26 @@ def _record(ws: "Workspace", result: QcResult) -> None:
             {"run_id": run.id, "image_id": int(r.image_id), "score": float(r.score), "rank": int(r.rank),
              "flags": r.flags or None} for r in result.scores.itertuples()])
         result.run_id, result.previous_run_id = run.id, previous.id if previous else None
-    result.scores["previous_rank"] = [previous_ranks.get(int(i)) for i in result.scores.image_id]
+    # integers, empty where the image was not in the previous run (a list with None would become floats)
+    result.scores["previous_rank"] = pd.array([previous_ranks.get(int(i)) for i in result.scores.image_id],
+                                              dtype="Int64")
 
 
-def write_outputs(ws: "Workspace", result: QcResult, out: Path, top: int) -> dict[str, Path]:
+def write_outputs(ws: "Workspace", result: QcResult, out: Path, top: int,
+                  on_progress: Progress | None = None) -> dict[str, Path]:
     from .qc_report import write_html
+    progress = on_progress or _quiet
+    progress("writing the outputs and report thumbnails", 0, 1)
     out.mkdir(parents=True, exist_ok=True)
     columns = ["sop_instance_uid", "accession_number", "path", "score", "rank", "flags"]
     if "previous_rank" in result.scores:
         columns.append("previous_rank")
     scores = result.scores[columns].rename(columns={"sop_instance_uid": "SOPInstanceUID",
                                                     "accession_number": "AccessionNumber"})
-    scores.to_csv(out / "scores.csv", index=False)
-    result.duplicates.rename(columns={"sop_instance_uid_a": "SOPInstanceUID_a",
-                                      "sop_instance_uid_b": "SOPInstanceUID_b"}).to_csv(out / "duplicates.csv",
-                                                                                         index=False)
+    write_frame(scores, out / "scores.csv")
+    write_frame(result.duplicates.rename(columns={"sop_instance_uid_a": "SOPInstanceUID_a",
+                                                  "sop_instance_uid_b": "SOPInstanceUID_b"}),
+                out / "duplicates.csv")
     write_html(ws, result, out / "report.html", top)
     summary = {"created_at": datetime.now(timezone.utc).isoformat(), "method": result.method, **result.params,
                "images": len(result.scores), "duplicate_pairs": len(result.duplicates), "run_id": result.run_id,

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+import pandas as pd
 
 if TYPE_CHECKING:
     from ..api import Workspace
@@ -22,6 +23,26 @@ body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222
 .pair img{width:160px;height:160px;object-fit:contain;background:#000}
 .flag{color:#b00;font-weight:600;overflow-wrap:anywhere}.new{color:#06a;font-weight:600}.path{color:#666;word-break:break-all}
 """
+
+
+def text(value: object, missing: str = "—") -> str:
+    """A header value for the page: absent values (None, NaN, pandas NA, empty) show as a dash, never "nan"."""
+    if value is None or value is pd.NA or (isinstance(value, float) and value != value) or str(value) == "":
+        return missing
+    return html.escape(str(value))
+
+
+def previous_rank(value: object, top: int) -> str:
+    """Where the last sweep put this image: "was #N", and NEW when it was not among that sweep's top."""
+    if value is None or pd.isna(value):
+        return ' · <span class=new>NEW</span> (not in the last sweep)'
+    badge = " <span class=new>NEW</span>" if int(value) > top else ""
+    return f" · was #{int(value)}{badge}"
+
+
+def _correlation(pair) -> str:
+    value = getattr(pair, "pixel_correlation", None)
+    return "not checked" if value is None or pd.isna(value) else f"{value:.4f}"
 
 
 def thumbnail(ws: "Workspace", sop: str) -> str:
@@ -40,13 +61,15 @@ def write_html(ws: "Workspace", result: "QcResult", path: Path, top: int) -> Non
              f"<p>{len(result.scores)} images; neighbours: {e(result.neighbours_method)}; "
              f"k={result.params.get('k')}; duplicate threshold {result.params.get('dup_threshold')}</p>",
              f"<h2>Top {min(top, len(result.scores))} outliers</h2><div class=grid>"]
+    if result.previous_run_id is not None:
+        parts.insert(-1, f"<p>Compared with the previous {e(result.method)} sweep (run {result.previous_run_id}): "
+                         f"each card says the image's rank then; NEW marks one that was not in its top {top}.</p>")
     for r in result.scores.head(top).itertuples():
-        previous = getattr(r, "previous_rank", None)
-        is_new = result.previous_run_id is not None and (previous is None or previous != previous or previous > top)
+        was = previous_rank(getattr(r, "previous_rank", None), top) if result.previous_run_id is not None else ""
         parts.append(
             f'<div class=card>{thumbnail(ws, r.sop_instance_uid)}<b>#{r.rank}</b> score {r.score:.4f}'
-            f'{" <span class=new>NEW</span>" if is_new else ""}<br>{e(str(r.accession_number or "-"))} · '
-            f'{e(str(r.patient_id or "-"))} · {e(str(r.laterality or "?"))} {e(str(r.view or "?"))}'
+            f'{was}<br>{text(r.accession_number)} · '
+            f'{text(r.patient_id)} · {text(r.laterality, "?")} {text(r.view, "?")}'
             f'{"<br><span class=flag>" + e(r.flags.replace(";", ", ")) + "</span>" if r.flags else ""}'
             f'<div class=path>{e(r.path)}</div></div>')
     parts.append("</div>")
@@ -58,6 +81,6 @@ def write_html(ws: "Workspace", result: "QcResult", path: Path, top: int) -> Non
     parts.append(f"</div><h2>Near-duplicate pairs ({len(result.duplicates)})</h2>")
     for r in result.duplicates.head(top).itertuples():
         parts.append(f'<div class=pair>{thumbnail(ws, r.sop_instance_uid_a)}{thumbnail(ws, r.sop_instance_uid_b)}'
-                     f'<div>cosine {r.similarity:.5f}<br>pixel correlation {getattr(r, "pixel_correlation", float("nan")):.4f}<div class=path>{e(r.path_a)}<br>{e(r.path_b)}</div>'
+                     f'<div>cosine {r.similarity:.5f}<br>pixel correlation {_correlation(r)}<div class=path>{e(r.path_a)}<br>{e(r.path_b)}</div>'
                      f'</div></div>')
     path.write_text("\n".join(parts))

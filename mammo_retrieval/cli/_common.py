@@ -7,6 +7,8 @@ import json
 
 import click
 
+from ..csv_safety import neutralise_row
+
 
 def workspace(ctx: click.Context):
     from ..api import Workspace
@@ -24,9 +26,54 @@ def format_csv(rows: list[dict], columns: list[str]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(neutralise_row(r) for r in rows)  # header fields must not run as spreadsheet formulas
     return buf.getvalue().rstrip("\n")
 
 
 def dumps(obj) -> str:
     return json.dumps(obj, indent=2, default=str)
+
+
+class StepProgress:
+    """Renders a library ``on_progress(step, done, total)`` callback on stderr.
+
+    A tqdm bar per step on a terminal; elsewhere (logs, CI, pipes) one plain line when a step starts, so
+    a long ``qc`` or ``evaluate`` is never silent and never fills a log with carriage returns.
+    """
+
+    def __init__(self, command: str, enabled: bool = True) -> None:
+        import sys
+        self.command, self.enabled = command, enabled
+        self.stream = sys.stderr
+        self.tty = enabled and self.stream.isatty()
+        self.step: str | None = None
+        self.bar = None
+
+    def __call__(self, step: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if step != self.step:
+            self.close()
+            self.step = step
+            if self.tty and total > 1:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, desc=f"{self.command}: {step}", file=self.stream, leave=False)
+            else:
+                click.echo(f"{self.command}: {step}...", err=True)
+        if self.bar is not None:
+            self.bar.n = done
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "StepProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+no_progress_option = click.option("--no-progress", is_flag=True, help="No progress on stderr.")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from ._common import workspace
+from ._common import StepProgress, no_progress_option, workspace
 
 
 @click.command()
@@ -18,16 +18,18 @@ from ._common import workspace
               help="Also require this correlation of the cached images for a duplicate pair.")
 @click.option("--no-pixel-checks", is_flag=True,
               help="Vectors only: skip the header checks and the duplicate pixel gate (no cached images needed).")
+@no_progress_option
 @click.pass_context
 def qc(ctx: click.Context, out_dir: str, method: str, top: int, k: int, dup_threshold: float,
-       min_pixel_correlation: float, no_pixel_checks: bool) -> None:
+       min_pixel_correlation: float, no_pixel_checks: bool, no_progress: bool) -> None:
     """Outlier sweep: scores.csv, duplicates.csv and report.html (thumbnails) in --out."""
     from ..analysis.qc import run_qc, write_outputs
     ws = workspace(ctx)
-    result = run_qc(ws, method=method, k=k, dup_threshold=dup_threshold,
-                    min_pixel_correlation=None if no_pixel_checks else min_pixel_correlation,
-                    header_checks=not no_pixel_checks)
-    paths = write_outputs(ws, result, Path(out_dir), top)
+    with StepProgress("qc", enabled=not no_progress) as progress:
+        result = run_qc(ws, method=method, k=k, dup_threshold=dup_threshold,
+                        min_pixel_correlation=None if no_pixel_checks else min_pixel_correlation,
+                        header_checks=not no_pixel_checks, on_progress=progress)
+        paths = write_outputs(ws, result, Path(out_dir), top, on_progress=progress)
     flagged = int((result.scores["flags"] != "").sum())
     click.echo(f"scored {len(result.scores)} images ({method}, {result.neighbours_method}); "
                f"{len(result.duplicates)} near-duplicate pairs; {flagged} header-check flags")
