@@ -7,7 +7,7 @@ DEMO_HOME := .demo
 
 .PHONY: install demo test wheel-check clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt
 	@# Debian's libopenjp2 lets glymur decode JPEG 2000 at reduced resolution (optional: full decode otherwise)
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ldconfig -p | grep -q libopenjp2; then \
 		(apt-get update -qq && apt-get install -y -qq libopenjp2-7 >/dev/null) || echo "libopenjp2 not installed"; fi
