@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_HOME := .demo
 
-.PHONY: install demo test clean
+.PHONY: install demo test wheel-check clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt
 	@# Debian's libopenjp2 lets glymur decode JPEG 2000 at reduced resolution (optional: full decode otherwise)
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ldconfig -p | grep -q libopenjp2; then \
 		(apt-get update -qq && apt-get install -y -qq libopenjp2-7 >/dev/null) || echo "libopenjp2 not installed"; fi
@@ -34,6 +34,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+# Build the wheel, install it non-editable in a fresh venv and run every command on real images (.ci/run runs it).
+wheel-check:
+	.ci/wheel_check.sh
 
 clean:
 	rm -rf $(DEMO_HOME) .pytest_cache

@@ -331,9 +331,18 @@ class Workspace:
 
     def query_dicom(self, path: str | os.PathLike, k: int = 10, filters: QueryFilters = QueryFilters(),
                     watch: "Stopwatch | None" = None) -> QueryResult:
+        """Search with one DICOM file. Its header is checked first, so a file that is not a usable DICOM
+        is refused at once (DicomRejected) instead of after the model loads."""
+        from .dicom.reader import read_header
         from .timing import Stopwatch
         watch = watch or Stopwatch()
-        with watch.stage("index_load"):  # includes building the encoder, needed to name the index
+        with watch.stage("header_check"):
+            read_header(path, self.config.reader)
+        with watch.stage("encoder_load"):  # its own stage: the model, not the index, dominates a cold query
+            if self._index is not None and self._live_changed():
+                self._forget_model()
+            _ = self.encoder
+        with watch.stage("index_load"):
             index = self.searchable_index()
         query, vector = self.embed_file(path, watch)
         with watch.stage("search"):

@@ -194,6 +194,11 @@ def evaluate(ws: "Workspace", labels_csv: str, *, columns: list[str] | None = No
     return report
 
 
+def _cell(value: float | None) -> str:
+    """A metric for the table; None (nothing to measure, e.g. no woman with both breasts) is 'n/a'."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def to_markdown(report: dict) -> str:
     ks = report["k"]
     lines = ["# Embedding evaluation", "",
@@ -206,9 +211,9 @@ def to_markdown(report: dict) -> str:
              + " | ".join(f"{c} mAP" for c in report["label_columns"]) + " |"]
     lines.append("|" + "---|" * (1 + len(ks) + len(ks) * len(report["label_columns"]) + len(report["label_columns"])))
     for name, space in report["spaces"].items():
-        cells = [f"{space['contralateral'][f'contralateral@{k}']:.3f}" for k in ks]
-        cells += [f"{space['labels'][c]['retrieval'][f'precision@{k}']:.3f}" for c in report["label_columns"] for k in ks]
-        cells += [f"{space['labels'][c]['retrieval']['mAP']:.3f}" for c in report["label_columns"]]
+        cells = [_cell(space["contralateral"][f"contralateral@{k}"]) for k in ks]
+        cells += [_cell(space["labels"][c]["retrieval"][f"precision@{k}"]) for c in report["label_columns"] for k in ks]
+        cells += [_cell(space["labels"][c]["retrieval"]["mAP"]) for c in report["label_columns"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Classifiers (balanced accuracy / Cohen's kappa)", ""]
     for column in report["label_columns"]:

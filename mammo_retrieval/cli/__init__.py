@@ -6,6 +6,7 @@ import sys
 import click
 
 from ..errors import MammoRetrievalError
+from . import config as config_commands
 from . import db as db_commands
 from . import index as index_commands
 from .analysis import evaluate, export, report
@@ -48,6 +49,7 @@ cli.add_command(train)
 cli.add_command(reindex)
 cli.add_command(db_commands.db)
 cli.add_command(index_commands.index)
+cli.add_command(config_commands.config)
 
 
 def main() -> None:

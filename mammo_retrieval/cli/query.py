@@ -5,6 +5,8 @@ import click
 from ._common import dumps, format_csv, format_table, workspace
 
 COLUMNS = ["rank", "score", "accession_number", "patient_id", "laterality", "view", "path"]
+# what "score" means, printed under the table (the index is inner product on unit vectors)
+SCORE_NOTE = "score: cosine similarity of the unit-length embeddings, -1..1 (1 = identical; higher = more similar)"
 
 
 @click.command()
@@ -46,3 +48,4 @@ def query(ctx: click.Context, dicom_path: str | None, accession: str | None, k: 
                    f"  {q.path}")
         click.echo(format_table([h.__dict__ for h in r.hits], COLUMNS) if r.hits else "  (no hits)")
         click.echo("")
+    click.echo(SCORE_NOTE)

@@ -61,7 +61,8 @@ def test_bad_query_file_exits_with_its_reason(run, tmp_path):
     bad = make_file(tmp_path / "ct.dcm", modality="CT")
     result = run("--config", tmp_path / "missing.yaml", "status", code=2)
     assert "config file not found" in result.output
-    result = run("query", "--dicom", bad, code=7)  # nothing indexed yet
+    good = make_file(tmp_path / "good.dcm")
+    result = run("query", "--dicom", good, code=7)  # nothing indexed yet
     assert "mretrieve ingest" in result.output
     make_file(tmp_path / "archive" / "ok.dcm")
     run("ingest", tmp_path / "archive", "--no-progress", "--workers", "0")
