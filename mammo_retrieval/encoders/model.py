@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 
 from ..config import EncoderConfig, PreprocessConfig
@@ -62,17 +61,18 @@ def packaged_weights(name: str) -> Path:
     return Path(str(resources.files("mammo_retrieval") / "weights" / name))
 
 
-def create_backbone(spec: EncoderSpec) -> torch.nn.Module:
-    """A headless timm model with seeded initialisation, so random weights are reproducible."""
+def create_backbone(spec: EncoderSpec, registry: EncoderRegistry = DEFAULT_REGISTRY) -> torch.nn.Module:
+    """The spec's backbone, built by its family, with seeded initialisation so random weights are reproducible."""
+    builder = registry.builder(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
-        return timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
+        return builder(spec)
 
 
 def build_encoder(cfg: EncoderConfig, preprocess_cfg: PreprocessConfig,
                   registry: EncoderRegistry = DEFAULT_REGISTRY) -> Encoder:
     spec = registry.get(cfg.name)
-    model = create_backbone(spec)
+    model = create_backbone(spec, registry)
     weights = cfg.weights or (str(packaged_weights(spec.weights_file)) if spec.weights_file else None)
     if weights:
         path = Path(weights).expanduser()
@@ -85,7 +85,8 @@ def build_encoder(cfg: EncoderConfig, preprocess_cfg: PreprocessConfig,
         raise WeightsError("no encoder weights configured and encoder.allow_random_weights is false",
                            hint="set encoder.weights or $MRETRIEVE_WEIGHTS to a checkpoint file")
     size = (cfg.input_size, cfg.input_size) if cfg.input_size else spec.input_size
-    settings = PreprocessSettings.from_config(preprocess_cfg, size=size, mean=spec.mean, std=spec.std)
+    settings = PreprocessSettings.from_config(preprocess_cfg, size=size, mean=spec.mean, std=spec.std,
+                                              interpolation=spec.interpolation)
     identity = ModelIdentity(encoder=spec.name, weights_sha256=weights_sha, preprocess_digest=settings.digest(),
                              dim=spec.dim, random_weights=random_weights, weights_path=weights_path)
     return Encoder(spec, model, settings, identity, resolve_device(cfg.device), precision=cfg.precision,

@@ -1,13 +1,21 @@
-"""Name-keyed registry of encoder specs (after timm's _registry): what to build and how to feed it."""
+"""Name-keyed registry of encoder specs (after timm's _registry): what to build and how to feed it.
+
+A spec names its *family*: the builder that makes its backbone (``timm`` today; a transformers family
+for Hugging Face ViTs plugs in with ``register_family``). The spec carries the model's own input
+config (size, mean/std, resize interpolation), so preprocessing follows the model, not the caller."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
+
+if TYPE_CHECKING:
+    import torch
 
 from ..errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic", "area", "nearest")
 
 
 @dataclass(frozen=True)
@@ -20,17 +28,45 @@ class EncoderSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     description: str = ""
     weights_file: str | None = None  # shipped inside the package (mammo_retrieval/weights/); used when none is configured
+    family: str = "timm"             # which builder makes the backbone (EncoderRegistry.families)
+    interpolation: str = "bilinear"  # the resize to input_size the model was trained with
+
+
+BackboneBuilder = Callable[[EncoderSpec], "torch.nn.Module"]
+
+
+def timm_backbone(spec: EncoderSpec) -> "torch.nn.Module":
+    """A headless timm model (num_classes=0: pooled features out), randomly initialised; weights load later."""
+    import timm
+    return timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
 
 
 class EncoderRegistry:
     """A registry instance (not module state): tests and plugins can make their own."""
 
-    def __init__(self, specs: list[EncoderSpec] | None = None) -> None:
+    def __init__(self, specs: list[EncoderSpec] | None = None,
+                 families: dict[str, BackboneBuilder] | None = None) -> None:
         self._specs: dict[str, EncoderSpec] = {}
+        self._families: dict[str, BackboneBuilder] = dict(families if families is not None else {"timm": timm_backbone})
         for spec in specs or []:
             self.register(spec)
 
+    def register_family(self, name: str, builder: BackboneBuilder) -> None:
+        if name in self._families:
+            raise ValueError(f"encoder family '{name}' is already registered")
+        self._families[name] = builder
+
+    def builder(self, spec: EncoderSpec) -> BackboneBuilder:
+        """The function that makes this spec's backbone; a clear error for a family nobody registered."""
+        try:
+            return self._families[spec.family]
+        except KeyError:
+            raise ConfigError(f"encoder '{spec.name}' belongs to the unknown family '{spec.family}'",
+                              hint=f"registered families: {', '.join(sorted(self._families))}") from None
+
     def register(self, spec: EncoderSpec) -> None:
+        if spec.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"encoder '{spec.name}': interpolation must be one of {', '.join(INTERPOLATIONS)}")
         if spec.name in self._specs:
             raise ValueError(f"encoder '{spec.name}' is already registered")
         self._specs[spec.name] = spec

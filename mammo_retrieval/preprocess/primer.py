@@ -15,6 +15,9 @@ import numpy as np
 
 from ..config import PreprocessConfig
 
+CV2_INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA,
+                     "nearest": cv2.INTER_NEAREST}
+
 
 @dataclass(frozen=True)
 class PreprocessSettings:
@@ -29,19 +32,26 @@ class PreprocessSettings:
     voi_window: bool = False
     flip_to_side: str | None = None
     crop_to_breast: bool = False
+    interpolation: str = "bilinear"  # the model's own resize (its registry entry)
 
     @classmethod
     def from_config(cls, cfg: PreprocessConfig, *, size: tuple[int, int], mean: tuple[float, ...],
-                    std: tuple[float, ...]) -> "PreprocessSettings":
+                    std: tuple[float, ...], interpolation: str = "bilinear") -> "PreprocessSettings":
         """User preprocessing options plus the encoder's own input size and normalisation."""
         return cls(percentiles=tuple(float(p) for p in cfg.percentiles),
                    clahe_clip_limit=float(cfg.clahe_clip_limit),
                    clahe_tile_grid=tuple(int(g) for g in cfg.clahe_tile_grid),
                    size=tuple(size), mean=tuple(mean), std=tuple(std), voi_window=bool(cfg.voi_window),
-                   flip_to_side=cfg.flip_to_side, crop_to_breast=bool(cfg.crop_to_breast))
+                   flip_to_side=cfg.flip_to_side, crop_to_breast=bool(cfg.crop_to_breast),
+                   interpolation=interpolation)
 
     def as_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The settings as stored with every model version. The bilinear default is left out, so the
+        digests of indexes made before interpolation was a setting stay valid."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if out["interpolation"] == "bilinear":
+            del out["interpolation"]
+        return out
 
     def digest(self) -> str:
         blob = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":")).encode()
@@ -86,7 +96,7 @@ def to_display_uint8(pixels: np.ndarray, settings: PreprocessSettings) -> np.nda
 
 
 def finish_display(image: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
-    """After intensity scaling: optional crop/flip, CLAHE, bilinear resize to the model size."""
+    """After intensity scaling: optional crop/flip, CLAHE, resize to the model size (the model's interpolation)."""
     if settings.crop_to_breast:
         top, bottom, left, right = breast_bounding_box(image)
         image = np.ascontiguousarray(image[top:bottom, left:right])
@@ -99,7 +109,7 @@ def finish_display(image: np.ndarray, settings: PreprocessSettings) -> np.ndarra
     image = clahe.apply(image)
     height, width = settings.size
     # resizing one channel then replicating equals resizing the RGB copy (channels are independent)
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(image, (width, height), interpolation=CV2_INTERPOLATION[settings.interpolation])
 
 
 def normalise(display: np.ndarray, settings: PreprocessSettings) -> np.ndarray:

@@ -30,6 +30,8 @@ def applies(stored: np.ndarray, settings: PreprocessSettings) -> bool:
         return False
     if settings.crop_to_breast or settings.flip_to_side:
         return False  # both look at the whole uint8 image
+    if settings.interpolation != "bilinear":
+        return False  # the tap arithmetic below is cv2.INTER_LINEAR's
     height, width = settings.size
     # shrinking at least 2x: the resize then reads a small subset of pixels (and never extrapolates)
     return stored.shape[0] >= 2 * height and stored.shape[1] >= 2 * width

@@ -23,7 +23,7 @@ from .losses import nt_xent
 from .model import SimCLRModel
 
 if TYPE_CHECKING:
-    from ..encoders import Encoder
+    from ..encoders import Encoder, EncoderRegistry
 
 CHECKPOINT_FORMAT = "mammo_retrieval.simclr/1"
 
@@ -84,10 +84,20 @@ def _save_atomic(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def own_backbone(encoder: "Encoder", registry: "EncoderRegistry | None" = None) -> torch.nn.Module:
+    """A fresh backbone of the encoder's architecture, built through the registry, holding a copy of its
+    weights: training never changes the serving encoder's model in place."""
+    from ..encoders import DEFAULT_REGISTRY
+    from ..encoders.model import create_backbone
+    backbone = create_backbone(encoder.spec, registry or DEFAULT_REGISTRY)
+    backbone.load_state_dict(encoder.model.state_dict())
+    return backbone
+
+
 class SimCLRTrainer:
     def __init__(self, encoder: "Encoder", images: np.ndarray, patients: list[str], cfg: TrainConfig,
                  out: Path, *, init_checkpoint: str | None = None, log: Callable[[str], None] = print,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, registry: "EncoderRegistry | None" = None) -> None:
         if len(images) != len(patients):
             raise ValueError("one patient id per image")
         self.cfg, self.out, self.log = cfg, Path(out), log
@@ -101,7 +111,7 @@ class SimCLRTrainer:
             raise MammoRetrievalError(f"only {len(self.train_idx)} training images after the patient split",
                                       hint="ingest more images or lower --val-fraction/--holdout-fraction")
         torch.manual_seed(cfg.seed)
-        self.model = SimCLRModel(encoder.model, encoder.dim).to(self.device)
+        self.model = SimCLRModel(own_backbone(encoder, registry), encoder.dim).to(self.device)
         if init_checkpoint:
             self._load_init(init_checkpoint)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

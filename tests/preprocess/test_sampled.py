@@ -1,4 +1,6 @@
 """The sampled path must give the card's uint8 image bit for bit: CLAHE on the full image, then the resize."""
+from types import SimpleNamespace
+
 import cv2
 import numpy as np
 import pytest
@@ -94,3 +96,24 @@ def test_real_images_match_the_float_path(mias_dir, cbis_files):
         np.testing.assert_array_equal(sampled, display_from_stored(image, PRIMER, sampled=False), err_msg=str(path))
         np.testing.assert_array_equal(sampled, to_display_uint8(read_image(path, READER).pixels, PRIMER),
                                       err_msg=str(path))
+
+
+def test_digest_of_the_bilinear_default_is_unchanged():
+    """Indexes made before interpolation became a setting keep their model key."""
+    assert "interpolation" not in PRIMER.as_dict()
+    assert PRIMER.digest() == "639f5a5c2ba1cf65"  # the digest before the setting existed
+
+
+def test_sampled_path_is_refused_for_another_interpolation():
+    import dataclasses
+    stored = np.zeros((1000, 800), np.uint16)
+    assert applies(stored, PRIMER)
+    cubic = dataclasses.replace(PRIMER, interpolation="bicubic")
+    assert not applies(stored, cubic)
+    rng = np.random.default_rng(3)
+    image = mammogram_like(rng, (900, 700), np.uint16, 4095)
+    stored = SimpleNamespace(stored=image, slope=1.0, intercept=0.0, window=None,
+                             header=SimpleNamespace(photometric="MONOCHROME2"))
+    out = display_from_stored(stored, cubic)
+    np.testing.assert_array_equal(out, full_path(image, False, cubic))
+    assert not np.array_equal(out, full_path(image, False))  # the interpolation really changed the image

@@ -82,3 +82,16 @@ def test_checkpoint_is_primer_compatible_and_resumable(small_workspace, tmp_path
                          init_checkpoint=str(tmp_path / "primer.bin"), log=lambda _: None)
     torch.testing.assert_close(init.model.state_dict()["encoder.encoder.conv1.weight"],
                                checkpoint["model_state_dict"]["encoder.encoder.conv1.weight"])
+
+
+def test_training_leaves_the_serving_encoder_untouched(small_workspace, tmp_path):
+    """The trainer builds its own backbone: one test's (or the server's) model never changes under it."""
+    images, patients, _ = load_training_images(small_workspace)
+    before = {k: v.clone() for k, v in small_workspace.encoder.model.state_dict().items()}
+    cfg = TrainConfig(epochs=1, batch_size=8, warmup_epochs=0, val_fraction=0.2)
+    trainer = SimCLRTrainer(small_workspace.encoder, images, patients, cfg, tmp_path / "t.pt", log=lambda _: None)
+    trainer.fit({})
+    after = small_workspace.encoder.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    trained = trainer.model.encoder.encoder.state_dict()
+    assert any(not torch.equal(before[k], trained[k]) for k in before if before[k].is_floating_point())
