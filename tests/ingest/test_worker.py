@@ -79,5 +79,12 @@ def test_forked_workers_after_opencv_threads_ran_in_the_parent(tmp_path):
     assert done.stdout.strip().splitlines()[-1:] == ["4"], done.stderr[-2000:]
 
 
-def test_worker_set_up_without_heap_reuse():
-    prepare_worker_process(heap_reuse=False, sampled=False)  # a no-op: must not touch this process
+def test_worker_set_up_does_only_what_it_is_asked(monkeypatch):
+    import mammo_retrieval.ingest.worker as worker
+    calls = []
+    monkeypatch.setattr(worker, "keep_freed_buffers", lambda *a: calls.append("heap"))
+    monkeypatch.setattr(worker, "warm_kernels", lambda: calls.append("kernels"))
+    worker.prepare_worker_process(heap_reuse=False, sampled=False)
+    assert calls == []
+    worker.prepare_worker_process(heap_reuse=True, sampled=True)
+    assert calls == ["heap", "kernels"]

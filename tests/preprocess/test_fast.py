@@ -29,11 +29,16 @@ def fast_and_exact(path, reduce_to=None):
     return fast, exact
 
 
-def test_fast_path_is_identical_on_real_images(mias_dir, cbis_files):
+def test_fast_path_is_identical_on_real_mias_images(mias_dir):
     for path in [mias_dir / "P0002" / "mdb003.dcm", mias_dir / "P0001" / "mdb001.dcm",
-                 mias_dir / "P0010" / "mdb020.dcm", cbis_files[0]]:  # MONOCHROME1, J2K, RLE, uncompressed, 16-bit
+                 mias_dir / "P0010" / "mdb020.dcm"]:  # MONOCHROME1, J2K, RLE, uncompressed
         fast, exact = fast_and_exact(path)
         np.testing.assert_array_equal(fast, exact)
+
+
+def test_fast_path_is_identical_on_full_size_cbis(cbis_files):
+    fast, exact = fast_and_exact(cbis_files[0])  # 16-bit RLE, 4.4k x 2.8k
+    np.testing.assert_array_equal(fast, exact)
 
 
 def test_float_fallback_for_rescaled_images(tmp_path):
@@ -62,7 +67,12 @@ def test_reduction_keeps_the_model_size():
     j2k = HeaderFields(rows=1024, columns=1024, transfer_syntax="1.2.840.10008.1.2.4.90", **fields)
     rle = HeaderFields(rows=4096, columns=3000, transfer_syntax="1.2.840.10008.1.2.5", **fields)
     assert reduction_for(rle, 224) == 1 and reduction_for(j2k, None) == 1
-    assert reduction_for(j2k, 224) in (1, 4) and reduction_for(j2k, 299) in (1, 2)
+    try:  # reduced decoding needs glymur over the system libopenjp2; without it every image decodes fully
+        import glymur
+        reducible = bool(glymur.version.openjpeg_version)
+    except Exception:
+        reducible = False
+    assert (reduction_for(j2k, 224), reduction_for(j2k, 299)) == ((4, 2) if reducible else (1, 1))
 
 
 def test_early_downscale_agrees_on_full_size_mammograms(cbis_files):

@@ -85,17 +85,25 @@ def test_applies_only_where_it_is_exact():
     assert not applies(big, PreprocessSettings(flip_to_side="L"))
 
 
-def test_real_images_match_the_float_path(mias_dir, cbis_files):
-    """Every CBIS-DDSM file (16-bit RLE, 4.4k x 2.8k), and MIAS files of each kind (8-bit, MONOCHROME1,
-    JPEG 2000, RLE, uncompressed)."""
-    mias = [mias_dir / "P0001" / "mdb001.dcm", mias_dir / "P0002" / "mdb003.dcm", mias_dir / "P0010" / "mdb020.dcm"]
-    for path in [*cbis_files, *mias]:
+def assert_sampled_matches_the_float_path(paths) -> None:
+    for path in paths:
         image = read_stored(path, READER)
         assert applies(image.stored, PRIMER)
         sampled = display_from_stored(image, PRIMER, sampled=True)
         np.testing.assert_array_equal(sampled, display_from_stored(image, PRIMER, sampled=False), err_msg=str(path))
         np.testing.assert_array_equal(sampled, to_display_uint8(read_image(path, READER).pixels, PRIMER),
                                       err_msg=str(path))
+
+
+def test_real_cbis_images_match_the_float_path(cbis_files):
+    """Every CBIS-DDSM file (16-bit RLE, 4.4k x 2.8k)."""
+    assert_sampled_matches_the_float_path(cbis_files)
+
+
+def test_real_mias_images_match_the_float_path(mias_dir):
+    """MIAS files of each kind (MONOCHROME1, JPEG 2000, RLE, uncompressed)."""
+    assert_sampled_matches_the_float_path([mias_dir / "P0001" / "mdb001.dcm", mias_dir / "P0002" / "mdb003.dcm",
+                                           mias_dir / "P0010" / "mdb020.dcm"])
 
 
 def test_digest_of_the_bilinear_default_is_unchanged():
