@@ -38,12 +38,12 @@ def main() -> None:
                "setup_s": round(setup, 1)}
     for method in ("knn", "lof", "iforest"):
         t = time.perf_counter()
-        result = run_qc(ws, method=method, header_checks=False, min_pixel_correlation=None)
-        write_outputs(ws, result, a.home / f"qc-{method}", top=50)
+        result = run_qc(ws.corpus(), method=method, header_checks=False, min_pixel_correlation=None)
+        write_outputs(ws.cached_image, result, a.home / f"qc-{method}", top=50)
         results[f"qc_{method}_s"] = round(time.perf_counter() - t, 1)
         results["qc_neighbours"] = result.neighbours_method
     t = time.perf_counter()
-    table = load_embeddings(ws)
+    table = load_embeddings(ws.corpus())
     results["load_s"] = round(time.perf_counter() - t, 1)
     plots = tuple(p for p in a.plots.split(",") if p)
     t = time.perf_counter()

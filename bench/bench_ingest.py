@@ -93,7 +93,7 @@ def run_ours(paths: list[Path], home: Path, overrides: dict, archive: Path,
     report = ws.ingest(archive)
     seconds = time.perf_counter() - started
     assert report.ingested == len(paths), report.as_dict()
-    table = load_embeddings(ws)
+    table = load_embeddings(ws.corpus())
     order = np.argsort(table.meta.path.to_numpy())
     return seconds, table.vectors[order], list(table.meta.path.to_numpy()[order])
 

@@ -19,6 +19,7 @@ from .query import QueryFilters, QueryImage, QueryResult, search
 if TYPE_CHECKING:
     import numpy as np
 
+    from .db.corpus import Corpus
     from .cache import ImageCache
     from .ingest.stages import Prepared
     from .timing import Stopwatch
@@ -365,6 +366,11 @@ class Workspace:
                                record.laterality, record.view, record.path)
             results.append(search(self.db, index, vector, query, k, filters))
         return results
+
+    def corpus(self) -> "Corpus":
+        """The serving model's vectors, metadata and cached pictures, as analyses and training take them."""
+        from .db.corpus import Corpus
+        return Corpus(self.db, self.encoder.identity, self._existing_model_version_id(), self.cached_image)
 
     def status(self, *, rejected_limit: int | None = None) -> dict:
         from .status import collect_status

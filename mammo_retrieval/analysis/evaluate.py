@@ -29,7 +29,7 @@ from ..errors import ConfigError, MammoRetrievalError
 Progress = Callable[[str, int, int], None]
 
 if TYPE_CHECKING:
-    from ..api import Workspace
+    from ..db.corpus import Corpus
 
 
 def l2_rows(x: np.ndarray) -> np.ndarray:
@@ -146,7 +146,7 @@ def heldout_patients(checkpoint: str) -> set[str]:
     return set(data["heldout_patients"])
 
 
-def evaluate(ws: "Workspace", labels_csv: str, *, columns: list[str] | None = None,
+def evaluate(corpus: Corpus, labels_csv: str, *, columns: list[str] | None = None,
              ks: tuple[int, ...] = (1, 5, 10), patients: set[str] | None = None,
              on_progress: Progress | None = None) -> dict:
     """The serving encoder and the two references, on the labelled images (of ``patients`` only, if given)."""
@@ -159,7 +159,7 @@ def evaluate(ws: "Workspace", labels_csv: str, *, columns: list[str] | None = No
     raw_labels = read_labels(labels_csv)
     columns = label_columns(raw_labels, columns, labels_csv)
     progress("loading vectors", 0, 1)
-    table = load_embeddings(ws)
+    table = load_embeddings(corpus)
     aligned, join = join_labels(table.meta, raw_labels)
     labelled = aligned[columns].replace("", pd.NA).notna().any(axis=1).to_numpy()
     keep = labelled if patients is None else labelled & table.meta.patient_id.isin(patients).to_numpy()
@@ -177,9 +177,9 @@ def evaluate(ws: "Workspace", labels_csv: str, *, columns: list[str] | None = No
     images = []
     for i, sop in enumerate(meta.sop_instance_uid):
         progress("reading the cached images for the references", i, len(meta))
-        images.append(ws.cached_image(sop))
+        images.append(corpus.picture(sop))
     spaces = {
-        f"encoder:{ws.encoder.identity.key}": table.vectors[keep],
+        f"encoder:{corpus.identity.key}": table.vectors[keep],
         "raw_pixels_32x32": raw_pixel_features(images),
         "histogram_64": histogram_features(images),
     }
@@ -187,7 +187,7 @@ def evaluate(ws: "Workspace", labels_csv: str, *, columns: list[str] | None = No
     report = {"labels_csv": str(labels_csv), "joined_on": join, "images": int(keep.sum()),
               "patients": int(len(set(patient_ids))), "label_columns": columns, "k": ks,
               "restricted_to_patients": None if patients is None else len(patients),
-              "random_weights": ws.encoder.identity.random_weights, "spaces": {}}
+              "random_weights": corpus.identity.random_weights, "spaces": {}}
     for i, (name, features) in enumerate(spaces.items()):
         progress(f"retrieval and classifier metrics for {name} ({i + 1} of {len(spaces)})", 0, 1)
         report["spaces"][name] = evaluate_space(features, aligned, columns, patient_ids, lateralities, ks)

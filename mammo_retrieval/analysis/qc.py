@@ -18,9 +18,6 @@ from .content_checks import header_flags, side_convention
 from .neighbours import Neighbours, knn
 from .vectors import EmbeddingTable, load_embeddings
 
-if TYPE_CHECKING:
-    from ..api import Workspace
-
 METHODS = ("knn", "lof", "iforest")
 
 # on_progress(step, done, total): the library reports, the CLI renders (a bar on a terminal, lines elsewhere)
@@ -92,7 +89,7 @@ def pixel_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / denominator) if denominator else 1.0
 
 
-def run_qc(ws: "Workspace", *, method: str = "knn", k: int = 10, dup_threshold: float = 0.999,
+def run_qc(corpus: Corpus, *, method: str = "knn", k: int = 10, dup_threshold: float = 0.999,
            min_pixel_correlation: float | None = 0.98, header_checks: bool = True,
            record: bool = True, on_progress: Progress | None = None) -> QcResult:
     """Score every indexed image. Near-duplicates need cosine >= dup_threshold and, unless
@@ -101,7 +98,7 @@ def run_qc(ws: "Workspace", *, method: str = "knn", k: int = 10, dup_threshold: 
     if method not in METHODS:
         raise ConfigError(f"unknown QC method '{method}'", hint=f"choose one of {', '.join(METHODS)}")
     progress("loading vectors", 0, 1)
-    table = load_embeddings(ws)
+    table = load_embeddings(corpus)
     if len(table) < 3:
         raise MammoRetrievalError(f"QC needs at least 3 indexed images, found {len(table)}")
     k = min(k, len(table) - 1)
@@ -114,7 +111,7 @@ def run_qc(ws: "Workspace", *, method: str = "knn", k: int = 10, dup_threshold: 
     frame["score"] = np.round(scores.astype(float), 6)
     frame["flags"] = ""
     if header_checks:
-        frame["flags"] = _header_flags(ws, table, progress)
+        frame["flags"] = _header_flags(corpus.picture, table, progress)
     frame = frame.sort_values("score", ascending=False, kind="stable", ignore_index=True)
     frame["rank"] = np.arange(1, len(frame) + 1)
     duplicates = duplicate_pairs(table, neighbours, dup_threshold)
@@ -122,7 +119,7 @@ def run_qc(ws: "Workspace", *, method: str = "knn", k: int = 10, dup_threshold: 
         correlations = []
         for i, (a, b) in enumerate(zip(duplicates.sop_instance_uid_a, duplicates.sop_instance_uid_b)):
             progress("pixel check of near-duplicate candidates", i, len(duplicates))
-            correlations.append(round(pixel_correlation(ws.cached_image(a), ws.cached_image(b)), 4))
+            correlations.append(round(pixel_correlation(corpus.picture(a), corpus.picture(b)), 4))
         duplicates["pixel_correlation"] = correlations
         duplicates = duplicates[duplicates.pixel_correlation >= min_pixel_correlation].reset_index(drop=True)
     result = QcResult(scores=frame, duplicates=duplicates,
@@ -130,45 +127,33 @@ def run_qc(ws: "Workspace", *, method: str = "knn", k: int = 10, dup_threshold: 
                       params={"k": k, "dup_threshold": dup_threshold, "min_pixel_correlation": min_pixel_correlation,
                               "neighbours": neighbours.method})
     if record:
-        _record(ws, result)
+        _record(corpus, result)
     return result
 
 
-def _header_flags(ws: "Workspace", table: EmbeddingTable, progress: Progress = _quiet) -> list[str]:
+def _header_flags(picture: Picture, table: EmbeddingTable, progress: Progress = _quiet) -> list[str]:
     from ..preprocess.primer import breast_side
     images = []
     for i, sop in enumerate(table.meta.sop_instance_uid):
         progress("header checks on the cached images", i, len(table))
-        images.append(ws.cached_image(sop))
+        images.append(picture(sop))
     convention = side_convention([(lat, breast_side(img)) for lat, img in zip(table.meta.laterality, images)])
     return [";".join(header_flags(img, lat, view, convention))
             for img, lat, view in zip(images, table.meta.laterality, table.meta.view)]
 
 
-def _record(ws: "Workspace", result: QcResult) -> None:
+def _record(corpus: Corpus, result: QcResult) -> None:
     """Store this run's scores; mark images that rank in the top of this run but were not in the last one's."""
-    mv_id = ws._existing_model_version_id()
-    with ws.db.session() as s:
-        previous = s.scalar(select(QcRun).where(QcRun.model_version_id == mv_id, QcRun.method == result.method)
-                            .order_by(QcRun.id.desc()).limit(1))
-        previous_ranks = {}
-        if previous is not None:
-            previous_ranks = dict(s.execute(select(QcScore.image_id, QcScore.rank)
-                                            .where(QcScore.run_id == previous.id)).all())
-        run = QcRun(model_version_id=mv_id, method=result.method, params_json=json.dumps(result.params),
-                    n_images=len(result.scores))
-        s.add(run)
-        s.flush()
-        s.bulk_insert_mappings(QcScore, [
-            {"run_id": run.id, "image_id": int(r.image_id), "score": float(r.score), "rank": int(r.rank),
-             "flags": r.flags or None} for r in result.scores.itertuples()])
-        result.run_id, result.previous_run_id = run.id, previous.id if previous else None
+    with corpus.db.session() as s:
+        result.run_id, result.previous_run_id, previous_ranks = repo.record_qc_run(
+            s, corpus.model_version_id, result.method, json.dumps(result.params),
+            ((int(r.image_id), float(r.score), int(r.rank), r.flags or None) for r in result.scores.itertuples()))
     # integers, empty where the image was not in the previous run (a list with None would become floats)
     result.scores["previous_rank"] = pd.array([previous_ranks.get(int(i)) for i in result.scores.image_id],
                                               dtype="Int64")
 
 
-def write_outputs(ws: "Workspace", result: QcResult, out: Path, top: int,
+def write_outputs(picture: Picture, result: QcResult, out: Path, top: int,
                   on_progress: Progress | None = None) -> dict[str, Path]:
     from .qc_report import write_html
     progress = on_progress or _quiet
@@ -183,7 +168,7 @@ def write_outputs(ws: "Workspace", result: QcResult, out: Path, top: int,
     write_frame(result.duplicates.rename(columns={"sop_instance_uid_a": "SOPInstanceUID_a",
                                                   "sop_instance_uid_b": "SOPInstanceUID_b"}),
                 out / "duplicates.csv")
-    write_html(ws, result, out / "report.html", top)
+    write_html(picture, result, out / "report.html", top)
     summary = {"created_at": datetime.now(timezone.utc).isoformat(), "method": result.method, **result.params,
                "images": len(result.scores), "duplicate_pairs": len(result.duplicates), "run_id": result.run_id,
                "previous_run_id": result.previous_run_id,

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
-    from ..api import Workspace
+    from ..db.corpus import Picture
     from .qc import QcResult
 
 STYLE = """
@@ -45,16 +45,17 @@ def _correlation(pair) -> str:
     return "not checked" if value is None or pd.isna(value) else f"{value:.4f}"
 
 
-def thumbnail(ws: "Workspace", sop: str) -> str:
+def thumbnail(picture: "Picture", sop: str) -> str:
     try:
-        image = ws.cached_image(sop)
+        image = picture(sop)
     except Exception as exc:  # a vanished file must not cost the whole report
         return f'<div class="flag">no thumbnail: {html.escape(str(exc))}</div>'
     ok, png = cv2.imencode(".png", np.ascontiguousarray(image))
     return f'<img alt="{html.escape(sop)}" src="data:image/png;base64,{base64.b64encode(png.tobytes()).decode()}">'
 
 
-def write_html(ws: "Workspace", result: "QcResult", path: Path, top: int) -> None:
+def write_html(picture: "Picture", result: "QcResult", path: Path, top: int) -> None:
+    """The report; ``picture`` gives each thumbnail's preprocessed image by SOPInstanceUID."""
     e = html.escape
     parts = [f"<!doctype html><meta charset=utf-8><title>mretrieve QC</title><style>{STYLE}</style>",
              f"<h1>QC sweep: {e(result.method)}</h1>",
@@ -67,7 +68,7 @@ def write_html(ws: "Workspace", result: "QcResult", path: Path, top: int) -> Non
     for r in result.scores.head(top).itertuples():
         was = previous_rank(getattr(r, "previous_rank", None), top) if result.previous_run_id is not None else ""
         parts.append(
-            f'<div class=card>{thumbnail(ws, r.sop_instance_uid)}<b>#{r.rank}</b> score {r.score:.4f}'
+            f'<div class=card>{thumbnail(picture, r.sop_instance_uid)}<b>#{r.rank}</b> score {r.score:.4f}'
             f'{was}<br>{text(r.accession_number)} · '
             f'{text(r.patient_id)} · {text(r.laterality, "?")} {text(r.view, "?")}'
             f'{"<br><span class=flag>" + e(r.flags.replace(";", ", ")) + "</span>" if r.flags else ""}'
@@ -76,11 +77,11 @@ def write_html(ws: "Workspace", result: "QcResult", path: Path, top: int) -> Non
     flagged = result.scores[result.scores["flags"] != ""]
     parts.append(f"<h2>Header-versus-content flags ({len(flagged)})</h2><div class=grid>")
     for r in flagged.head(top).itertuples():
-        parts.append(f'<div class=card>{thumbnail(ws, r.sop_instance_uid)}<span class=flag>{e(r.flags.replace(";", ", "))}</span>'
+        parts.append(f'<div class=card>{thumbnail(picture, r.sop_instance_uid)}<span class=flag>{e(r.flags.replace(";", ", "))}</span>'
                      f'<br>rank {r.rank}<div class=path>{e(r.path)}</div></div>')
     parts.append(f"</div><h2>Near-duplicate pairs ({len(result.duplicates)})</h2>")
     for r in result.duplicates.head(top).itertuples():
-        parts.append(f'<div class=pair>{thumbnail(ws, r.sop_instance_uid_a)}{thumbnail(ws, r.sop_instance_uid_b)}'
+        parts.append(f'<div class=pair>{thumbnail(picture, r.sop_instance_uid_a)}{thumbnail(picture, r.sop_instance_uid_b)}'
                      f'<div>cosine {r.similarity:.5f}<br>pixel correlation {_correlation(r)}<div class=path>{e(r.path_a)}<br>{e(r.path_b)}</div>'
                      f'</div></div>')
     path.write_text("\n".join(parts))

@@ -2,22 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import select
 
 from ..db import repository as repo
-from ..db.models import Embedding, Image, Study
+from ..db.corpus import Corpus
 from ..errors import NotFoundError
 
-if TYPE_CHECKING:
-    from ..api import Workspace
-
-META_COLUMNS = ["vector_id", "image_id", "sop_instance_uid", "accession_number", "study_key",
-                "study_instance_uid", "series_instance_uid", "patient_id", "laterality", "view", "manufacturer",
-                "path", "rows", "columns", "photometric", "transfer_syntax"]
+META_COLUMNS = repo.EMBEDDING_TABLE_COLUMNS
 
 
 @dataclass
@@ -31,23 +24,15 @@ class EmbeddingTable:
         return len(self.meta)
 
 
-def load_embeddings(ws: "Workspace") -> EmbeddingTable:
-    """All vectors of the configured model, filled into one preallocated array (held once in memory)."""
-    mv_id = ws._existing_model_version_id()
-    if mv_id is None:
-        raise NotFoundError("no vectors for the configured model", hint="run `mretrieve ingest ARCHIVE_DIR` first")
-    dim = ws.encoder.identity.dim
-    with ws.db.session() as s:
+def load_embeddings(corpus: Corpus) -> EmbeddingTable:
+    """All vectors of the corpus's model, filled into one preallocated array (held once in memory)."""
+    mv_id = corpus.require_vectors()
+    dim = corpus.identity.dim
+    with corpus.db.session() as s:
         count, _ = repo.embedding_stats(s, mv_id)
         if count == 0:
-            raise NotFoundError("no vectors for the configured model", hint="run `mretrieve ingest` first")
-        rows = s.execute(
-            select(Embedding.id, Image.id, Image.sop_instance_uid, Study.accession_number, Study.study_key,
-                   Image.study_instance_uid, Image.series_instance_uid, Image.patient_id, Image.laterality,
-                   Image.view, Image.manufacturer, Image.path, Image.rows, Image.columns, Image.photometric,
-                   Image.transfer_syntax)
-            .join(Image, Image.id == Embedding.image_id).join(Study, Study.id == Image.study_id)
-            .where(Embedding.model_version_id == mv_id).order_by(Embedding.id)).all()
+            raise NotFoundError("no vectors for the configured model", hint="ingest an archive first")
+        rows = repo.embedding_table_rows(s, mv_id)
         vectors = np.empty((count, dim), dtype=np.float32)
         position = 0
         for ids, chunk in repo.iter_vectors(s, mv_id, dim):

@@ -41,7 +41,7 @@ def clusters(ctx: click.Context, out_dir: str, k: int | None, labels_csv: str | 
     ws = workspace(ctx)
     with StepProgress("report clusters", enabled=not no_progress) as progress:
         progress("loading vectors", 0, 1)
-        table = load_embeddings(ws)
+        table = load_embeddings(ws.corpus())
         if raw is not None:
             aligned, _ = join_labels(table.meta, raw)
             labels = aligned[name].to_numpy(dtype=object)
@@ -79,7 +79,7 @@ def evaluate(ctx: click.Context, labels_csv: str, ks: str, columns: tuple[str, .
         raise click.UsageError(f"--k values must be at least 1, not '{ks}'")
     patients = heldout_patients(heldout_ckpt) if heldout_ckpt else None
     with StepProgress("evaluate", enabled=not no_progress) as progress:
-        report = run(workspace(ctx), labels_csv, columns=list(columns) or None, ks=k_values, patients=patients,
+        report = run(workspace(ctx).corpus(), labels_csv, columns=list(columns) or None, ks=k_values, patients=patients,
                      on_progress=progress)
     if out_dir:
         out = Path(out_dir)
@@ -96,6 +96,6 @@ def export(ctx: click.Context, out_dir: str) -> None:
     """features.npy (N x D float32), joined.csv (with EmbeddingIndex) and embeddings.parquet."""
     from ..analysis.export import export_table
     from ..analysis.vectors import load_embeddings
-    table = load_embeddings(workspace(ctx))
+    table = load_embeddings(workspace(ctx).corpus())
     paths = export_table(table, Path(out_dir))
     click.echo(json.dumps({k: str(v) for k, v in paths.items()} | {"rows": len(table)}, indent=2))

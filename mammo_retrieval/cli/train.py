@@ -35,7 +35,7 @@ def train(ctx: click.Context, epochs: int, batch_size: int, out_path: str, init_
     from ..train.data import load_training_images
     from ..train.trainer import SimCLRTrainer, TrainConfig
     ws = workspace(ctx)
-    images, patients, _ = load_training_images(ws)
+    images, patients, _ = load_training_images(ws.corpus(), ws.encoder.settings.size)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, patience=patience,
                       val_fraction=val_fraction, holdout_fraction=holdout_fraction, seed=seed, image_size=image_size)
     trainer = SimCLRTrainer(ws.encoder, images, patients, cfg, out_path, init_checkpoint=init_path,

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from ..dicom.header import HeaderFields
-from .models import Embedding, Image, ModelVersion, RejectedFile, Study
+from .models import Embedding, Image, ModelVersion, QcRun, QcScore, RejectedFile, Study
 
 
 @dataclass(frozen=True)
@@ -214,3 +214,44 @@ def model_versions(session: Session) -> list[tuple[ModelVersion, int]]:
                            .outerjoin(Embedding, Embedding.model_version_id == ModelVersion.id)
                            .group_by(ModelVersion.id).order_by(ModelVersion.id)).all()
     return [(mv, int(n)) for mv, n in rows]
+
+
+# --- reads and writes of the analyses, training and reindex (all SQL stays in this module) -------------
+EMBEDDING_TABLE_COLUMNS = ["vector_id", "image_id", "sop_instance_uid", "accession_number", "study_key",
+                           "study_instance_uid", "series_instance_uid", "patient_id", "laterality", "view",
+                           "manufacturer", "path", "rows", "columns", "photometric", "transfer_syntax"]
+
+
+def embedding_table_rows(session: Session, model_version_id: int) -> list[tuple]:
+    """One row per vector of this model version (EMBEDDING_TABLE_COLUMNS), in vector-id order."""
+    return list(session.execute(
+        select(Embedding.id, Image.id, Image.sop_instance_uid, Study.accession_number, Study.study_key,
+               Image.study_instance_uid, Image.series_instance_uid, Image.patient_id, Image.laterality,
+               Image.view, Image.manufacturer, Image.path, Image.rows, Image.columns, Image.photometric,
+               Image.transfer_syntax)
+        .join(Image, Image.id == Embedding.image_id).join(Study, Study.id == Image.study_id)
+        .where(Embedding.model_version_id == model_version_id).order_by(Embedding.id)).all())
+
+
+def images_with_patients(session: Session) -> list[tuple[int, str, str | None]]:
+    """(image id, SOPInstanceUID, PatientID) of every stored image, in id order."""
+    return [tuple(r) for r in session.execute(
+        select(Image.id, Image.sop_instance_uid, Image.patient_id).order_by(Image.id)).all()]
+
+
+def record_qc_run(session: Session, model_version_id: int | None, method: str, params_json: str,
+                  scores: Iterable[tuple[int, float, int, str | None]]) -> tuple[int, int | None, dict[int, int]]:
+    """Store a sweep's (image id, score, rank, flags); returns (run id, previous run id, previous ranks)."""
+    previous = session.scalar(select(QcRun).where(QcRun.model_version_id == model_version_id,
+                                                  QcRun.method == method).order_by(QcRun.id.desc()).limit(1))
+    previous_ranks: dict[int, int] = {}
+    if previous is not None:
+        previous_ranks = dict(session.execute(select(QcScore.image_id, QcScore.rank)
+                                              .where(QcScore.run_id == previous.id)).all())
+    rows = list(scores)
+    run = QcRun(model_version_id=model_version_id, method=method, params_json=params_json, n_images=len(rows))
+    session.add(run)
+    session.flush()
+    session.execute(insert(QcScore), [{"run_id": run.id, "image_id": image_id, "score": score, "rank": rank,
+                                       "flags": flags} for image_id, score, rank, flags in rows])
+    return run.id, previous.id if previous is not None else None, previous_ranks

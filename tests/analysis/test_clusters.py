@@ -48,7 +48,7 @@ def test_report_writes_metrics_and_plots(tmp_path):
 def test_report_on_mias_tissue_labels(mias_workspace, mias_dir, tmp_path):
     from mammo_retrieval.analysis.labels import join_labels, read_labels
     from mammo_retrieval.analysis.vectors import load_embeddings
-    table = load_embeddings(mias_workspace)
+    table = load_embeddings(mias_workspace.corpus())
     aligned, join = join_labels(table.meta, read_labels(mias_dir / "labels.csv"))
     assert join.startswith("SOPInstanceUID") and aligned.tissue.notna().sum() == 200
     result = report_clusters(table, tmp_path, labels=aligned.tissue.to_numpy(dtype=object), label_name="tissue",

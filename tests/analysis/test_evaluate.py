@@ -32,7 +32,7 @@ def test_contralateral_known_answer():
 
 
 def test_evaluate_on_mias_labels(mias_workspace, mias_dir, tmp_path):
-    report = evaluate(mias_workspace, str(mias_dir / "labels.csv"), columns=["tissue", "abnormality"], ks=(1, 5, 10))
+    report = evaluate(mias_workspace.corpus(), str(mias_dir / "labels.csv"), columns=["tissue", "abnormality"], ks=(1, 5, 10))
     assert report["images"] == 200 and report["patients"] == 100 and report["joined_on"].startswith("SOPInstanceUID")
     assert set(report["spaces"]) == {f"encoder:{mias_workspace.encoder.identity.key}", "raw_pixels_32x32",
                                      "histogram_64"}
@@ -43,7 +43,7 @@ def test_evaluate_on_mias_labels(mias_workspace, mias_dir, tmp_path):
         assert set(tissue["classifiers"]) >= {"knn", "logistic_regression", "svm", "random_forest"}
     # the encoder's tissue precision@10, recomputed here by brute force from the stored vectors
     from mammo_retrieval.analysis.vectors import load_embeddings
-    table = load_embeddings(mias_workspace)
+    table = load_embeddings(mias_workspace.corpus())
     truth = {row["SOPInstanceUID"]: (row["tissue"], row["PatientID"]) for row in csv.DictReader(
         open(mias_dir / "labels.csv", newline=""))}
     rows = [i for i, sop in enumerate(table.meta.sop_instance_uid) if sop in truth]

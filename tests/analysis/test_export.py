@@ -6,7 +6,7 @@ from mammo_retrieval.analysis.vectors import load_embeddings
 
 
 def test_export_rows_line_up(mias_workspace, tmp_path):
-    table = load_embeddings(mias_workspace)
+    table = load_embeddings(mias_workspace.corpus())
     paths = export_table(table, tmp_path)
     features = np.load(paths["features"])
     joined = pd.read_csv(paths["joined"])

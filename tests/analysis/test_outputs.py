@@ -56,9 +56,9 @@ def test_neutralise_text_only():
 
 
 def test_qc_csvs_neutralise_formulas(hostile, tmp_path):
-    result = run_qc(hostile, k=3)
+    result = run_qc(hostile.corpus(), k=3)
     assert len(result.duplicates) == 1
-    paths = write_outputs(hostile, result, tmp_path, top=9)
+    paths = write_outputs(hostile.cached_image, result, tmp_path, top=9)
     scores = pd.read_csv(paths["scores"], dtype=str, keep_default_na=False)
     assert "'" + FORMULA in set(scores.AccessionNumber)
     assert_no_formula(paths["scores"])
@@ -67,12 +67,12 @@ def test_qc_csvs_neutralise_formulas(hostile, tmp_path):
     assert_no_formula(paths["duplicates"])
     # scores stay numbers: a negative one is written as a number, not as text
     result.scores.loc[0, "score"] = -0.5
-    write_outputs(hostile, result, tmp_path, top=9)
+    write_outputs(hostile.cached_image, result, tmp_path, top=9)
     assert pd.read_csv(paths["scores"]).score.iloc[0] == -0.5
 
 
 def test_export_csv_neutralises_formulas(hostile, tmp_path):
-    paths = export_table(load_embeddings(hostile), tmp_path)
+    paths = export_table(load_embeddings(hostile.corpus()), tmp_path)
     joined = pd.read_csv(paths["joined"], dtype=str, keep_default_na=False)
     assert "'" + FORMULA in set(joined.AccessionNumber)
     assert_no_formula(paths["joined"])
@@ -86,18 +86,18 @@ def test_format_csv_neutralises_formulas(tmp_path):
 
 
 def test_report_shows_no_nan_for_missing_accessions(hostile, tmp_path):
-    result = run_qc(hostile, k=3)
-    page = write_outputs(hostile, result, tmp_path, top=9)["report"].read_text()
+    result = run_qc(hostile.corpus(), k=3)
+    page = write_outputs(hostile.cached_image, result, tmp_path, top=9)["report"].read_text()
     assert "nan" not in page.lower().replace("nan-", "")
     assert page.count("\u2014 · PAT") == 2  # accession absent, accession empty
 
 
 def test_previous_rank_is_an_integer_and_shown(hostile, tmp_path):
-    first = run_qc(hostile, method="iforest", k=3)
-    paths = write_outputs(hostile, first, tmp_path / "first", top=3)
+    first = run_qc(hostile.corpus(), method="iforest", k=3)
+    paths = write_outputs(hostile.cached_image, first, tmp_path / "first", top=3)
     assert set(pd.read_csv(paths["scores"], dtype=str, keep_default_na=False).previous_rank) <= {""}
-    second = run_qc(hostile, method="iforest", k=3)
-    paths = write_outputs(hostile, second, tmp_path / "second", top=3)
+    second = run_qc(hostile.corpus(), method="iforest", k=3)
+    paths = write_outputs(hostile.cached_image, second, tmp_path / "second", top=3)
     written = pd.read_csv(paths["scores"], dtype=str).previous_rank
     assert all(v.isdigit() for v in written), list(written)  # "4", not "4.0"
     page = paths["report"].read_text()
@@ -140,7 +140,7 @@ def test_bad_label_column_is_one_config_error():
 
 
 def labels_csv(ws, path):
-    meta = load_embeddings(ws).meta
+    meta = load_embeddings(ws.corpus()).meta
     pd.DataFrame({"SOPInstanceUID": meta.sop_instance_uid,
                   "tissue": ["F", "G"] * (len(meta) // 2) + ["F"] * (len(meta) % 2)}).to_csv(path, index=False)
     return path
@@ -149,17 +149,17 @@ def labels_csv(ws, path):
 def test_evaluate_checks_k(hostile, tmp_path):
     labels = labels_csv(hostile, tmp_path / "labels.csv")
     with pytest.raises(ConfigError, match="at least 1"):
-        evaluate(hostile, str(labels), ks=(0, 5))
+        evaluate(hostile.corpus(), str(labels), ks=(0, 5))
     with pytest.raises(ConfigError, match="k=9 is more than the 8 other images each of the 9"):
-        evaluate(hostile, str(labels), ks=(1, 9))
+        evaluate(hostile.corpus(), str(labels), ks=(1, 9))
     with pytest.raises(LabelsError, match="nope"):
-        evaluate(hostile, str(labels), columns=["nope"])
+        evaluate(hostile.corpus(), str(labels), columns=["nope"])
 
 
 def test_progress_is_reported(hostile, tmp_path):
     seen = []
-    result = run_qc(hostile, k=3, on_progress=lambda step, done, total: seen.append((step, done, total)))
-    write_outputs(hostile, result, tmp_path, top=3, on_progress=lambda *a: seen.append(a))
+    result = run_qc(hostile.corpus(), k=3, on_progress=lambda step, done, total: seen.append((step, done, total)))
+    write_outputs(hostile.cached_image, result, tmp_path, top=3, on_progress=lambda *a: seen.append(a))
     steps = list(dict.fromkeys(s for s, _, _ in seen))
     assert steps[:3] == ["loading vectors", "nearest neighbours of 9 images", "knn outlier scores"]
     assert ("header checks on the cached images", 8, 9) in seen and steps[-1].startswith("writing")

@@ -45,7 +45,7 @@ def test_approximate_neighbours_agree_with_exact():
 def test_content_checks_are_quiet_on_real_mammograms(mias_workspace):
     ws = mias_workspace
     from mammo_retrieval.analysis.vectors import load_embeddings
-    meta = load_embeddings(ws).meta
+    meta = load_embeddings(ws.corpus()).meta
     real = meta[~meta.path.str.contains("/planted/")]
     images = [ws.cached_image(s) for s in real.sop_instance_uid]
     assert len(images) == 200
@@ -54,7 +54,7 @@ def test_content_checks_are_quiet_on_real_mammograms(mias_workspace):
 
 def test_planted_outliers_rank_at_the_top(mias_workspace, tmp_path):
     ws = mias_workspace
-    result = run_qc(ws, method="knn")
+    result = run_qc(ws.corpus(), method="knn")
     ranks = {name: int(result.scores.loc[result.scores.path == str(p), "rank"].iloc[0])
              for name, p in ws.planted.items()}
     assert max(ranks["ct"], ranks["blank"], ranks["inverted"]) <= 5, ranks  # of 204
@@ -67,12 +67,12 @@ def test_planted_outliers_rank_at_the_top(mias_workspace, tmp_path):
     pair = result.duplicates.iloc[0]
     assert str(ws.planted["duplicate"]) in (pair.path_a, pair.path_b) and pair.similarity >= 0.999
 
-    paths = write_outputs(ws, result, tmp_path / "qc", top=10)
+    paths = write_outputs(ws.cached_image, result, tmp_path / "qc", top=10)
     scores = paths["scores"].read_text().splitlines()
     assert scores[0].startswith("SOPInstanceUID,AccessionNumber,path,score,rank") and len(scores) == 205
     html = paths["report"].read_text()
     assert html.count("data:image/png;base64,") >= 10 + 2  # top-10 thumbnails and the duplicate pair
     # a second sweep remembers the first: ranks of the previous run come along
-    again = run_qc(ws, method="knn")
+    again = run_qc(ws.corpus(), method="knn")
     assert again.previous_run_id == result.run_id
     assert again.scores.previous_rank.notna().all()

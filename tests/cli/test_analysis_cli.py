@@ -58,7 +58,7 @@ def small(tmp_path_factory):
     ws = small_workspace(root, overrides={0: {"accession": FORMULA}})
     env = cli_env(ws, root)
     from mammo_retrieval.analysis.vectors import load_embeddings
-    sops = load_embeddings(ws).meta.sop_instance_uid
+    sops = load_embeddings(ws.corpus()).meta.sop_instance_uid
     labels = root / "labels.csv"
     pd.DataFrame({"SOPInstanceUID": sops, "tissue": ["F", "G"] * 4}).to_csv(labels, index=False)
     return ws, env, labels

@@ -33,7 +33,7 @@ def test_schedule_warms_up_then_decays():
 
 
 def test_loss_decreases_on_real_images(small_workspace, tmp_path):
-    images, patients, _ = load_training_images(small_workspace)
+    images, patients, _ = load_training_images(small_workspace.corpus(), small_workspace.encoder.settings.size)
     assert images.shape == (8, 64, 64)
     cfg = TrainConfig(epochs=12, batch_size=8, lr=1e-3, warmup_epochs=1, val_fraction=0.0, patience=100)
     trainer = SimCLRTrainer(small_workspace.encoder, images, patients, cfg, tmp_path / "t.pt", log=lambda _: None)
@@ -43,7 +43,7 @@ def test_loss_decreases_on_real_images(small_workspace, tmp_path):
 
 
 def test_checkpoint_is_primer_compatible_and_resumable(small_workspace, tmp_path, monkeypatch):
-    images, patients, _ = load_training_images(small_workspace)
+    images, patients, _ = load_training_images(small_workspace.corpus(), small_workspace.encoder.settings.size)
     cfg = TrainConfig(epochs=3, batch_size=8, warmup_epochs=1, val_fraction=0.0)
     out = tmp_path / "ours.pt"
     trainer = SimCLRTrainer(small_workspace.encoder, images, patients, cfg, out, log=lambda _: None)
@@ -86,7 +86,7 @@ def test_checkpoint_is_primer_compatible_and_resumable(small_workspace, tmp_path
 
 def test_training_leaves_the_serving_encoder_untouched(small_workspace, tmp_path):
     """The trainer builds its own backbone: one test's (or the server's) model never changes under it."""
-    images, patients, _ = load_training_images(small_workspace)
+    images, patients, _ = load_training_images(small_workspace.corpus(), small_workspace.encoder.settings.size)
     before = {k: v.clone() for k, v in small_workspace.encoder.model.state_dict().items()}
     cfg = TrainConfig(epochs=1, batch_size=8, warmup_epochs=0, val_fraction=0.2)
     trainer = SimCLRTrainer(small_workspace.encoder, images, patients, cfg, tmp_path / "t.pt", log=lambda _: None)
