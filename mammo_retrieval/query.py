@@ -1,17 +1,22 @@
-"""k-NN search with metadata filters. The query image is never its own hit."""
+"""k-NN search with metadata filters, in separate steps: nearest vectors (the index), their records
+(the catalog), filtering, and hits. A study-level ranker can reuse the first two and fuse instead of
+filtering image by image. The query image is never its own hit."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from .db import repository as repo
-from .errors import MammoRetrievalError
+from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .index import VectorIndex
     from .db import Database
+    from .index import VectorIndex
+
+LATERALITIES = ("L", "R")
+OVERFETCH = 8  # extra neighbours fetched so that filtered-out ones rarely force a second search
 
 
 @dataclass(frozen=True)
@@ -21,8 +26,8 @@ class QueryFilters:
     exclude_same_patient: bool = False
 
     def __post_init__(self) -> None:
-        if self.laterality not in (None, "L", "R"):
-            raise MammoRetrievalError(f"laterality filter must be L or R, not '{self.laterality}'")
+        if self.laterality not in (None, *LATERALITIES):
+            raise ConfigError(f"laterality filter must be L or R, not '{self.laterality}'")
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,8 @@ class QueryResult:
         return {"query": asdict(self.query), "hits": [asdict(h) for h in self.hits]}
 
 
-def _keep(record: repo.ImageRecord, query: QueryImage, filters: QueryFilters) -> bool:
+def keep(record: repo.ImageRecord, query: QueryImage, filters: QueryFilters) -> bool:
+    """Whether a candidate may be shown for this query under these filters."""
     if record.sop_instance_uid == query.sop_instance_uid:
         return False
     if filters.exclude_same_patient and query.patient_id and record.patient_id == query.patient_id:
@@ -68,29 +74,46 @@ def _keep(record: repo.ImageRecord, query: QueryImage, filters: QueryFilters) ->
     return True
 
 
+def nearest(index: "VectorIndex", vector: np.ndarray, fetch: int) -> list[tuple[float, int]]:
+    """(score, vector id) of the ``fetch`` nearest vectors, best first."""
+    scores, ids = index.search(vector, fetch)
+    return [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+
+
+def records(db: "Database", vector_ids: list[int]) -> dict[int, repo.ImageRecord]:
+    """What the catalog knows of these vectors' images (a vector the catalog lost is simply absent)."""
+    with db.session() as s:
+        return repo.records_by_vector_ids(s, vector_ids)
+
+
+def candidates(db: "Database", index: "VectorIndex", vector: np.ndarray,
+               first_fetch: int) -> Iterator[list[tuple[float, repo.ImageRecord]]]:
+    """Ever larger neighbour lists with their records, the fetch growing fourfold until the index is exhausted."""
+    fetch = min(first_fetch, max(index.ntotal, 1))
+    while True:
+        pairs = nearest(index, vector, fetch)
+        known = records(db, [i for _, i in pairs])
+        yield [(score, known[vid]) for score, vid in pairs if vid in known]
+        if fetch >= index.ntotal:
+            return
+        fetch = min(index.ntotal, fetch * 4)
+
+
+def to_hit(rank: int, score: float, record: repo.ImageRecord) -> Hit:
+    return Hit(rank=rank, score=round(score, 6), accession_number=record.accession_number,
+               patient_id=record.patient_id, laterality=record.laterality, view=record.view,
+               sop_instance_uid=record.sop_instance_uid, path=record.path)
+
+
 def search(db: "Database", index: "VectorIndex", vector: np.ndarray, query: QueryImage, k: int,
            filters: QueryFilters) -> QueryResult:
-    """Over-fetch and filter, doubling the fetch until k hits pass or the index is exhausted."""
+    """The k best neighbours that pass the filters (over-fetching until k pass or the index is exhausted)."""
     if k < 1:
-        raise MammoRetrievalError(f"k must be at least 1, not {k}")
-    result = QueryResult(query=query)
-    fetch = k + 8
-    while True:
-        scores, ids = index.search(vector, fetch)
-        pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
-        with db.session() as s:
-            records = repo.records_by_vector_ids(s, [i for _, i in pairs])
-        hits = []
-        for score, vid in pairs:
-            record = records.get(vid)
-            if record is None or not _keep(record, query, filters):
-                continue
-            hits.append(Hit(rank=len(hits) + 1, score=round(score, 6), accession_number=record.accession_number,
-                            patient_id=record.patient_id, laterality=record.laterality, view=record.view,
-                            sop_instance_uid=record.sop_instance_uid, path=record.path))
-            if len(hits) == k:
-                break
-        if len(hits) == k or fetch >= index.ntotal:
-            result.hits = hits
-            return result
-        fetch = min(index.ntotal, fetch * 4)
+        raise ConfigError(f"k must be at least 1, not {k}")
+    hits: list[Hit] = []
+    for found in candidates(db, index, vector, k + OVERFETCH):
+        kept = [(score, record) for score, record in found if keep(record, query, filters)][:k]
+        hits = [to_hit(rank, score, record) for rank, (score, record) in enumerate(kept, start=1)]
+        if len(hits) == k:
+            break
+    return QueryResult(query=query, hits=hits)

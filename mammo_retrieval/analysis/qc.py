@@ -5,14 +5,14 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import select
 
 from ..csv_safety import write_frame
-from ..db.models import QcRun, QcScore
+from ..db import repository as repo
+from ..db.corpus import Corpus, Picture
 from ..errors import ConfigError, MammoRetrievalError
 from .content_checks import header_flags, side_convention
 from .neighbours import Neighbours, knn
