@@ -30,11 +30,16 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="MRETRIEVE_CONFIG",
               help="YAML file overriding configs/default.yaml (or $MRETRIEVE_CONFIG).")
+@click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv) to stderr.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: one object a line, for log collectors.")
 @click.version_option(package_name="mammo_retrieval")
 @click.pass_context
-def cli(ctx: click.Context, config_path: str | None) -> None:
+def cli(ctx: click.Context, config_path: str | None, verbose: int, log_format: str) -> None:
     """Similarity search for mammograms. State lives under $MRETRIEVE_HOME (default: the current folder)."""
     from ..config import load_config
+    from .logs import configure_logging
+    configure_logging(verbose, log_format)
     ctx.obj = load_config(config_path)
 
 

@@ -1,0 +1,33 @@
+"""Logging set-up: only the command line configures logging; the library just logs to its own loggers
+(``logging.getLogger(__name__)``) and never names a patient."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+
+LEVELS = {0: logging.WARNING, 1: logging.INFO}  # -v: INFO, -vv and more: DEBUG
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+                 "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(verbosity: int, fmt: str = "text") -> None:
+    """Our loggers to stderr at WARNING (INFO with -v, DEBUG with -vv); third-party loggers stay at WARNING."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("mammo_retrieval").setLevel(LEVELS.get(verbosity, logging.DEBUG))
+    logging.captureWarnings(True)  # library warnings become log records, not raw stderr lines
