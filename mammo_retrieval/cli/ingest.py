@@ -14,7 +14,13 @@ from ._common import dumps, workspace
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.pass_context
 def ingest(ctx: click.Context, archive_dir: str, workers: int | None, fmt: str, no_progress: bool) -> None:
-    """Read, embed and index every mammogram under ARCHIVE_DIR (any file name, any depth)."""
+    """Read, embed and index every mammogram under ARCHIVE_DIR (any file name, any depth).
+
+    Paths are stored absolute. Files whose extension marks them as plainly not DICOM (.csv, .txt, .json,
+    .png, .pdf, .db, ... see README) are skipped unread and counted as "skipped"; a folder that cannot be
+    listed is recorded as a rejection (unreadable_folder). Exits 7 when ARCHIVE_DIR holds no candidate
+    file at all, and 9 at once when another mretrieve process holds the write lock.
+    """
     from tqdm import tqdm
 
     from ..status import RANDOM_WEIGHTS_WARNING
@@ -34,7 +40,8 @@ def ingest(ctx: click.Context, archive_dir: str, workers: int | None, fmt: str, 
         click.echo(dumps(report.as_dict()))
         return
     click.echo(f"ingested {report.ingested}, already present {report.already_present}, "
-               f"rejected {len(report.rejected)} (of {report.files_seen} files, {report.seconds:.1f} s)")
+               f"rejected {len(report.rejected)} (of {report.files_seen} files, {report.seconds:.1f} s); "
+               f"skipped {report.skipped} not DICOM by extension")
     click.echo(f"model {report.model_key}; index {report.index_type} with {report.index_ntotal} vectors")
     for r in report.rejected:
         click.echo(f"  rejected [{r.code}] {r.path}: {r.reason}")

@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+from sqlalchemy.engine import make_url
 
 from ..db import repository as repo
 from ..dicom.reader import read_header
-from ..errors import DicomRejected
+from ..errors import DicomRejected, NotFoundError
 from ..preprocess import normalise
 from .stages import Prepared, Rejected, prepare_file
 from .threads import EncoderThreads
-from .walker import iter_files
+from .walker import Walk, absolute_root, walk
 from .worker import prepare_worker_process
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class IngestReport:
     files_seen: int = 0
     ingested: int = 0
     already_present: int = 0
+    skipped: int = 0  # plainly not DICOM by extension (sidecars), never read
     rejected: list[Rejected] = field(default_factory=list)
     model_key: str = ""
     random_weights: bool = False
@@ -49,7 +51,7 @@ class IngestReport:
     def as_dict(self) -> dict:
         return {
             "root": self.root, "files_seen": self.files_seen, "ingested": self.ingested,
-            "already_present": self.already_present, "rejected": len(self.rejected),
+            "already_present": self.already_present, "skipped": self.skipped, "rejected": len(self.rejected),
             "rejections": [{"path": r.path, "code": r.code, "reason": r.reason} for r in self.rejected],
             "model_version": self.model_key, "random_weights": self.random_weights,
             "index_type": self.index_type, "index_ntotal": self.index_ntotal, "seconds": round(self.seconds, 2),
@@ -112,25 +114,61 @@ def _record_first_live_model(ws: "Workspace") -> None:
         switch_live(ws.config.index_dir, ServingModel(ws.encoder.identity.key, cfg.name, cfg.weights, cfg.input_size))
 
 
+def _state_paths(ws: "Workspace") -> tuple[Path, ...]:
+    """The home's own state, never part of an archive: index and cache folders, and the SQLite database
+    with its side files (a home inside the archive folder would otherwise list them as rejections)."""
+    paths = [ws.config.index_dir, ws.config.cache_dir]
+    url = make_url(ws.config.database_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        db = Path(url.database)
+        paths += [db, *(db.with_name(db.name + end) for end in ("-wal", "-shm", "-journal"))]
+    return tuple(paths)
+
+
+def _nothing_to_ingest(root: Path, found: Walk) -> NotFoundError:
+    """An archive without a single candidate file is a mistake (wrong folder, unmounted share), not a success."""
+    details = []
+    if found.skipped:
+        details.append(f"{len(found.skipped)} file(s) skipped as not DICOM by extension")
+    if found.errors:
+        details.append(f"{len(found.errors)} folder(s) unreadable, e.g. {found.errors[0].path}: "
+                       f"{found.errors[0].reason}")
+    return NotFoundError(f"no file to ingest under {root}" + (f" ({'; '.join(details)})" if details else ""),
+                         hint="check the folder (is the share mounted?); files named "
+                              "*.csv, *.txt, *.png, ... are skipped by extension")
+
+
 def run_ingest(ws: "Workspace", root: str | Path, *, workers: int | None = None,
                on_progress: Callable[[int, int], None] | None = None) -> IngestReport:
+    """Ingest every candidate file under root. Paths are stored absolute (symlinks kept as typed).
+
+    Raises NotFoundError, before touching the database or loading the model, when the walk finds no
+    candidate file at all.
+    """
     started = time.perf_counter()
-    root = Path(root)
+    root = absolute_root(root)
     report = IngestReport(root=str(root))
-    encoder = ws.encoder
-    settings = encoder.settings
-    batch_size = ws.config.encoder.batch_size
-    workers = ws.config.workers() if workers is None else workers
-    state_dirs = (ws.config.index_dir, ws.config.cache_dir)
-    paths = list(iter_files(root, exclude=state_dirs))
+    found = walk(root, exclude=_state_paths(ws))
+    if not found.files:
+        raise _nothing_to_ingest(root, found)
+    paths = found.files
     report.files_seen = len(paths)
+    report.skipped = len(found.skipped)
+    folder_rejections = [Rejected(e.path, e.code, e.reason) for e in found.errors]
+    report.rejected.extend(folder_rejections)
     done = 0
 
-    with ws.write_lock():
+    with ws.write_lock():  # before the model loads: a second writer hears "busy" at once
+        encoder = ws.encoder
+        settings = encoder.settings
+        batch_size = ws.config.encoder.batch_size
+        workers = ws.config.workers() if workers is None else workers
         mv_id = ws.model_version_id()
         index = ws.open_index(create=True)
         ws.sync_index(index, mv_id)
-        pending_rejections: list[Rejected] = []
+        with ws.db.session() as s:  # a folder that lists again is no longer rejected
+            repo.clear_rejections(s, [str(f) for f in found.folders])
+        pending_rejections: list[Rejected] = list(folder_rejections)
         batch: list[Prepared] = []
         batches_since_save = 0
 

@@ -25,8 +25,9 @@ def broken_and_foreign(folder: Path, mias_file: Path) -> dict[str, str]:
         return folder / name
 
     add("empty.dcm", "empty_file").write_bytes(b"")
-    add("README.txt", "not_dicom").write_text("scanner export notes\n" * 10)
-    add("photo.png", "not_dicom").write_bytes(cv2.imencode(".png", np.zeros((32, 32), np.uint8))[1].tobytes())
+    # no extension: read, and rejected by pydicom (a .txt or .png would be skipped unread, by extension)
+    add("README", "not_dicom").write_text("scanner export notes\n" * 10)
+    add("photo", "not_dicom").write_bytes(cv2.imencode(".png", np.zeros((32, 32), np.uint8))[1].tobytes())
     data = mias_file.read_bytes()
     add("truncated_copy", "truncated_pixel_data").write_bytes(data[: len(data) * 3 // 4])
     make_file(add("chest_ct.dcm", "wrong_modality"), modality="CT")
@@ -59,10 +60,13 @@ def test_mias_mixed_with_broken_files(tmp_path, mias_dir, mias_labels):
         os.symlink(mias_dir / rel, link)
     expected = broken_and_foreign(archive / "incoming" / "bad", mias_dir / files[1])
     shutil.copy(mias_dir / files[0], archive / "incoming" / "same_image_other_path.dcm")
+    os.symlink(mias_dir / "labels.csv", archive / "labels.csv")  # sidecars: skipped, not rejected
+    (archive / "incoming" / "LICENCE.txt").write_text("research only\n")
 
     ws = Workspace(make_config(tmp_path / "state", encoder={"name": "resnet18", "batch_size": 16}))
     report = ws.ingest(archive, workers=1)
     assert report.files_seen == 200 + len(expected) + 1
+    assert report.skipped == 2
     assert report.ingested == 200
     assert report.already_present == 1
     assert {r.path: r.code for r in report.rejected} == expected
@@ -184,3 +188,102 @@ def test_query_before_any_ingest(tmp_path):
     files = synthetic_archive(tmp_path / "archive", 1)
     with pytest.raises(NotFoundError, match="no index for model"):
         Workspace(make_config(tmp_path / "state", encoder={"name": "resnet18"})).query_dicom(files[0])
+
+
+def stored_paths(ws: Workspace) -> list[str]:
+    from sqlalchemy import select
+
+    from mammo_retrieval.db.models import Image
+    with ws.db.session() as s:
+        return sorted(s.scalars(select(Image.path)))
+
+
+def test_sidecars_skipped_home_left_out_unreadable_folder_recorded(tmp_path, monkeypatch):
+    """Issue #9: sidecars and the home's own database were listed as rejections; a folder without read
+    permission vanished without a word."""
+    archive = tmp_path / "archive"
+    files = synthetic_archive(archive / "ok", 3)
+    make_file(archive / "locked" / "hidden.dcm")
+    (archive / "labels.csv").write_text("file,label\n")
+    (archive / "LICENCE-MIAS.txt").write_text("research only\n")
+    cfg = make_config(archive / "home", encoder={"name": "resnet18"})  # a home inside the archive
+    ws = Workspace(cfg)
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == archive / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    report = ws.ingest(archive, workers=0)
+    assert (report.ingested, report.skipped, report.files_seen) == (3, 2, 3)
+    assert [(r.path, r.code) for r in report.rejected] == [(str(archive / "locked"), "unreadable_folder")]
+    assert "Permission denied" in report.rejected[0].reason
+    assert report.as_dict()["skipped"] == 2
+    assert [(r["path"], r["code"]) for r in ws.status()["rejected"]] == [(str(archive / "locked"),
+                                                                          "unreadable_folder")]
+    monkeypatch.setattr(os, "scandir", real_scandir)  # the folder is readable again
+    again = ws.ingest(archive, workers=0)  # the home now holds mretrieve.db, -wal, index/, cache/
+    assert (again.ingested, again.already_present, again.skipped, again.rejected) == (1, 3, 2, [])
+    assert ws.status()["rejected"] == []
+    assert sorted(stored_paths(ws)) == sorted(map(str, files + [archive / "locked" / "hidden.dcm"]))
+
+
+def test_empty_archive_is_an_error_and_touches_nothing(tmp_path):
+    cfg = make_config(tmp_path / "state", encoder={"name": "resnet18"})
+    ws = Workspace(cfg)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NotFoundError) as info:
+        ws.ingest(tmp_path / "empty", workers=0)
+    assert info.value.message == f"no file to ingest under {tmp_path / 'empty'}"
+    (tmp_path / "sidecars").mkdir()
+    (tmp_path / "sidecars" / "labels.csv").write_text("file,label\n")
+    with pytest.raises(NotFoundError, match="1 file.s. skipped as not DICOM by extension"):
+        ws.ingest(tmp_path / "sidecars", workers=0)
+    status = ws.status()
+    assert status["model_versions"] == [] and status["counts"]["rejected_files"] == 0
+    assert not (cfg.index_dir / ".write.lock").exists()  # not even the lock was taken
+
+
+def test_paths_are_stored_absolute(tmp_path, monkeypatch):
+    """Issue #9: a relative ARCHIVE_DIR was stored as typed, so thumbnails broke from another directory."""
+    synthetic_archive(tmp_path / "here" / "archive", 2)
+    ws = Workspace(make_config(tmp_path / "state", encoder={"name": "resnet18"}))
+    monkeypatch.chdir(tmp_path / "here")
+    report = ws.ingest("archive", workers=0)
+    assert report.root == str(tmp_path / "here" / "archive")
+    monkeypatch.chdir(tmp_path)
+    paths = stored_paths(ws)
+    assert len(paths) == 2 and all(os.path.isabs(p) and os.path.exists(p) for p in paths)
+
+
+def test_cli_ingest_skipped_empty_and_busy(tmp_path, monkeypatch):
+    """Exit 7 for an empty folder; exit 9 at once, naming the index folder, while another writer holds the lock."""
+    from click.testing import CliRunner
+
+    from mammo_retrieval.cli import cli
+    monkeypatch.setenv("MRETRIEVE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("MRETRIEVE_CONFIG", raising=False)
+    config = tmp_path / "small.yaml"
+    config.write_text("encoder:\n  name: resnet18\n")
+    runner = CliRunner()
+
+    def run(*args):
+        return runner.invoke(cli, ["--config", str(config), *map(str, args)], catch_exceptions=False)
+    (tmp_path / "empty").mkdir()
+    result = run("ingest", tmp_path / "empty", "--no-progress")
+    assert result.exit_code == 7 and f"no file to ingest under {tmp_path / 'empty'}" in result.output
+
+    archive = tmp_path / "archive"
+    synthetic_archive(archive, 1)
+    (archive / "labels.csv").write_text("file,label\n")
+    ws = Workspace(make_config(tmp_path / "state", encoder={"name": "resnet18"}))
+    with ws.write_lock():  # a second ingest while this one "writes"
+        result = run("ingest", archive, "--no-progress", "--workers", "0")
+    assert result.exit_code == 9, result.output
+    assert f"another mretrieve process is writing to {tmp_path / 'state' / 'index'}" in result.output
+
+    result = run("ingest", archive, "--no-progress", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert "ingested 1, already present 0, rejected 0" in result.output
+    assert "skipped 1 not DICOM by extension" in result.output
