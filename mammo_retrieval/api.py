@@ -178,7 +178,7 @@ class Workspace:
                 newest.check_matches(self.encoder.identity)
             except IndexMismatchError as exc:
                 raise IndexMismatchError(f"no index in {self.config.index_dir} matches this query's model; "
-                                         f"against the newest, {exc.message}", hint=exc.hint) from None
+                                         f"against the newest, {exc.message}", remedies=exc.remedies) from None
 
     def searchable_index(self) -> "VectorIndex":
         """The index, caught up in memory with the database (a warm server keeps this one and

@@ -7,6 +7,7 @@ import click
 
 from ..errors import MammoRetrievalError
 from . import config as config_commands
+from ._common import render_error
 from . import db as db_commands
 from . import index as index_commands
 from .analysis import evaluate, export, report
@@ -23,7 +24,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except MammoRetrievalError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(render_error(exc), err=True)
             sys.exit(exc.exit_code)
 
 

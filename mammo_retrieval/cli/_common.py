@@ -77,3 +77,24 @@ class StepProgress:
 
 
 no_progress_option = click.option("--no-progress", is_flag=True, help="No progress on stderr.")
+
+
+# How the CLI names the operations that library errors suggest (errors.Remedy.action)
+COMMANDS = {
+    "ingest": "mretrieve ingest ARCHIVE_DIR",
+    "index_rebuild": "mretrieve index rebuild",
+    "index_rebuild_force": "mretrieve index rebuild --force",
+    "db_upgrade": "mretrieve db upgrade",
+    "status": "mretrieve status",
+    "rollback": "mretrieve reindex --rollback",
+    "reindex": "mretrieve reindex",
+}
+
+
+def render_error(exc) -> str:
+    """``error: message`` and one ``hint:`` line per remedy, with the command that applies it."""
+    lines = [f"error: {exc.message}"]
+    for remedy in exc.remedies:
+        command = COMMANDS.get(remedy.action or "")
+        lines.append(f"  hint: {remedy.text}" + (f": run `{command}`" if command else ""))
+    return "\n".join(lines)

@@ -77,3 +77,18 @@ def test_usage_errors(run, tmp_path):
 def test_db_upgrade(run):
     assert "database at revision 0002 (was empty)" in run("db", "upgrade").output
     assert "(was 0002)" in run("db", "upgrade").output
+
+
+def test_errors_render_remedies_as_commands():
+    from mammo_retrieval.cli._common import render_error
+    from mammo_retrieval.errors import IndexCorruptError, Remedy
+    exc = IndexCorruptError("the index is short of the database",
+                            remedies=[Remedy("rebuild it from the database", "index_rebuild"), Remedy("or wait")])
+    assert render_error(exc).splitlines() == [
+        "error: the index is short of the database",
+        "  hint: rebuild it from the database: run `mretrieve index rebuild`",
+        "  hint: or wait"]
+    assert exc.as_dict() == {"error": "index_corrupt", "message": "the index is short of the database",
+                             "hint": "rebuild it from the database; or wait",
+                             "remedies": [{"text": "rebuild it from the database", "action": "index_rebuild"},
+                                          {"text": "or wait", "action": None}]}
