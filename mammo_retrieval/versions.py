@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import IndexCorruptError, NotFoundError
-from .index.manifest import write_bytes_atomic
+from .fileio import write_bytes_atomic
 
 LIVE_NAME = "live.json"
 

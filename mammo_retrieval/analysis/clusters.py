@@ -12,6 +12,7 @@ import numpy as np
 from sklearn import metrics
 
 from ..errors import ConfigError, MammoRetrievalError
+from .labels import present as label_present
 from .vectors import EmbeddingTable
 
 if TYPE_CHECKING:
@@ -168,7 +169,7 @@ def report_clusters(table: EmbeddingTable, out: Path, *, k: int | None = None, l
     out.mkdir(parents=True, exist_ok=True)
     vectors = table.vectors
     if labels is not None:
-        present = ~pd_isna(labels)
+        present = label_present(labels)
         names = sorted({str(v) for v in labels[present]})
         assignments_all = np.array([names.index(str(v)) if ok else -1 for v, ok in zip(labels, present)])
         keep = assignments_all >= 0
@@ -202,8 +203,3 @@ def report_clusters(table: EmbeddingTable, out: Path, *, k: int | None = None, l
     result["plots"] = [p.name for p in plot_projections(coords, assignments, names, out, source)]
     (out / "clustering_metrics.json").write_text(json.dumps(result, indent=2))
     return ClusterReport(metrics=result, assignments=assignments, names=names)
-
-
-def pd_isna(values: np.ndarray) -> np.ndarray:
-    import pandas as pd
-    return pd.isna(pd.Series(values)).to_numpy() | (pd.Series(values).astype(str) == "").to_numpy()

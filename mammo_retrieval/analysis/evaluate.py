@@ -28,6 +28,8 @@ from ..errors import ConfigError, MammoRetrievalError
 # on_progress(step, done, total): the library reports, the CLI renders
 Progress = Callable[[str, int, int], None]
 
+from .labels import present
+
 if TYPE_CHECKING:
     from ..db.corpus import Corpus
 
@@ -64,7 +66,7 @@ class RankedLists:
 
 def retrieval_metrics(ranked: RankedLists, labels: np.ndarray, patients: np.ndarray, ks: list[int]) -> dict:
     """precision@k and mAP for one label column, same-patient images excluded."""
-    valid = ~pd.isna(labels) & (pd.Series(labels).astype(str) != "").to_numpy()
+    valid = present(labels)
     precision = {k: [] for k in ks}
     average_precisions = []
     for q in np.nonzero(valid)[0]:
@@ -98,7 +100,7 @@ def contralateral_hit_rate(ranked: RankedLists, patients: np.ndarray, lateraliti
 
 def classifier_metrics(features: np.ndarray, labels: np.ndarray, patients: np.ndarray, seed: int = 0) -> dict:
     """Balanced accuracy and Cohen's kappa of four classifiers, out-of-fold, folds split by patient."""
-    valid = ~pd.isna(labels) & (pd.Series(labels).astype(str) != "").to_numpy()
+    valid = present(labels)
     x, y, groups = features[valid], np.asarray(labels[valid]).astype(str), patients[valid]
     classes, counts = np.unique(y, return_counts=True)
     n_groups = len(np.unique(groups))

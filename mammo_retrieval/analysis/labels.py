@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError
@@ -73,3 +74,9 @@ def label_columns(labels: pd.DataFrame, requested: list[str] | None = None, sour
         raise LabelsError(f"{source} has no categorical label column (2 to 50 distinct values besides ids)",
                           hint=f"name one with --label-column; its columns: {', '.join(map(str, labels.columns))}")
     return found
+
+
+def present(values) -> np.ndarray:
+    """Which label values are real: not missing, not an empty string (the one rule every analysis uses)."""
+    series = pd.Series(values)
+    return (series.notna() & (series.astype(str) != "")).to_numpy(dtype=bool) if len(series) else np.zeros(0, bool)

@@ -5,11 +5,12 @@ which keeps a 100k x 2048 sweep within a minute on 2 cores. The method used is r
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
+
+from ..index.store import auto_nlist
 
 
 @dataclass
@@ -43,7 +44,7 @@ def knn(vectors: np.ndarray, k: int, *, exact_limit: int = 20_000, pca_dim: int 
         pca = faiss.PCAMatrix(dim, min(pca_dim, dim))
         pca.train(np.ascontiguousarray(sample, dtype=np.float32))
         x = _normalise(pca.apply(np.ascontiguousarray(vectors, dtype=np.float32)))
-        nlist = max(16, 2 ** round(math.log2(4 * math.sqrt(n))))
+        nlist = auto_nlist(n)
         quantiser = faiss.IndexFlatIP(x.shape[1])
         index = faiss.IndexIVFFlat(quantiser, x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed

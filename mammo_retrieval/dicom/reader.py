@@ -6,7 +6,6 @@ Two entry points: :func:`read_header` (cheap; used to skip files already ingeste
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pydicom.uid import UID
 
 from ..config import ReaderConfig
 from ..errors import DicomRejected
+from ..fileio import sha256_file
 from .codestream import j2k_dimensions, jpeg_dimensions
 from .header import HeaderFields, read_header_fields
 from .pixels import to_presentation
@@ -236,14 +236,6 @@ def _window(ds: Dataset) -> tuple[float, float, str] | None:
     return first(center), first(width), str(ds.get("VOILUTFunction") or "LINEAR").upper()
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_stored(path: str | os.PathLike, cfg: ReaderConfig, *, reduce_to: int | None = None) -> StoredImage:
     """Validated decode of the stored values: header checks, size checks, decode (JPEG 2000 at reduced
     resolution when ``reduce_to`` allows it and glymur/libopenjp2 are present)."""
@@ -265,7 +257,7 @@ def read_stored(path: str | os.PathLike, cfg: ReaderConfig, *, reduce_to: int | 
         window = _window(ds)
     except (TypeError, ValueError) as exc:
         raise _reject(path, "unreadable_header", f"invalid rescale/window values: {exc}") from None
-    return StoredImage(path=str(path), header=fields, stored=stored, sha256=file_sha256(path), frame_index=frame,
+    return StoredImage(path=str(path), header=fields, stored=stored, sha256=sha256_file(path), frame_index=frame,
                        slope=slope, intercept=intercept, window=window, reduction=reduction)
 
 

@@ -11,7 +11,8 @@ from ..errors import ConfigError, WeightsError
 from ..preprocess import PreprocessSettings
 from ..identity import ModelIdentity
 from .registry import DEFAULT_REGISTRY, EncoderRegistry, EncoderSpec
-from .weights import extract_encoder_state, load_into, read_checkpoint, sha256_file, sha256_state_dict
+from ..fileio import sha256_file
+from .weights import extract_encoder_state, load_into, read_checkpoint, sha256_state_dict
 
 RANDOM_SEED = 0
 

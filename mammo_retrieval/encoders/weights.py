@@ -18,14 +18,6 @@ HEAD_PREFIXES = ("fc.", "classifier.", "head.fc.", "AuxLogits.", "last_linear.")
 WRAPPER_PREFIXES = ("module.", "model.", "encoder.")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def sha256_state_dict(state: Mapping[str, torch.Tensor]) -> str:
     """Content hash of tensors, for weights that never touched a file (seeded random init)."""
     h = hashlib.sha256()

@@ -19,7 +19,8 @@ import numpy as np
 
 from ..config import IndexConfig
 from ..errors import IndexCorruptError
-from .manifest import Manifest, fsync_dir
+from ..fileio import fsync_dir
+from .manifest import Manifest
 
 FLAT = "flat"
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MammoRetrievalError
+from ..fileio import write_atomic
 from .augment import AugmentConfig, augment, to_model_input
 from .losses import nt_xent
 from .model import SimCLRModel
@@ -79,9 +79,8 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """A checkpoint is written whole or not at all (fsync'd, then renamed over the old one)."""
+    write_atomic(path, lambda fh: torch.save(obj, fh))
 
 
 def own_backbone(encoder: "Encoder", registry: "EncoderRegistry | None" = None) -> torch.nn.Module:

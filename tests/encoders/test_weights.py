@@ -5,7 +5,7 @@ from safetensors.torch import save_file
 
 from mammo_retrieval.config import load_config
 from mammo_retrieval.encoders import build_encoder
-from mammo_retrieval.encoders.weights import sha256_file
+from mammo_retrieval.fileio import sha256_file
 from mammo_retrieval.errors import WeightsError
 
 CFG = load_config(env={})
