@@ -195,3 +195,23 @@ def test_live_model_uses_a_stored_copy_of_its_weights(tmp_path):
     with pytest.raises(WeightsError, match="modified"):
         Workspace(cfg).rollback()  # rolling forward onto the tampered copy is refused
     assert read_live(cfg.index_dir)[0].key == old_key
+
+
+def test_rollback_target_from_a_user_file_is_stored_when_replaced(tmp_path):
+    """A version whose weights were the user's file (ingest with encoder.weights) keeps working after
+    that file is deleted: the reindex that replaces it stores a copy for rollback."""
+    files = synthetic_archive(tmp_path / "archive", 4)
+    seed = Workspace(make_config(tmp_path / "seed", encoder={"name": "resnet18", "input_size": 96}))
+    first = finetuned_weights(seed, tmp_path / "first.pt")
+    pinned = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 96, "weights": str(first)})
+    ws = Workspace(pinned)
+    ws.ingest(tmp_path / "archive", workers=0)
+    first_key, before = ws.encoder.identity.key, ws.query_dicom(files[0], k=3).hits
+    second = tmp_path / "second.pt"
+    torch.save({k: v * 1.01 if v.is_floating_point() else v for k, v in ws.encoder.model.state_dict().items()},
+               second)
+    cfg = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 96})
+    assert Workspace(cfg).reindex(str(second))["previous"] == first_key
+    first.unlink()
+    assert Workspace(cfg).rollback()["live"] == first_key
+    assert Workspace(cfg).query_dicom(files[0], k=3).hits == before
