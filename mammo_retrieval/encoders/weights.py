@@ -5,6 +5,7 @@ No network: the file must be on disk. The SHA-256 of the file is the model versi
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Mapping
 
@@ -24,6 +25,59 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def store_weights(source: str | Path, store_dir: Path) -> tuple[Path, str]:
+    """Copy a weights file into ``store_dir`` as ``<sha256><suffix>``; return that path and the hash.
+
+    A model version must not depend on a file the user may overwrite or delete later, so it points at
+    this copy. Written atomically (temp file, fsync, rename); skipped when a copy with that hash exists.
+    """
+    source = Path(source)
+    if not source.is_file():
+        raise WeightsError(f"weights file not found: {source}", hint="give an existing checkpoint file")
+    sha = sha256_file(source)
+    target = store_dir / f"{sha}{source.suffix}"
+    if target.is_file() and sha256_file(target) == sha:
+        return target, sha
+    store_dir.mkdir(parents=True, exist_ok=True)
+    tmp = store_dir / f".{target.name}.{os.getpid()}.tmp"
+    copied = hashlib.sha256()
+    try:
+        with open(source, "rb") as src, open(tmp, "wb") as dst:
+            for block in iter(lambda: src.read(1 << 22), b""):
+                copied.update(block)
+                dst.write(block)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if copied.hexdigest() != sha:
+            raise WeightsError(f"{source} changed while it was being copied to {store_dir}",
+                               hint="run the command again once the file is no longer being written")
+        os.replace(tmp, target)
+        fd = os.open(store_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise WeightsError(f"cannot copy {source} to {target}: {exc}",
+                           hint="free disk space or fix the permissions of the index folder") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target, sha
+
+
+def verify_weights(path: str | Path, expected_sha256: str) -> None:
+    """Refuse a stored weights file whose content is not the one a model version was built with."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"stored weights file is missing: {path} (expected sha256 {expected_sha256})",
+                           hint="restore it, or re-run `mretrieve reindex --model CHECKPOINT` with the original file")
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise WeightsError(f"{path}: stored weights were modified: sha256 is {actual}, expected {expected_sha256}",
+                           hint="restore the file, or re-run `mretrieve reindex --model CHECKPOINT` with the "
+                                "original file")
 
 
 def sha256_state_dict(state: Mapping[str, torch.Tensor]) -> str:
