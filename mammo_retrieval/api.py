@@ -44,12 +44,16 @@ class Workspace:
 
     # --- components, built lazily (torch and faiss are slow to import) ---------------------------
     def serving_encoder_config(self):
-        """The config's encoder, unless a reindex made another model live and the config pins no weights."""
-        from .versions import read_live
+        """The config's encoder, unless a reindex made another model live and the config pins no weights.
+
+        The live model's weights are the copy stored in the index folder; its hash is checked here, so a
+        modified copy is refused with WeightsError instead of serving vectors of an unknown model."""
+        from .versions import read_live, verify_model_weights
         cfg = self.config.encoder
         live, _ = read_live(self.config.index_dir)
         if live is None or cfg.weights:
             return cfg
+        verify_model_weights(live)
         return dataclasses.replace(cfg, name=live.encoder, weights=live.weights, input_size=live.input_size)
 
     def build_encoder(self, encoder_cfg) -> "Encoder":
@@ -303,9 +307,11 @@ class Workspace:
         self._index = None
         return report
 
-    def reindex(self, weights: str | None = None, *, on_progress: Callable[[int, int], None] | None = None) -> dict:
+    def reindex(self, weights: str | None = None, *, allow_missing: bool = False,
+                on_progress: Callable[[int, int], None] | None = None) -> dict:
+        """Re-embed with ``weights``; switch live only if every image embedded (or ``allow_missing``)."""
         from .reindex import run_reindex
-        result = run_reindex(self, weights, on_progress=on_progress)
+        result = run_reindex(self, weights, allow_missing=allow_missing, on_progress=on_progress)
         self._forget_model()
         return result
 
@@ -314,7 +320,8 @@ class Workspace:
         with self.write_lock():
             target = rollback(self.config.index_dir)
         self._forget_model()
-        return {"live": target.key, "encoder": target.encoder, "weights": target.weights}
+        return {"live": target.key, "encoder": target.encoder, "weights": target.weights,
+                "weights_sha256": target.weights_sha256}
 
     def embed_file(self, path: str | os.PathLike, watch: "Stopwatch | None" = None) -> tuple[QueryImage, "object"]:
         """Read, preprocess and embed one DICOM (raises DicomRejected with the reason), as ingest does."""

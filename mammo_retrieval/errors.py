@@ -92,3 +92,13 @@ class BusyError(MammoRetrievalError):
 
     code = "busy"
     exit_code = 9
+
+
+class ReindexIncompleteError(MammoRetrievalError):
+    """``reindex`` embedded only part of the archive, so it did not switch the live index."""
+
+    exit_code = 10
+
+    def __init__(self, message: str, failures: list[dict], *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.failures = failures

@@ -79,6 +79,139 @@ def test_reindex_rebuilds_a_lost_cache_entry_and_reports_a_vanished_file(tmp_pat
     ws.image_cache.discard(first)   # lost from the cache: rebuilt from the DICOM
     ws.image_cache.discard(second)  # lost from the cache and the file is gone: reported
     files[1].unlink()
-    result = Workspace(cfg).reindex(str(finetuned_weights(ws, tmp_path / "w.pt")))
+    result = Workspace(cfg).reindex(str(finetuned_weights(ws, tmp_path / "w.pt")), allow_missing=True)
     assert result["embedded"] == 3 and [f["sop_instance_uid"] for f in result["failed"]] == [second]
+    assert result["failed"][0]["path"].endswith(files[1].name)
     assert "not found" in result["failed"][0]["reason"] or "No such file" in result["failed"][0]["reason"]
+
+
+def cli_reindex(cfg, config_file, *args):
+    from click.testing import CliRunner
+
+    from mammo_retrieval.cli import cli
+    env = {"MRETRIEVE_HOME": str(cfg.index_dir.parent), "MRETRIEVE_CONFIG": str(config_file)}
+    return CliRunner(env=env).invoke(cli, ["reindex", "--no-progress", *map(str, args)])
+
+
+def test_reindex_refuses_to_switch_while_images_fail_unless_allow_missing(tmp_path):
+    import yaml
+
+    from mammo_retrieval.dicom.reader import read_header
+    from mammo_retrieval.errors import ReindexIncompleteError
+    files = synthetic_archive(tmp_path / "archive", 6)
+    cfg = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 96})
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump({"encoder": {"name": "resnet18", "input_size": 96}}))
+    ws = Workspace(cfg)
+    ws.ingest(tmp_path / "archive", workers=0)
+    old_key = ws.encoder.identity.key
+    lost = {read_header(f, cfg.reader).sop_instance_uid: f for f in files[1:3]}
+    for sop, f in lost.items():
+        ws.image_cache.discard(sop)
+        f.unlink()
+    ckpt = finetuned_weights(ws, tmp_path / "w.pt")
+
+    with pytest.raises(ReindexIncompleteError) as caught:
+        Workspace(cfg).reindex(str(ckpt))
+    assert {f["sop_instance_uid"] for f in caught.value.failures} == set(lost)
+    assert read_live(cfg.index_dir)[0].key == old_key
+
+    result = cli_reindex(cfg, config_file, "--model", ckpt)
+    assert result.exit_code == ReindexIncompleteError.exit_code == 10, result.output
+    assert "did not switch" in result.output and f"{old_key} stays live" in result.output
+    for sop, f in lost.items():  # each failure: SOPInstanceUID, path and reason
+        assert any(sop in line and str(f.resolve()) in line and "no such file" in line.lower()
+                   for line in result.output.splitlines()), result.output
+    assert read_live(cfg.index_dir)[0].key == old_key
+    assert Workspace(cfg).query_dicom(files[0], k=3).hits  # the old index still serves
+
+    result = cli_reindex(cfg, config_file, "--model", ckpt, "--allow-missing")
+    assert result.exit_code == 0, result.output
+    live = read_live(cfg.index_dir)[0]
+    assert live.key != old_key and f"live: {live.key} (previous {old_key}" in result.output
+    # the four vectors of the refused runs were kept: nothing is embedded twice
+    assert "embedded 0, already embedded 4, failed 2" in result.output
+    assert all(sop in result.output for sop in lost) and "index flat with 4 vectors" in result.output.lower()
+
+
+def test_reindex_prints_a_summary_or_json(tmp_path):
+    import yaml
+    synthetic_archive(tmp_path / "archive", 3)
+    cfg = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 96})
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump({"encoder": {"name": "resnet18", "input_size": 96}}))
+    ws = Workspace(cfg)
+    ws.ingest(tmp_path / "archive", workers=0)
+    ckpt = finetuned_weights(ws, tmp_path / "w.pt")
+    text = cli_reindex(cfg, config_file, "--model", ckpt)
+    assert text.exit_code == 0 and not text.output.lstrip().startswith("{"), text.output
+    assert "embedded 3, already embedded 0, failed 0" in text.output
+    as_json = cli_reindex(cfg, config_file, "--model", ckpt, "--format", "json")
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.output)["already_embedded"] == 3
+    back = cli_reindex(cfg, config_file, "--rollback")
+    assert back.exit_code == 0 and back.output.startswith(f"live: {ws.encoder.identity.key}"), back.output
+
+
+def test_live_model_uses_a_stored_copy_of_its_weights(tmp_path):
+    from mammo_retrieval.encoders.weights import sha256_file
+    from mammo_retrieval.errors import WeightsError
+    files = synthetic_archive(tmp_path / "archive", 6)
+    cfg = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 96})
+    ws = Workspace(cfg)
+    ws.ingest(tmp_path / "archive", workers=0)
+    old_key = ws.encoder.identity.key
+    ckpt = finetuned_weights(ws, tmp_path / "ckpt.pt")
+    sha = sha256_file(ckpt)
+    result = Workspace(cfg).reindex(str(ckpt))
+    live = read_live(cfg.index_dir)[0]
+    stored = cfg.index_dir / "weights" / f"{sha}.pt"
+    assert live.weights == str(stored) and live.weights_sha256 == sha and stored.is_file()
+    by_dicom = Workspace(cfg).query_dicom(files[0], k=3).hits
+    by_accession = [r.hits for r in Workspace(cfg).query_accession("ACC0001", k=3)]
+    assert by_dicom and len(by_accession) == 2 and all(by_accession)
+
+    ckpt.unlink()  # the original is deleted ...
+    assert Workspace(cfg).query_dicom(files[0], k=3).hits == by_dicom
+    assert [r.hits for r in Workspace(cfg).query_accession("ACC0001", k=3)] == by_accession
+    torch.save({"junk": torch.zeros(3)}, ckpt)  # ... then overwritten with something else
+    assert Workspace(cfg).query_dicom(files[0], k=3).hits == by_dicom
+    assert [r.hits for r in Workspace(cfg).query_accession("ACC0001", k=3)] == by_accession
+
+    assert Workspace(cfg).rollback()["live"] == old_key
+    assert Workspace(cfg).rollback()["live"] == result["live"]
+    assert Workspace(cfg).query_dicom(files[0], k=3).hits == by_dicom
+
+    # a second reindex with the same weights reuses the stored copy (and its hash is what is recorded)
+    assert Workspace(cfg).reindex(str(stored))["weights"] == str(stored)
+
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 0xFF
+    stored.write_bytes(bytes(data))  # tampered: refused, naming the file and both hashes
+    with pytest.raises(WeightsError, match=f"{stored}.*{sha}") as caught:
+        Workspace(cfg).query_accession("ACC0001", k=3)
+    assert sha256_file(stored) in str(caught.value)
+    Workspace(cfg).rollback()  # the old (random-weights) version has nothing stored to check
+    with pytest.raises(WeightsError, match="modified"):
+        Workspace(cfg).rollback()  # rolling forward onto the tampered copy is refused
+    assert read_live(cfg.index_dir)[0].key == old_key
+
+
+def test_rollback_target_from_a_user_file_is_stored_when_replaced(tmp_path):
+    """A version whose weights were the user's file (ingest with encoder.weights) keeps working after
+    that file is deleted: the reindex that replaces it stores a copy for rollback."""
+    files = synthetic_archive(tmp_path / "archive", 4)
+    seed = Workspace(make_config(tmp_path / "seed", encoder={"name": "resnet18", "input_size": 96}))
+    first = finetuned_weights(seed, tmp_path / "first.pt")
+    pinned = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 96, "weights": str(first)})
+    ws = Workspace(pinned)
+    ws.ingest(tmp_path / "archive", workers=0)
+    first_key, before = ws.encoder.identity.key, ws.query_dicom(files[0], k=3).hits
+    second = tmp_path / "second.pt"
+    torch.save({k: v * 1.01 if v.is_floating_point() else v for k, v in ws.encoder.model.state_dict().items()},
+               second)
+    cfg = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 96})
+    assert Workspace(cfg).reindex(str(second))["previous"] == first_key
+    first.unlink()
+    assert Workspace(cfg).rollback()["live"] == first_key
+    assert Workspace(cfg).query_dicom(files[0], k=3).hits == before
