@@ -59,7 +59,7 @@ def _adopt(index_dir: Path, model: ServingModel) -> ServingModel:
         return model
     source = Path(model.weights)
     try:
-        from .encoders.weights import sha256_file
+        from .fileio import sha256_file
         if not source.is_file() or f"-{sha256_file(source)[:12]}-" not in model.key:
             return model
         path, sha = store_model_weights(index_dir, str(source))

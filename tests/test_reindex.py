@@ -154,7 +154,7 @@ def test_reindex_prints_a_summary_or_json(tmp_path):
 
 
 def test_live_model_uses_a_stored_copy_of_its_weights(tmp_path):
-    from mammo_retrieval.encoders.weights import sha256_file
+    from mammo_retrieval.fileio import sha256_file
     from mammo_retrieval.errors import WeightsError
     files = synthetic_archive(tmp_path / "archive", 6)
     cfg = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 96})
