@@ -28,7 +28,8 @@ from sqlalchemy.pool import NullPool
 
 from ..errors import BusyError, ConfigError, DatabaseError, NotFoundError
 
-POSTGRES_HINT = "install the PostgreSQL driver: pip install 'mammo_retrieval[postgres]'"
+POSTGRES_HINT = ("install the PostgreSQL driver: pip install 'mammo_retrieval[postgres]' "
+                 "(and name that driver in the URL, e.g. postgresql+psycopg://...)")
 SETUP_LOCK_TIMEOUT_S = 120.0
 # the tables the migrations create; a database holding only these, all empty, and no alembic version is
 # one whose first-time setup was interrupted (by a release before setup became atomic)
