@@ -377,8 +377,9 @@ class Workspace:
     def ingest(self, root: str | os.PathLike, *, workers: int | None = None,
                on_progress: Callable[[int, int], None] | None = None) -> "IngestReport":
         from .ingest.runner import run_ingest
-        with self.write_lock():  # first: a second ingest is refused before walking the archive or loading a model
-            report = run_ingest(self, root, workers=workers, on_progress=on_progress)
+        # run_ingest walks first (an empty archive touches nothing), then takes the write lock before the
+        # model loads, so a second ingest is refused at once
+        report = run_ingest(self, root, workers=workers, on_progress=on_progress)
         self._index = None
         return report
 

@@ -128,8 +128,11 @@ def test_busy_error_names_the_live_holder(tmp_path):
 
 
 def test_second_ingest_fails_fast_naming_the_holder(tmp_path):
-    """A second writer is refused at once, before walking the archive or building a model."""
+    """A second writer is refused at once, before it builds a model (the cheap walk comes first, so that an
+    empty archive is reported without touching the state)."""
+    from tests.factory import breast_phantom, make_file
     cfg = make_config(tmp_path / "state", encoder=TINY)
+    make_file(tmp_path / "archive" / "one.dcm", breast_phantom(rows=128, cols=100, seed=0))
     holder = subprocess.Popen(
         [sys.executable, "-c", "import time; from pathlib import Path; from mammo_retrieval.writelock import "
          f"write_lock\nwith write_lock(Path({str(cfg.index_dir)!r})):\n    print('held', flush=True); "
@@ -138,7 +141,7 @@ def test_second_ingest_fails_fast_naming_the_holder(tmp_path):
         assert holder.stdout.readline().strip() == "held"
         ws = Workspace(cfg)
         with pytest.raises(BusyError, match=f"pid {holder.pid}"):
-            ws.ingest(tmp_path, workers=0)
+            ws.ingest(tmp_path / "archive", workers=0)
         assert ws._encoder is None
     finally:
         holder.kill()
