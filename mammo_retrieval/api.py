@@ -3,7 +3,6 @@ database, encoder and index. It holds no global state; build as many as you like
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from .config import Config, load_config
 from .db import Database
 from .db import repository as repo
-from .errors import BusyError, IndexCorruptError, IndexMismatchError, NotFoundError
+from .errors import DatabaseError, IndexCorruptError, IndexMismatchError, NotFoundError
 from .index.manifest import Manifest
 from .query import QueryFilters, QueryImage, QueryResult, search
 
@@ -34,13 +33,65 @@ TRAINING_POINTS_PER_LIST = 50
 class Workspace:
     def __init__(self, config: Config | None = None, *, registry: "EncoderRegistry | None" = None) -> None:
         self.config = config or load_config()
-        self.db = Database(self.config.database_url)
-        self.db.ensure_schema()
+        self._db = Database(self.config.database_url)
+        self._db_ready = False
+        if self._db.has_schema():  # an outdated schema is refused at once; a missing one only on first use
+            self._db.ensure_schema(create=False)
+            self._db_ready = True
         self._registry = registry
         self._encoder: "Encoder | None" = None
         self._index: "VectorIndex | None" = None
         self._mv_id: int | None = None
         self._caches: dict[str, "ImageCache"] = {}
+
+    # --- the database: read-only use never creates it, writers do ---------------------------------
+    @property
+    def db(self) -> Database:
+        """The database, which must exist: read-only commands never create one (NotFoundError instead)."""
+        if not self._db_ready:
+            self._check_database_not_lost()
+            self._db.ensure_schema(create=False)
+            self._db_ready = True
+        return self._db
+
+    def ensure_database(self) -> Database:
+        """The database, set up if it does not exist yet (writers: ingest, reindex, train, `db upgrade`).
+
+        Refuses to set up a database beside an index that holds vectors: that database was deleted, truncated
+        or replaced, and an empty one in its place would make a rebuild wipe the index."""
+        if not self._db_ready:
+            if not self._db.has_schema():
+                self._check_database_not_lost()
+            self._db.ensure_schema(create=True)
+            self._db_ready = True
+        return self._db
+
+    def _check_database_not_lost(self) -> None:
+        if self._db.has_schema():
+            return
+        for directory in sorted(self.config.index_dir.glob("*/")):
+            try:
+                manifest = Manifest.read(directory)
+            except IndexCorruptError:
+                continue
+            if manifest is not None and manifest.ntotal > 0:
+                state = "is missing" if not self._db.file_exists() else "is empty"
+                raise DatabaseError(
+                    f"the database {self._db.display_url} {state}, but the index {directory} holds "
+                    f"{manifest.ntotal} vectors: the database looks deleted, truncated or replaced "
+                    f"(database 0 vectors, index manifest {manifest.ntotal})",
+                    hint="restore the database from its backup, or point paths.database_url at the right one; "
+                         f"to start over on purpose, move {self.config.index_dir} aside and re-ingest")
+
+    def _database_behind(self, index: "VectorIndex", count: int) -> DatabaseError:
+        """The database holds fewer vectors than the index built from it: it was truncated or replaced."""
+        return DatabaseError(
+            f"the database {self._db.display_url} holds {count} vectors of model {index.directory.name}, "
+            f"but the index {index.directory} holds {index.ntotal}: the database looks replaced or truncated "
+            "(it is younger than its index)",
+            hint="restore the database from its backup, or point paths.database_url at the right one; "
+                 "`mretrieve index rebuild --force` rebuilds the index from this database, dropping the "
+                 "vectors it lacks")
 
     # --- components, built lazily (torch and faiss are slow to import) ---------------------------
     def serving_encoder_config(self):
@@ -119,7 +170,7 @@ class Workspace:
     def model_version_id(self) -> int:
         """The database row of the configured model, created on first use (writers only)."""
         if self._mv_id is None:
-            with self.db.session() as s:
+            with self.ensure_database().session() as s:
                 mv = repo.get_or_create_model_version(s, self.encoder.identity, self.encoder.settings.as_dict())
                 self._mv_id = mv.id
         return self._mv_id
@@ -142,7 +193,7 @@ class Workspace:
         index = VectorIndex.open_existing(directory, self.encoder.identity, self.config.index)
         if index is None:
             self._explain_missing_index()
-            mv_id = self._existing_model_version_id()
+            mv_id = self._existing_model_version_id() if self._db.has_schema() else None
             if mv_id is not None:
                 with self.db.session() as s:
                     count, _ = repo.embedding_stats(s, mv_id)
@@ -193,6 +244,8 @@ class Workspace:
             index = self.open_index()
             mv_id = self._existing_model_version_id()
             if mv_id is None:
+                if index.ntotal:
+                    raise self._database_behind(index, 0)
                 raise IndexCorruptError(f"the index in {index.directory} has no model version in the database",
                                         hint="run `mretrieve index rebuild`, or check paths.database_url")
             self.sync_index(index, mv_id, relayout=False)
@@ -200,30 +253,28 @@ class Workspace:
         return self._index
 
     @contextmanager
-    def write_lock(self) -> Iterator[None]:
-        """One writer at a time per index folder; readers are never blocked."""
-        self.config.index_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.config.index_dir / ".write.lock", "w") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise BusyError(f"another mretrieve process is writing to {self.config.index_dir}",
-                                hint="wait for it to finish, then run the command again") from None
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def write_lock(self, *, create_database: bool = True) -> Iterator[None]:
+        """One writer at a time per index folder; readers are never blocked. A second writer fails at once
+        with BusyError naming the holder's pid (see ``writelock``); the same thread may nest. With
+        ``create_database`` the database is set up under the lock if it does not exist yet."""
+        from .writelock import write_lock
+        with write_lock(self.config.index_dir):
+            if create_database:
+                self.ensure_database()
+            yield
 
     # --- index <-> database consistency ---------------------------------------------------------
     def sync_index(self, index: "VectorIndex", mv_id: int, *, relayout: bool = True) -> int:
-        """Add vectors the database has and the index lacks (after a crash mid-ingest). Returns how many."""
+        """Add vectors the database has and the index lacks (after a crash mid-ingest). Returns how many.
+
+        The index must have been read before this call: writers commit to the database before they save the
+        index, so a database read after the index is never behind it. The count and the vectors come from
+        one snapshot, so a commit landing between them cannot make the two disagree."""
         dim = index.manifest.dim
-        with self.db.session() as s:
+        with self.db.snapshot() as s:
             count, max_id = repo.embedding_stats(s, mv_id)
             if index.ntotal > count:
-                raise IndexCorruptError(f"the index in {index.directory} holds {index.ntotal} vectors, "
-                                        f"the database only {count}",
-                                        hint="run `mretrieve index rebuild` to rebuild it from the database")
+                raise self._database_behind(index, count)
             added = 0
             if max_id > index.manifest.max_vector_id:
                 for ids, vectors in repo.iter_vectors(s, mv_id, dim, after_id=index.manifest.max_vector_id):
@@ -245,40 +296,64 @@ class Workspace:
         self._rebuild(index, mv_id, target)
         return True
 
-    def _rebuild(self, index: "VectorIndex", mv_id: int, layout) -> None:
+    def _rebuild(self, index: "VectorIndex", mv_id: int, layout,
+                 on_progress: Callable[[int, int], None] | None = None) -> None:
         dim = index.manifest.dim
         with self.db.session() as s:
             # 50 per centroid (FAISS wants >= 39): at 1M vectors and nlist 4096 a 20% sample, never all of them
             sample = (repo.sample_vectors(s, mv_id, dim, n=TRAINING_POINTS_PER_LIST * layout.nlist)
                       if layout.nlist else None)
-        index.rebuild(layout, sample, self._vector_chunks(mv_id, dim))
+        index.rebuild(layout, sample, self._vector_chunks(mv_id, dim, on_progress))
 
-    def _vector_chunks(self, mv_id: int, dim: int) -> Callable[[], Iterator]:
-        """A re-iterable stream of (ids, vectors) of one model version, a chunk at a time."""
+    def _vector_chunks(self, mv_id: int, dim: int,
+                       on_progress: Callable[[int, int], None] | None = None) -> Callable[[], Iterator]:
+        """A re-iterable stream of (ids, vectors) of one model version, a chunk at a time, from one snapshot;
+        ``on_progress(done, total)`` after each chunk."""
         def chunks():
-            with self.db.session() as s:
-                yield from repo.iter_vectors(s, mv_id, dim)
+            with self.db.snapshot() as s:
+                total = repo.embedding_stats(s, mv_id)[0] if on_progress else 0
+                done = 0
+                for ids, vectors in repo.iter_vectors(s, mv_id, dim):
+                    yield ids, vectors
+                    done += len(ids)
+                    if on_progress:
+                        on_progress(done, total)
         return chunks
 
-    def rebuild_index(self) -> "VectorIndex":
-        """Rebuild this model's index from the database (repairs a lost or corrupt index)."""
+    def rebuild_index(self, *, force: bool = False,
+                      on_progress: Callable[[int, int], None] | None = None) -> "VectorIndex":
+        """Rebuild this model's index from the database (repairs a lost or corrupt index).
+
+        Never shrinks an index (to nothing, or below its manifest's count) without ``force``: a database
+        with fewer vectors than the index was truncated or replaced, and the index is the better copy."""
         from .index import VectorIndex
         from .index.store import FLAT, Layout, new_faiss_index, plan_layout
-        with self.write_lock():
-            mv_id = self.model_version_id()
+        with self.write_lock(create_database=False):
             directory = self.index_directory()
-            directory.mkdir(parents=True, exist_ok=True)
             try:
                 old = Manifest.read(directory)
             except IndexCorruptError:
                 old = None
+            mv_id = self._existing_model_version_id()
+            count = 0
+            if mv_id is not None:
+                with self.db.session() as s:
+                    count, _ = repo.embedding_stats(s, mv_id)
+            floor = old.ntotal if old else 0
+            if not force and (count == 0 or count < floor):
+                raise DatabaseError(
+                    f"refusing to rebuild: the database {self._db.display_url} holds {count} vectors of model "
+                    f"{self.encoder.identity.key}, the index in {directory} {floor}; a rebuild would "
+                    + ("leave an empty index" if count == 0 else f"drop {floor - count} vectors"),
+                    hint="if the database was replaced or truncated, restore it from its backup; to rebuild "
+                         "from this database anyway, run `mretrieve index rebuild --force`")
+            mv_id = self.model_version_id()
+            directory.mkdir(parents=True, exist_ok=True)
             ident = self.encoder.identity
             fresh = Manifest.for_identity(ident, nprobe=old.nprobe if old else None)
             index = VectorIndex(directory, fresh, new_faiss_index(Layout(FLAT, None), self.config.index, ident.dim),
                                 self.config.index)
-            with self.db.session() as s:
-                count, _ = repo.embedding_stats(s, mv_id)
-            self._rebuild(index, mv_id, plan_layout(count, self.config.index))
+            self._rebuild(index, mv_id, plan_layout(count, self.config.index), on_progress)
             index.save()
             self._index = None
             return index
@@ -286,7 +361,7 @@ class Workspace:
     def tune_index(self, target: float = 0.95, *, queries: int = 1000, k: int = 10, seed: int = 0):
         """Choose nprobe for ``target`` recall@k against exact search on this corpus; saved in the manifest."""
         from .index.tune import exact_neighbours, tune_nprobe
-        with self.write_lock():
+        with self.write_lock(create_database=False):
             mv_id = self.model_version_id()
             index = self.open_index()
             self.sync_index(index, mv_id, relayout=False)
@@ -303,6 +378,8 @@ class Workspace:
     def ingest(self, root: str | os.PathLike, *, workers: int | None = None,
                on_progress: Callable[[int, int], None] | None = None) -> "IngestReport":
         from .ingest.runner import run_ingest
+        # run_ingest walks first (an empty archive touches nothing), then takes the write lock before the
+        # model loads, so a second ingest is refused at once
         report = run_ingest(self, root, workers=workers, on_progress=on_progress)
         self._index = None
         return report

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import sys
+
 import click
 
 from ._common import workspace
@@ -11,11 +13,28 @@ def index() -> None:
 
 
 @index.command()
+@click.option("--force", is_flag=True,
+              help="Rebuild even if the index would shrink (the database holds fewer vectors than the index).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.pass_context
-def rebuild(ctx: click.Context) -> None:
-    """Rebuild the configured model's index from the vectors in the database."""
+def rebuild(ctx: click.Context, force: bool, no_progress: bool) -> None:
+    """Rebuild the configured model's index from the vectors in the database.
+
+    Refuses to shrink the index unless --force: a database with fewer vectors than the index was most likely
+    truncated or replaced, and should be restored instead."""
+    from tqdm import tqdm
     ws = workspace(ctx)
-    rebuilt = ws.rebuild_index()
+    bar = tqdm(total=0, unit="vector", disable=no_progress, file=sys.stderr, leave=False)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        rebuilt = ws.rebuild_index(force=force, on_progress=progress)
+    finally:
+        bar.close()
     m = rebuilt.manifest
     click.echo(f"rebuilt {rebuilt.directory}: {m.index_type} nlist {m.nlist} ntotal {m.ntotal}")
 

@@ -78,6 +78,17 @@ class VectorIndex:
             manifest = Manifest.for_identity(identity)
             return cls(directory, manifest, new_faiss_index(Layout(FLAT, None), cfg, identity.dim), cfg)
         manifest.check_matches(identity)
+        for _ in range(10):
+            try:
+                return cls(directory, manifest, cls._read_index_file(directory, manifest, cfg), cfg)
+            except IndexCorruptError:
+                # a writer may have saved between our reading the manifest and its index file, removing the
+                # file we were told to read: that is no corruption, read the new manifest's file instead
+                again = Manifest.read(directory)
+                if again is None or again.index_file == manifest.index_file:
+                    raise
+                manifest = again
+                manifest.check_matches(identity)
         return cls(directory, manifest, cls._read_index_file(directory, manifest, cfg), cfg)
 
     @classmethod

@@ -8,6 +8,7 @@ index and the next open adds the missing vectors from the database (``Workspace.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -75,7 +76,7 @@ def _executor(workers: int, cfg: "IngestConfig") -> Executor:
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
                                initializer=prepare_worker_process,
-                               initargs=(cfg.heap_reuse, cfg.fast_path and cfg.sampled_clahe))
+                               initargs=(cfg.heap_reuse, cfg.fast_path and cfg.sampled_clahe, os.getpid()))
 
 
 def _screen(ws: "Workspace", paths: list[Path], mv_id: int, seen: set[str]) -> tuple[list[Path], list[Rejected], int]:

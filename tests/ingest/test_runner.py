@@ -240,8 +240,9 @@ def test_empty_archive_is_an_error_and_touches_nothing(tmp_path):
     (tmp_path / "sidecars" / "labels.csv").write_text("file,label\n")
     with pytest.raises(NotFoundError, match="1 file.s. skipped as not DICOM by extension"):
         ws.ingest(tmp_path / "sidecars", workers=0)
-    status = ws.status()
-    assert status["model_versions"] == [] and status["counts"]["rejected_files"] == 0
+    assert not (tmp_path / "state" / "mretrieve.db").exists()  # no database, so no model version or rejection
+    with pytest.raises(NotFoundError, match="no database"):
+        ws.status()
     assert not (cfg.index_dir / ".write.lock").exists()  # not even the lock was taken
 
 
@@ -277,9 +278,23 @@ def test_cli_ingest_skipped_empty_and_busy(tmp_path, monkeypatch):
     archive = tmp_path / "archive"
     synthetic_archive(archive, 1)
     (archive / "labels.csv").write_text("file,label\n")
+    import threading
     ws = Workspace(make_config(tmp_path / "state", encoder={"name": "resnet18"}))
-    with ws.write_lock():  # a second ingest while this one "writes"
+    holding, release = threading.Event(), threading.Event()
+
+    def writer() -> None:  # another writer (a thread here: the lock refuses other threads as other processes)
+        with ws.write_lock():
+            holding.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert holding.wait(30)
         result = run("ingest", archive, "--no-progress", "--workers", "0")
+    finally:
+        release.set()
+        thread.join()
     assert result.exit_code == 9, result.output
     assert f"another mretrieve process is writing to {tmp_path / 'state' / 'index'}" in result.output
 
