@@ -276,14 +276,16 @@ def test_kill_during_first_time_setup_never_leaves_a_broken_database(tmp_path):
     script = f"from mammo_retrieval.db import Database; Database({url!r}).upgrade()"
     rng = random.Random(5)
     killed_mid_setup = 0
-    for trial in range(6):
+    for trial in range(30):  # until kills have landed mid-setup twice (when they land depends on the load)
+        if trial >= 6 and killed_mid_setup >= 2:
+            break
         for name in ("m.db", "m.db-wal", "m.db-shm", "m.db-journal"):
             (tmp_path / name).unlink(missing_ok=True)
         proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
         deadline = time.monotonic() + 30
         while not (tmp_path / "m.db").exists() and time.monotonic() < deadline:
             time.sleep(0.002)
-        time.sleep(rng.uniform(0, 0.05))
+        time.sleep(rng.uniform(0, 0.05 if trial % 2 else 0.3))
         proc.kill()
         proc.wait()
         db = Database(url)
