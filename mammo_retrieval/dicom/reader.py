@@ -112,6 +112,8 @@ def _dcmread(path: Path) -> Dataset:
         raise _reject(path, C.UNREADABLE_FILE, f"cannot read file: {exc.strerror}") from None
     except Exception as exc:  # pydicom raises many types on a corrupt header
         raise _reject(path, C.UNREADABLE_HEADER, f"corrupt DICOM header: {type(exc).__name__}: {exc}") from None
+    for w in caught:  # passed on to the caller's capture (_quiet_pydicom), which may quote them
+        warnings.warn(w.message)
     # pydicom only warns when a file ends inside an undefined-length element (and may drop the dataset)
     if any("End of file reached" in str(w.message) for w in caught):
         raise _reject(path, C.TRUNCATED_PIXEL_DATA, "file ends before its encapsulated pixel data does "
