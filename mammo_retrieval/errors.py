@@ -69,6 +69,7 @@ class DicomRejected(MammoRetrievalError):
     def __init__(self, path: str | os.PathLike, code: RejectionCode | str, reason: str, *,
                  hint: str | None = None) -> None:
         shown = display_path(path)
+        reason = " ".join(str(reason).split())  # one line: a decoder's message may hold newlines
         super().__init__(f"{shown}: {reason}", hint=hint)
         self.path = shown
         self.code = RejectionCode(code).value  # an unknown code is a bug: ValueError here, not a silent row
