@@ -7,7 +7,9 @@ mapped once, at each boundary.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Iterable
 
 
@@ -47,16 +49,54 @@ class ConfigError(MammoRetrievalError):
     exit_code = 2
 
 
+class RejectionCode(StrEnum):
+    """Every reason a file can be refused: the one list (stored in ``rejected_files.code``)."""
+
+    EMPTY_FILE = "empty_file"
+    NOT_DICOM = "not_dicom"
+    UNREADABLE_FILE = "unreadable_file"
+    UNENCODABLE_PATH = "unencodable_path"
+    UNREADABLE_HEADER = "unreadable_header"
+    MISSING_UID = "missing_uid"
+    WRONG_MODALITY = "wrong_modality"
+    FOR_PROCESSING = "for_processing"
+    COLOUR_IMAGE = "colour_image"
+    NO_PIXEL_DATA = "no_pixel_data"
+    INVALID_PIXEL_MODULE = "invalid_pixel_module"
+    MULTIFRAME = "multiframe"
+    TOO_LARGE = "too_large"
+    SIZE_MISMATCH = "size_mismatch"
+    TRUNCATED_PIXEL_DATA = "truncated_pixel_data"
+    UNDECODABLE_PIXEL_DATA = "undecodable_pixel_data"
+    UNREADABLE_FOLDER = "unreadable_folder"  # a folder the walk cannot list
+
+
+# Never swallowed by a "one bad file" catch: the user or the interpreter asked to stop.
+FATAL_EXCEPTIONS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A path as text that can always be printed and stored: bytes that are not UTF-8 (kept by Python
+    as surrogates) become backslash escapes such as ``\\xff``."""
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:  # a surrogate that no file name could have produced
+        raw = os.fspath(path).encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 class DicomRejected(MammoRetrievalError):
-    """A file that cannot be ingested. ``code`` is a stable machine-readable reason."""
+    """A file that cannot be ingested. ``code`` is a stable machine-readable reason (a RejectionCode)."""
 
     exit_code = 3
 
-    def __init__(self, path: str, code: str, reason: str, *, hint: str | None = None,
-                 remedies: Iterable[Remedy] = ()) -> None:
-        super().__init__(f"{path}: {reason}", hint=hint, remedies=remedies)
-        self.path = str(path)
-        self.code = code
+    def __init__(self, path: str | os.PathLike, code: RejectionCode | str, reason: str, *,
+                 hint: str | None = None, remedies: Iterable[Remedy] = ()) -> None:
+        shown = display_path(path)
+        reason = " ".join(str(reason).split())  # one line: a decoder's message may hold newlines
+        super().__init__(f"{shown}: {reason}", hint=hint, remedies=remedies)
+        self.path = shown
+        self.code = RejectionCode(code).value  # an unknown code is a bug: ValueError here, not a silent row
         self.reason = reason
 
 

@@ -6,8 +6,12 @@ Two entry points: :func:`read_header` (cheap; used to skip files already ingeste
 """
 from __future__ import annotations
 
+import math
 import os
+import struct
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +22,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from ..config import ReaderConfig
-from ..errors import DicomRejected
+from ..errors import FATAL_EXCEPTIONS, DicomRejected
+from ..errors import RejectionCode as C
 from ..fileio import sha256_file
 from .codestream import j2k_dimensions, jpeg_dimensions
 from .header import HeaderFields, read_header_fields
@@ -29,11 +34,8 @@ FOR_PROCESSING_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image - For Processing
     "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral X-Ray Image - For Processing
 }
-REJECTION_CODES = (
-    "empty_file", "not_dicom", "unreadable_header", "missing_uid", "wrong_modality", "for_processing",
-    "colour_image", "no_pixel_data", "multiframe", "too_large", "size_mismatch", "truncated_pixel_data",
-    "undecodable_pixel_data", "unreadable_file",
-)
+# Rescale values whose products stay far inside float32 (3.4e38): larger ones make inf or a constant image.
+MAX_RESCALED = 1e30
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class StoredImage:
             return to_presentation(self.stored, self.header.photometric, slope=self.slope, intercept=self.intercept,
                                    window=self.window if voi_window else None)
         except ValueError as exc:
-            raise _reject(self.path, "unreadable_header", f"invalid rescale/window values: {exc}") from None
+            raise _reject(self.path, C.UNREADABLE_HEADER, f"invalid rescale/window values: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -70,31 +72,51 @@ class DicomImage:
     frame_index: int
 
 
-def _reject(path: str | os.PathLike, code: str, reason: str, hint: str | None = None) -> DicomRejected:
-    return DicomRejected(str(path), code, reason, hint=hint)
+def _reject(path: str | os.PathLike, code: C, reason: str, hint: str | None = None) -> DicomRejected:
+    return DicomRejected(path, code, reason, hint=hint)
+
+
+@contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """pydicom warns about every odd element (thousands on a large archive). Keep its warnings off stderr,
+    per file, and when the file is then refused, add the first one to the reason: it often says why."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        except DicomRejected as exc:
+            notes = list(dict.fromkeys(str(w.message).strip() for w in caught))
+            if not notes:
+                raise
+            note = notes[0] if len(notes[0]) <= 200 else notes[0][:197] + "..."
+            more = f" and {len(notes) - 1} more" if len(notes) > 1 else ""
+            raise DicomRejected(exc.path, exc.code, f"{exc.reason} (pydicom warned: {note}{more})",
+                                hint=exc.hint) from None
 
 
 def _dcmread(path: Path) -> Dataset:
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise _reject(path, "unreadable_file", f"cannot read file: {exc.strerror or exc}") from None
+        raise _reject(path, C.UNREADABLE_FILE, f"cannot read file: {exc.strerror or exc}") from None
     if size == 0:
-        raise _reject(path, "empty_file", "empty file (0 bytes)")
+        raise _reject(path, C.EMPTY_FILE, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # defer_size keeps PixelData on disk until it is validated against the header
             ds = pydicom.dcmread(path, defer_size="64 KB")
     except InvalidDicomError as exc:
-        raise _reject(path, "not_dicom", f"not a DICOM file ({exc})") from None
+        raise _reject(path, C.NOT_DICOM, f"not a DICOM file ({exc})") from None
     except PermissionError as exc:
-        raise _reject(path, "unreadable_file", f"cannot read file: {exc.strerror}") from None
+        raise _reject(path, C.UNREADABLE_FILE, f"cannot read file: {exc.strerror}") from None
     except Exception as exc:  # pydicom raises many types on a corrupt header
-        raise _reject(path, "unreadable_header", f"corrupt DICOM header: {type(exc).__name__}: {exc}") from None
+        raise _reject(path, C.UNREADABLE_HEADER, f"corrupt DICOM header: {type(exc).__name__}: {exc}") from None
+    for w in caught:  # passed on to the caller's capture (_quiet_pydicom), which may quote them
+        warnings.warn(w.message)
     # pydicom only warns when a file ends inside an undefined-length element (and may drop the dataset)
     if any("End of file reached" in str(w.message) for w in caught):
-        raise _reject(path, "truncated_pixel_data", "file ends before its encapsulated pixel data does "
+        raise _reject(path, C.TRUNCATED_PIXEL_DATA, "file ends before its encapsulated pixel data does "
                       "(truncated copy or interrupted transfer)")
     return ds
 
@@ -103,43 +125,99 @@ def _fields(path: Path, ds: Dataset) -> HeaderFields:
     try:
         return read_header_fields(ds)
     except KeyError as exc:
-        raise _reject(path, "missing_uid", f"missing {exc.args[0]}") from None
+        raise _reject(path, C.MISSING_UID, f"missing {exc.args[0]}") from None
     except Exception as exc:
-        raise _reject(path, "unreadable_header", f"corrupt header value: {type(exc).__name__}: {exc}") from None
+        raise _reject(path, C.UNREADABLE_HEADER, f"corrupt header value: {type(exc).__name__}: {exc}") from None
+
+
+def _int_value(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    return None if value is None or value == "" else int(value)
+
+
+def _check_pixel_module(path: Path, ds: Dataset, f: HeaderFields) -> None:
+    """The Image Pixel module must be self-consistent before a decoder trusts it."""
+    bits, stored = _int_value(ds, "BitsAllocated"), _int_value(ds, "BitsStored")
+    high, signed = _int_value(ds, "HighBit"), _int_value(ds, "PixelRepresentation")
+    if bits not in (8, 16):
+        problem = f"BitsAllocated={bits}: a greyscale mammogram is stored in 8 or 16 bits"
+    elif stored is None or not 1 <= stored <= bits:
+        problem = f"BitsStored={stored} is not between 1 and BitsAllocated={bits}"
+    elif high is not None and high != stored - 1:
+        problem = f"HighBit={high} but BitsStored={stored} (HighBit must be BitsStored - 1)"
+    elif signed not in (0, 1):
+        problem = f"PixelRepresentation={signed} (0 unsigned or 1 signed)"
+    elif signed == 1 and f.modality == "MG":
+        problem = ("PixelRepresentation=1 (signed), but mammography pixels are unsigned "
+                   "(the DX/MG image module allows only 0)")
+    else:
+        return
+    raise _reject(path, C.INVALID_PIXEL_MODULE, f"inconsistent pixel module: {problem}")
+
+
+def _rescale(path: Path, ds: Dataset) -> tuple[float, float]:
+    """RescaleSlope/Intercept, refused when NaN, infinite, zero or so large that the image becomes constant."""
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    try:
+        slope = 1.0 if slope is None or slope == "" else float(slope)
+        intercept = 0.0 if intercept is None or intercept == "" else float(intercept)
+    except (TypeError, ValueError) as exc:
+        raise _reject(path, C.UNREADABLE_HEADER, f"invalid rescale values: {exc}") from None
+    stored = _int_value(ds, "BitsStored") or 16
+    if not (math.isfinite(slope) and math.isfinite(intercept)) or np.float32(slope) == 0 \
+            or abs(slope) * 2.0 ** stored + abs(intercept) >= MAX_RESCALED:
+        raise _reject(path, C.INVALID_PIXEL_MODULE, f"unusable RescaleSlope={slope!r} / RescaleIntercept="
+                      f"{intercept!r} (the rescaled image would be constant or overflow)")
+    return slope, intercept
 
 
 def _check_header(path: Path, ds: Dataset, f: HeaderFields, cfg: ReaderConfig) -> None:
+    """Header checks; any exception from reading a corrupt value becomes an ``unreadable_header`` rejection."""
+    try:
+        _check_header_values(path, ds, f, cfg)
+    except DicomRejected:
+        raise
+    except Exception as exc:  # pydicom raises many types on a corrupt value (BytesLengthException, ...)
+        raise _reject(path, C.UNREADABLE_HEADER, f"corrupt header value: {type(exc).__name__}: {exc}") from None
+
+
+def _check_header_values(path: Path, ds: Dataset, f: HeaderFields, cfg: ReaderConfig) -> None:
     accepted = {m.upper() for m in cfg.accepted_modalities}
     if accepted and f.modality not in accepted:
-        raise _reject(path, "wrong_modality", f"Modality is '{f.modality or 'missing'}', expected one of "
+        raise _reject(path, C.WRONG_MODALITY, f"Modality is '{f.modality or 'missing'}', expected one of "
                       f"{sorted(accepted)}", hint="set reader.accepted_modalities in the config to accept it")
     intent = str(ds.get("PresentationIntentType", "")).upper()
     if cfg.skip_for_processing and (intent == "FOR PROCESSING" or str(ds.get("SOPClassUID", "")) in FOR_PROCESSING_SOP_CLASSES):
-        raise _reject(path, "for_processing", "FOR PROCESSING (raw detector) image, skipped by configuration",
+        raise _reject(path, C.FOR_PROCESSING, "FOR PROCESSING (raw detector) image, skipped by configuration",
                       hint="set reader.skip_for_processing: false to ingest it")
     spp = int(ds.get("SamplesPerPixel") or 1)
     if spp != 1 or f.photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise _reject(path, "colour_image", f"colour image (SamplesPerPixel={spp}, "
+        raise _reject(path, C.COLOUR_IMAGE, f"colour image (SamplesPerPixel={spp}, "
                       f"PhotometricInterpretation={f.photometric or 'missing'}); mammograms are greyscale")
     if "PixelData" not in ds:
-        raise _reject(path, "no_pixel_data", "no PixelData element (not an image, or header only)")
+        raise _reject(path, C.NO_PIXEL_DATA, "no PixelData element (not an image, or header only)")
+    _check_pixel_module(path, ds, f)
     if f.rows <= 0 or f.columns <= 0:
-        raise _reject(path, "size_mismatch", f"invalid Rows x Columns {f.rows} x {f.columns}")
+        raise _reject(path, C.SIZE_MISMATCH, f"invalid Rows x Columns {f.rows} x {f.columns}")
+    if f.number_of_frames < 1:
+        raise _reject(path, C.SIZE_MISMATCH, f"invalid NumberOfFrames {f.number_of_frames}")
     if f.number_of_frames > 1 and cfg.multiframe == "reject":
-        raise _reject(path, "multiframe", f"multi-frame image ({f.number_of_frames} frames, e.g. tomosynthesis)",
+        raise _reject(path, C.MULTIFRAME, f"multi-frame image ({f.number_of_frames} frames, e.g. tomosynthesis)",
                       hint="set reader.multiframe: middle to index the middle frame")
     if f.rows * f.columns * f.number_of_frames > cfg.max_pixels:
-        raise _reject(path, "too_large", f"header claims {f.rows} x {f.columns} x {f.number_of_frames} pixels, "
+        raise _reject(path, C.TOO_LARGE, f"header claims {f.rows} x {f.columns} x {f.number_of_frames} pixels, "
                       f"over reader.max_pixels={cfg.max_pixels}")
+    _rescale(path, ds)
 
 
 def read_header(path: str | os.PathLike, cfg: ReaderConfig) -> HeaderFields:
     """Identity and validity from the header alone (pixels are not read)."""
     path = Path(path)
-    ds = _dcmread(path)
-    fields = _fields(path, ds)
-    _check_header(path, ds, fields, cfg)
-    return fields
+    with _quiet_pydicom():
+        ds = _dcmread(path)
+        fields = _fields(path, ds)
+        _check_header(path, ds, fields, cfg)
+        return fields
 
 
 def _check_pixel_data(path: Path, ds: Dataset, f: HeaderFields) -> None:
@@ -153,11 +231,15 @@ def _check_pixel_data(path: Path, ds: Dataset, f: HeaderFields) -> None:
         length = getattr(elem, "length", None)
         tell = getattr(elem, "value_tell", None)
         if length is not None and tell is not None and tell + length > file_size:
-            raise _reject(path, "truncated_pixel_data", f"pixel data truncated: element declares {length} bytes, "
+            raise _reject(path, C.TRUNCATED_PIXEL_DATA, f"pixel data truncated: element declares {length} bytes, "
                           f"file ends after {max(0, file_size - tell)}")
         actual = len(ds.PixelData)
+        if actual > expected + 1:  # one pad byte makes an odd length even
+            raise _reject(path, C.SIZE_MISMATCH, f"header claims {f.rows} x {f.columns} x {f.number_of_frames} "
+                          f"at {bits} bits ({expected} bytes) but pixel data holds {actual} bytes: Rows or "
+                          "Columns do not match the image (it would be sheared)")
         if actual < expected:
-            raise _reject(path, "size_mismatch" if length == actual else "truncated_pixel_data",
+            raise _reject(path, C.SIZE_MISMATCH if length == actual else C.TRUNCATED_PIXEL_DATA,
                           f"header claims {f.rows} x {f.columns} x {f.number_of_frames} at {bits} bits "
                           f"({expected} bytes) but pixel data holds {actual} bytes")
         return
@@ -165,7 +247,7 @@ def _check_pixel_data(path: Path, ds: Dataset, f: HeaderFields) -> None:
         frames = pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=f.number_of_frames)
         first = next(frames)
     except Exception as exc:
-        raise _reject(path, "truncated_pixel_data", f"encapsulated pixel data unreadable: {exc}") from None
+        raise _reject(path, C.TRUNCATED_PIXEL_DATA, f"encapsulated pixel data unreadable: {exc}") from None
     dims = None
     if tsyntax.name.startswith("JPEG 2000"):
         dims = j2k_dimensions(first)
@@ -174,11 +256,43 @@ def _check_pixel_data(path: Path, ds: Dataset, f: HeaderFields) -> None:
     elif tsyntax == pydicom.uid.RLELossless:
         # an RLE byte run expands at most 128:2, so a tiny stream cannot hold a huge image
         if f.rows * f.columns * (bits // 8) > 64 * len(first) + 64:
-            raise _reject(path, "size_mismatch", f"header claims {f.rows} x {f.columns} but the RLE frame "
+            raise _reject(path, C.SIZE_MISMATCH, f"header claims {f.rows} x {f.columns} but the RLE frame "
                           f"holds only {len(first)} bytes")
+        _check_rle_frame(path, first, f, bits)
     if dims is not None and dims != (f.rows, f.columns):
-        raise _reject(path, "size_mismatch", f"header claims {f.rows} x {f.columns} but the compressed frame "
+        raise _reject(path, C.SIZE_MISMATCH, f"header claims {f.rows} x {f.columns} but the compressed frame "
                       f"is {dims[0]} x {dims[1]}")
+
+
+def _check_rle_frame(path: Path, frame: bytes, f: HeaderFields, bits: int) -> None:
+    """Each RLE segment (one per byte of a sample) must expand to exactly Rows x Columns bytes. Checked
+    segment by segment first because pylibjpeg-rle's frame decoder panics (a Rust panic that also prints a
+    backtrace) or shears the image when the header lies about Rows or Columns."""
+    try:
+        from rle.rle import decode_segment
+    except ImportError:  # another RLE plugin decodes: it checks lengths itself
+        return
+    if len(frame) < 64:
+        raise _reject(path, C.TRUNCATED_PIXEL_DATA, f"RLE frame of {len(frame)} bytes is shorter than its header")
+    count, *offsets = struct.unpack("<16I", frame[:64])
+    if count != bits // 8:
+        raise _reject(path, C.SIZE_MISMATCH, f"RLE frame has {count} segments; BitsAllocated={bits} needs {bits // 8}")
+    bounds = [*offsets[:count], len(frame)]
+    if bounds[0] != 64 or any(b <= a for a, b in zip(bounds, bounds[1:])):
+        raise _reject(path, C.UNDECODABLE_PIXEL_DATA, f"RLE segment offsets {offsets[:count]} are out of order "
+                      "or out of the frame")
+    expected = f.rows * f.columns
+    for start, end in zip(bounds, bounds[1:]):
+        try:
+            n = len(decode_segment(frame[start:end]))
+        except FATAL_EXCEPTIONS:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a Rust panic is a BaseException
+            raise _reject(path, C.UNDECODABLE_PIXEL_DATA, f"RLE segment cannot be decoded: "
+                          f"{type(exc).__name__}: {exc}") from None
+        if n not in (expected, expected + 1):  # one pad byte may decode to one more value
+            raise _reject(path, C.SIZE_MISMATCH, f"header claims {f.rows} x {f.columns} ({expected} values) but "
+                          f"an RLE segment holds {n}")
 
 
 def reduction_for(f: HeaderFields, target: int | None) -> int:
@@ -219,12 +333,14 @@ def _decode(path: Path, ds: Dataset, f: HeaderFields, frame: int, reduction: int
             arr = pydicom.pixels.pixel_array(ds, index=frame)
         else:
             arr = ds.pixel_array
-    except Exception as exc:
-        raise _reject(path, "undecodable_pixel_data", f"pixel data cannot be decoded "
+    except FATAL_EXCEPTIONS:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a Rust decoder's panic (pyo3 PanicException) is a BaseException
+        raise _reject(path, C.UNDECODABLE_PIXEL_DATA, f"pixel data cannot be decoded "
                       f"({UID(f.transfer_syntax).name if f.transfer_syntax else 'no transfer syntax'}): "
                       f"{type(exc).__name__}: {exc}") from None
     if arr.shape != (f.rows, f.columns):
-        raise _reject(path, "size_mismatch", f"decoded frame is {arr.shape}, header claims {f.rows} x {f.columns}")
+        raise _reject(path, C.SIZE_MISMATCH, f"decoded frame is {arr.shape}, header claims {f.rows} x {f.columns}")
     return arr
 
 
@@ -240,10 +356,21 @@ def read_stored(path: str | os.PathLike, cfg: ReaderConfig, *, reduce_to: int | 
     """Validated decode of the stored values: header checks, size checks, decode (JPEG 2000 at reduced
     resolution when ``reduce_to`` allows it and glymur/libopenjp2 are present)."""
     path = Path(path)
+    with _quiet_pydicom():
+        return _read_stored(path, cfg, reduce_to)
+
+
+def _read_stored(path: Path, cfg: ReaderConfig, reduce_to: int | None) -> StoredImage:
     ds = _dcmread(path)
     fields = _fields(path, ds)
     _check_header(path, ds, fields, cfg)
-    _check_pixel_data(path, ds, fields)
+    try:
+        _check_pixel_data(path, ds, fields)
+    except DicomRejected:
+        raise
+    except Exception as exc:
+        raise _reject(path, C.UNREADABLE_HEADER, f"pixel data element unreadable: {type(exc).__name__}: "
+                      f"{exc}") from None
     frame = fields.number_of_frames // 2 if fields.number_of_frames > 1 else 0
     reduction = reduction_for(fields, reduce_to)
     try:
@@ -252,11 +379,13 @@ def read_stored(path: str | os.PathLike, cfg: ReaderConfig, *, reduce_to: int | 
         if reduction == 1:
             raise
         reduction, stored = 1, _decode(path, ds, fields, frame)  # the reduced decoder failed: decode fully
+    slope, intercept = _rescale(path, ds)
     try:
-        slope, intercept = float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0)
         window = _window(ds)
-    except (TypeError, ValueError) as exc:
-        raise _reject(path, "unreadable_header", f"invalid rescale/window values: {exc}") from None
+    except Exception as exc:  # a corrupt DS value raises more than ValueError
+        raise _reject(path, C.UNREADABLE_HEADER, f"invalid window values: {exc}") from None
+    if window is not None and not all(math.isfinite(v) and abs(v) < MAX_RESCALED for v in window[:2]):
+        raise _reject(path, C.INVALID_PIXEL_MODULE, f"unusable WindowCenter/WindowWidth {window[0]!r}/{window[1]!r}")
     return StoredImage(path=str(path), header=fields, stored=stored, sha256=sha256_file(path), frame_index=frame,
                        slope=slope, intercept=intercept, window=window, reduction=reduction)
 

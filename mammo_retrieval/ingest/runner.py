@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 
 from ..db import repository as repo
 from ..dicom.reader import read_header
-from ..errors import DicomRejected, NotFoundError
+from ..errors import FATAL_EXCEPTIONS, DicomRejected, NotFoundError, RejectionCode
 from ..preprocess import normalise
 from .stages import Prepared, Rejected, prepare_file
 from .threads import EncoderThreads
@@ -30,6 +30,7 @@ from .worker import prepare_worker_process
 
 if TYPE_CHECKING:
     from ..api import Workspace
+    from ..dicom.header import HeaderFields
     from ..config import IngestConfig
 
 HEADER_CHUNK = 256
@@ -79,27 +80,89 @@ def _executor(workers: int, cfg: "IngestConfig") -> Executor:
                                initargs=(cfg.heap_reuse, cfg.fast_path and cfg.sampled_clahe, os.getpid()))
 
 
-def _screen(ws: "Workspace", paths: list[Path], mv_id: int, seen: set[str]) -> tuple[list[Path], list[Rejected], int]:
+class Copies:
+    """SOPInstanceUIDs of this run: those embedded, and those being decoded with the other copies that wait
+    on each. A copy counts as already present only once a copy with its UID is embedded, so a corrupt copy
+    that is read first never hides a good one: when it is rejected, the next copy is decoded instead."""
+
+    def __init__(self) -> None:
+        self.embedded: set[str] = set()
+        self.waiting: dict[str, list[Path]] = {}
+
+    def claim(self, uid: str, path: Path) -> str:
+        """'decode' (the first copy seen), 'wait' (another copy is being decoded) or 'present'."""
+        if uid in self.embedded:
+            return "present"
+        if uid in self.waiting:
+            self.waiting[uid].append(path)
+            return "wait"
+        self.waiting[uid] = []
+        return "decode"
+
+    def decoded(self, uid: str) -> list[Path]:
+        """A copy was embedded: the copies that waited on it are already present."""
+        self.embedded.add(uid)
+        return self.waiting.pop(uid, [])
+
+    def failed(self, uid: str) -> Path | None:
+        """A copy was rejected: the next waiting copy to decode, if any."""
+        waiting = self.waiting.get(uid)
+        if waiting:
+            return waiting.pop(0)
+        self.waiting.pop(uid, None)
+        return None
+
+
+def _unencodable(path: Path) -> Rejected | None:
+    """A name that is not valid UTF-8 cannot be stored (nor shown) as text: refuse it, naming its bytes."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return Rejected.of(str(path), RejectionCode.UNENCODABLE_PATH,
+                           f"file name is not valid UTF-8: {os.fsencode(path)!r}; rename it to ingest it")
+    return None
+
+
+def _screen_one(path: Path, cfg) -> "HeaderFields | Rejected":
+    """One file's header check; never raises for a bad file."""
+    if (bad_name := _unencodable(path)) is not None:
+        return bad_name
+    try:
+        return read_header(path, cfg)
+    except DicomRejected as exc:
+        return Rejected(exc.path, exc.code, exc.reason)
+    except FATAL_EXCEPTIONS:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - last resort: one file's surprise must not lose the batch
+        return Rejected.of(str(path), RejectionCode.UNREADABLE_HEADER,
+                           f"header unreadable: unexpected {type(exc).__name__}: {exc}")
+
+
+def _screen(ws: "Workspace", paths: list[Path], mv_id: int,
+            copies: Copies) -> tuple[list[tuple[Path, str]], list[Rejected], int]:
     """Header pass: reject what the header already condemns, skip SOPInstanceUIDs already embedded.
 
-    Returns (paths to decode, rejections, number already present). Identity is SOPInstanceUID, so a copy
-    of a file under another path counts as already present.
+    Returns ((path, SOPInstanceUID) to decode, rejections, number already present). Identity is
+    SOPInstanceUID, so a copy of an embedded file under another path counts as already present; a copy of a
+    file still being decoded waits in ``copies`` (see :class:`Copies`).
     """
     headers, rejected = {}, []
     for path in paths:
-        try:
-            headers[path] = read_header(path, ws.config.reader)
-        except DicomRejected as exc:
-            rejected.append(Rejected(exc.path, exc.code, exc.reason))
+        result = _screen_one(path, ws.config.reader)
+        if isinstance(result, Rejected):
+            rejected.append(result)
+        else:
+            headers[path] = result
     with ws.db.session() as s:
         known = repo.embedded_sops(s, (h.sop_instance_uid for h in headers.values()), mv_id)
+    copies.embedded.update(known)
     todo, present = [], []
     for path, header in headers.items():
-        if header.sop_instance_uid in known or header.sop_instance_uid in seen:
+        claim = copies.claim(header.sop_instance_uid, path)
+        if claim == "present":
             present.append(str(path))
-        else:
-            seen.add(header.sop_instance_uid)
-            todo.append(path)
+        elif claim == "decode":
+            todo.append((path, header.sop_instance_uid))
     if present:
         with ws.db.session() as s:
             repo.clear_rejections(s, present)
@@ -187,6 +250,10 @@ def run_ingest(ws: "Workspace", root: str | Path, *, workers: int | None = None,
                 report.ingested += len(batch)
                 batch.clear()
                 batches_since_save += 1
+            if present_paths:
+                with ws.db.session() as s:
+                    repo.clear_rejections(s, present_paths)
+                present_paths.clear()
             if pending_rejections:
                 with ws.db.session() as s:
                     repo.record_rejections(s, ((r.path, r.code, r.reason) for r in pending_rejections))
@@ -195,35 +262,46 @@ def run_ingest(ws: "Workspace", root: str | Path, *, workers: int | None = None,
                 index.save()
                 batches_since_save = 0
 
-        seen: set[str] = set()
+        copies = Copies()
+        present_paths: list[str] = []
         max_in_flight = max(2, workers) * 4 + batch_size
         threads = EncoderThreads(encoder, ws.config.ingest.encoder_threads, workers)
         with _executor(workers, ws.config.ingest) as pool, threads:
-            in_flight: deque[Future] = deque()
+            in_flight: deque[tuple[Future, str]] = deque()
 
-            def collect(future: Future) -> None:
+            def submit(path: Path, uid: str) -> None:
+                in_flight.append((pool.submit(prepare_file, str(path), ws.config.reader, settings,
+                                              **ws.prepare_options()), uid))
+
+            def collect(item: tuple[Future, str]) -> None:
                 nonlocal done
+                future, uid = item
                 waiting = time.perf_counter()
                 result = future.result()
                 threads.waited(time.perf_counter() - waiting)
                 if isinstance(result, Rejected):
                     report.rejected.append(result)
                     pending_rejections.append(result)
+                    if (next_copy := copies.failed(uid)) is not None:
+                        submit(next_copy, uid)  # a rejected copy must not hide a good one
                 else:
                     batch.append(result)
+                    others = copies.decoded(uid)
+                    report.already_present += len(others)
+                    present_paths.extend(str(p) for p in others)
+                    done += len(others)
                 done += 1
                 if len(batch) >= batch_size:
                     flush()
 
             for start in range(0, len(paths), HEADER_CHUNK):
-                todo, header_rejected, n_present = _screen(ws, paths[start:start + HEADER_CHUNK], mv_id, seen)
+                todo, header_rejected, n_present = _screen(ws, paths[start:start + HEADER_CHUNK], mv_id, copies)
                 report.rejected.extend(header_rejected)
                 pending_rejections.extend(header_rejected)
                 report.already_present += n_present
                 done += len(header_rejected) + n_present
-                for path in todo:
-                    in_flight.append(pool.submit(prepare_file, str(path), ws.config.reader, settings,
-                                                 **ws.prepare_options()))
+                for path, uid in todo:
+                    submit(path, uid)
                     while len(in_flight) >= max_in_flight:
                         collect(in_flight.popleft())
                 if on_progress:

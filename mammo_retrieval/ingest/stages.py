@@ -9,7 +9,7 @@ import numpy as np
 from ..config import ReaderConfig
 from ..dicom.header import HeaderFields
 from ..dicom.reader import read_image, read_stored
-from ..errors import DicomRejected
+from ..errors import FATAL_EXCEPTIONS, DicomRejected, RejectionCode, display_path
 from ..preprocess import PreprocessSettings, to_display_uint8
 from ..preprocess.fast import display_from_stored
 from ..preprocess.fast import downscale_early as early_downscale
@@ -28,9 +28,16 @@ class Prepared:
 
 @dataclass(frozen=True)
 class Rejected:
+    """A refused file. ``path`` is printable and storable text (see ``errors.display_path``); ``code`` is a
+    RejectionCode value."""
+
     path: str
     code: str
     reason: str
+
+    @classmethod
+    def of(cls, path: str, code: RejectionCode, reason: str) -> "Rejected":
+        return cls(display_path(path), RejectionCode(code).value, reason)
 
 
 def prepare_file(path: str, reader_cfg: ReaderConfig, settings: PreprocessSettings, *, fast: bool = True,
@@ -59,6 +66,8 @@ def prepare_file(path: str, reader_cfg: ReaderConfig, settings: PreprocessSettin
     except DicomRejected as exc:
         return Rejected(exc.path, exc.code, exc.reason)
     except MemoryError:
-        return Rejected(str(path), "too_large", "not enough memory to decode this image")
-    except Exception as exc:  # a decoder bug must not stop the archive
-        return Rejected(str(path), "undecodable_pixel_data", f"unexpected {type(exc).__name__}: {exc}")
+        return Rejected.of(path, RejectionCode.TOO_LARGE, "not enough memory to decode this image")
+    except FATAL_EXCEPTIONS:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a decoder bug (even a Rust panic) must not stop the archive
+        return Rejected.of(path, RejectionCode.UNDECODABLE_PIXEL_DATA, f"unexpected {type(exc).__name__}: {exc}")

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import RejectionCode
+
 SKIP_NAMES = {"DICOMDIR"}  # a directory record, not an image
 # Extensions that are never a DICOM image in an archive. Deliberately short: DICOM files often carry no
 # extension or a UID-like one ("...1268071029.320"), which none of these match.
@@ -20,7 +22,7 @@ NOT_DICOM_SUFFIXES = frozenset({
     ".png", ".jpg", ".jpeg", ".gif", ".py", ".db", ".sqlite", ".sqlite3", ".zip", ".gz",
 })
 NOT_DICOM_ENDINGS = ("-wal", "-shm", "-journal")  # SQLite's side files, e.g. mretrieve.db-wal
-UNREADABLE_FOLDER = "unreadable_folder"
+UNREADABLE_FOLDER = RejectionCode.UNREADABLE_FOLDER.value
 
 
 @dataclass(frozen=True)
