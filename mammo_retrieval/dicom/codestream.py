@@ -42,3 +42,11 @@ def j2k_dimensions(data: bytes) -> tuple[int, int] | None:
         return None
     xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", data[start + 8:start + 24])
     return ysiz - yosiz, xsiz - xosiz
+
+
+def power_of_two_reduction(rows: int, columns: int, target: int) -> int:
+    """Largest power of two r with min(rows, columns) / r still >= target (what JPEG 2000 decoding allows)."""
+    reduction = 1
+    while min(rows, columns) // (reduction * 2) >= target:
+        reduction *= 2
+    return reduction

@@ -25,7 +25,7 @@ from ..config import ReaderConfig
 from ..errors import FATAL_EXCEPTIONS, DicomRejected
 from ..errors import RejectionCode as C
 from ..fileio import sha256_file
-from .codestream import j2k_dimensions, jpeg_dimensions
+from .codestream import j2k_dimensions, jpeg_dimensions, power_of_two_reduction
 from .header import HeaderFields, read_header_fields
 from .pixels import to_presentation
 
@@ -305,7 +305,6 @@ def reduction_for(f: HeaderFields, target: int | None) -> int:
             return 1
     except Exception:
         return 1
-    from ..preprocess.fast import power_of_two_reduction
     return power_of_two_reduction(f.rows, f.columns, target)
 
 

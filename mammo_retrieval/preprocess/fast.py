@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..dicom.codestream import power_of_two_reduction
 from .primer import PreprocessSettings, finish_display, to_display_uint8
 
 if TYPE_CHECKING:
@@ -58,14 +59,6 @@ def percentile_scale_uint8_integer(stored: np.ndarray, low: float, high: float) 
     counts = np.bincount(shifted.ravel(), minlength=largest - smallest + 1)
     lut = scaling_lut(counts, smallest, low, high)
     return lut[shifted] if smallest else lut[stored]
-
-
-def power_of_two_reduction(rows: int, columns: int, target: int) -> int:
-    """Largest power of two r with min(rows, columns) / r still >= target (what JPEG 2000 decoding allows)."""
-    reduction = 1
-    while min(rows, columns) // (reduction * 2) >= target:
-        reduction *= 2
-    return reduction
 
 
 def downscale_early(image: "StoredImage", target: int) -> "StoredImage":
