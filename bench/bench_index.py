@@ -90,8 +90,8 @@ def measure_flat(data, queries, truth) -> dict:
 def memory_bench(dim: int, n: int, home: Path) -> dict:
     """Populate a workspace database with n vectors (made a batch at a time), then build the index from
     it as ingest and `index rebuild` do. Peak RSS against the raw size of the vectors."""
-    from mammo_retrieval.api import Workspace
-    from mammo_retrieval.config import load_config
+    from mammo_retrieval.app.workspace import Workspace
+    from mammo_retrieval.core.config import load_config
     from synthetic import populate_stream
     name = {512: "resnet18", 2048: "resnet50", 1024: "densenet121"}[dim]
     cfg = load_config(env={"MRETRIEVE_HOME": str(home)}).replace("encoder", name=name)

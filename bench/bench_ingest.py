@@ -80,8 +80,8 @@ LEVERS = [  # name, config overrides; each row adds one lever to the row above u
 def run_ours(paths: list[Path], home: Path, overrides: dict, archive: Path,
              encoder: str = "resnet50") -> tuple[float, np.ndarray, list[str]]:
     from mammo_retrieval.analysis.vectors import load_embeddings
-    from mammo_retrieval.api import Workspace
-    from mammo_retrieval.config import load_config
+    from mammo_retrieval.app.workspace import Workspace
+    from mammo_retrieval.core.config import load_config
     shutil.rmtree(home, ignore_errors=True)
     cfg = load_config(env={"MRETRIEVE_HOME": str(home)})
     cfg = cfg.replace("encoder", name=encoder, weights=None, batch_size=16)

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import insert
 
-from mammo_retrieval.api import Workspace
-from mammo_retrieval.db import repository as repo
-from mammo_retrieval.db.models import Embedding, Image, Study
+from mammo_retrieval.app.workspace import Workspace
+from mammo_retrieval.storage.catalog import repository as repo
+from mammo_retrieval.storage.catalog.models import Embedding, Image, Study
 
 
 def embedding_like(n: int, dim: int = 2048, latent: int = 64, clusters: int = 50, seed: int = 0,
@@ -58,7 +58,7 @@ def populate_stream(ws: Workspace, n: int, vectors_for, batch: int = 5_000) -> f
 
 
 def synthetic_workspace(home: Path, n: int, seed: int = 0, encoder: str = "mammo-simclr") -> Workspace:
-    from mammo_retrieval.config import load_config
+    from mammo_retrieval.core.config import load_config
     ws = Workspace(load_config(env={"MRETRIEVE_HOME": str(home)}).replace("encoder", name=encoder))
     with ws.db.session() as s:
         count = repo.counts(s)["embeddings"]

@@ -1,8 +1,8 @@
-"""Alembic environment: the URL and an open connection come from mammo_retrieval.db.Database."""
+"""Alembic environment: the URL and an open connection come from mammo_retrieval.storage.catalog.Database."""
 from alembic import context
 from sqlalchemy import create_engine
 
-from mammo_retrieval.db.models import Base
+from mammo_retrieval.storage.catalog.models import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -17,7 +17,7 @@ def run_migrations_online() -> None:
         return
     url = config.get_main_option("sqlalchemy.url")
     if not url:
-        from mammo_retrieval.config import load_config
+        from mammo_retrieval.core.config import load_config
         url = load_config().database_url
     engine = create_engine(url)
     with engine.connect() as conn:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mammo_retrieval.config import load_config
+from mammo_retrieval.core.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 MIAS_DIR = REPO.parent / "shared" / "data" / "mias"
@@ -73,7 +73,7 @@ def mias_workspace(tmp_path_factory, mias_dir):
     """MIAS (linked, not copied) plus planted outliers, ingested once with ResNet-18 for the analysis tests."""
     import os
 
-    from mammo_retrieval.api import Workspace
+    from mammo_retrieval.app.workspace import Workspace
     root = tmp_path_factory.mktemp("mias_ws")
     archive = root / "archive"
     for path in sorted(mias_dir.rglob("*.dcm")):

@@ -11,12 +11,12 @@ import faiss
 import numpy as np
 from sklearn import metrics
 
-from ..errors import ConfigError, MammoRetrievalError
-from .labels import present as label_present
-from .vectors import EmbeddingTable
+from mammo_retrieval.core.errors import ConfigError, MammoRetrievalError
+from mammo_retrieval.analysis.labels import present as label_present
+from mammo_retrieval.analysis.vectors import EmbeddingTable
 
 if TYPE_CHECKING:
-    from ..index import VectorIndex
+    from mammo_retrieval.storage.index import VectorIndex
 
 SILHOUETTE_SAMPLE = 10_000   # silhouette is quadratic: sampled above this
 PROJECTION_SAMPLE = 5_000    # t-SNE and UMAP: sampled above this

@@ -8,7 +8,7 @@ from collections import Counter
 
 import numpy as np
 
-from ..preprocess.primer import breast_side, side_margin
+from mammo_retrieval.preprocess.primer import breast_side, side_margin
 
 DARK, BRIGHT = 16, 239
 # below this margin the breast fills the frame and the side is a guess (MIAS mdb151/152: 0.07, 0.11)

@@ -23,15 +23,15 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from ..errors import ConfigError, MammoRetrievalError
+from mammo_retrieval.core.errors import ConfigError, MammoRetrievalError
 
 # on_progress(step, done, total): the library reports, the CLI renders
 Progress = Callable[[str, int, int], None]
 
-from .labels import present
+from mammo_retrieval.analysis.labels import present
 
 if TYPE_CHECKING:
-    from ..db.corpus import Corpus
+    from mammo_retrieval.storage.catalog.corpus import Corpus
 
 
 def l2_rows(x: np.ndarray) -> np.ndarray:
@@ -152,8 +152,8 @@ def evaluate(corpus: Corpus, labels_csv: str, *, columns: list[str] | None = Non
              ks: tuple[int, ...] = (1, 5, 10), patients: set[str] | None = None,
              on_progress: Progress | None = None) -> dict:
     """The serving encoder and the two references, on the labelled images (of ``patients`` only, if given)."""
-    from .labels import join_labels, label_columns, read_labels
-    from .vectors import load_embeddings
+    from mammo_retrieval.analysis.labels import join_labels, label_columns, read_labels
+    from mammo_retrieval.analysis.vectors import load_embeddings
     progress = on_progress or (lambda step, done, total: None)
     if not ks or min(ks) < 1:
         raise ConfigError(f"k must be at least 1 for precision@k, got {', '.join(map(str, ks)) or 'nothing'}",

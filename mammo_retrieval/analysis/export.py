@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..csv_safety import write_frame
-from .vectors import EmbeddingTable
+from mammo_retrieval.core.csv_safety import write_frame
+from mammo_retrieval.analysis.vectors import EmbeddingTable
 
 JOINED_COLUMNS = {"sop_instance_uid": "SOPInstanceUID", "accession_number": "AccessionNumber",
                   "patient_id": "PatientID", "study_instance_uid": "StudyInstanceUID",

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigError
+from mammo_retrieval.core.errors import ConfigError
 
 
 class LabelsError(ConfigError):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from ..index.store import auto_nlist
+from mammo_retrieval.storage.index.store import auto_nlist
 
 
 @dataclass

@@ -10,13 +10,13 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from ..csv_safety import write_frame
-from ..db import repository as repo
-from ..db.corpus import Corpus, Picture
-from ..errors import ConfigError, MammoRetrievalError
-from .content_checks import header_flags, side_convention
-from .neighbours import Neighbours, knn
-from .vectors import EmbeddingTable, load_embeddings
+from mammo_retrieval.core.csv_safety import write_frame
+from mammo_retrieval.storage.catalog import repository as repo
+from mammo_retrieval.storage.catalog.corpus import Corpus, Picture
+from mammo_retrieval.core.errors import ConfigError, MammoRetrievalError
+from mammo_retrieval.analysis.content_checks import header_flags, side_convention
+from mammo_retrieval.analysis.neighbours import Neighbours, knn
+from mammo_retrieval.analysis.vectors import EmbeddingTable, load_embeddings
 
 METHODS = ("knn", "lof", "iforest")
 
@@ -132,7 +132,7 @@ def run_qc(corpus: Corpus, *, method: str = "knn", k: int = 10, dup_threshold: f
 
 
 def _header_flags(picture: Picture, table: EmbeddingTable, progress: Progress = _quiet) -> list[str]:
-    from ..preprocess.primer import breast_side
+    from mammo_retrieval.preprocess.primer import breast_side
     images = []
     for i, sop in enumerate(table.meta.sop_instance_uid):
         progress("header checks on the cached images", i, len(table))
@@ -155,7 +155,7 @@ def _record(corpus: Corpus, result: QcResult) -> None:
 
 def write_outputs(picture: Picture, result: QcResult, out: Path, top: int,
                   on_progress: Progress | None = None) -> dict[str, Path]:
-    from .qc_report import write_html
+    from mammo_retrieval.analysis.qc_report import write_html
     progress = on_progress or _quiet
     progress("writing the outputs and report thumbnails", 0, 1)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
-    from ..db.corpus import Picture
-    from .qc import QcResult
+    from mammo_retrieval.storage.catalog.corpus import Picture
+    from mammo_retrieval.analysis.qc import QcResult
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..db import repository as repo
-from ..db.corpus import Corpus
-from ..errors import NotFoundError
+from mammo_retrieval.storage.catalog import repository as repo
+from mammo_retrieval.storage.catalog.corpus import Corpus
+from mammo_retrieval.core.errors import NotFoundError
 
 META_COLUMNS = repo.EMBEDDING_TABLE_COLUMNS
 

@@ -2,7 +2,7 @@
 
 Two entry points: :func:`read_header` (cheap; used to skip files already ingested) and
 :func:`read_image` (validated decode to a presentation-ready float32 image). Every refusal is a
-:class:`~mammo_retrieval.errors.DicomRejected` with a stable ``code``; nothing here returns None on error.
+:class:`~mammo_retrieval.core.errors.DicomRejected` with a stable ``code``; nothing here returns None on error.
 """
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from ..config import ReaderConfig
-from ..errors import FATAL_EXCEPTIONS, DicomRejected
-from ..errors import RejectionCode as C
-from ..fileio import sha256_file
-from .codestream import j2k_dimensions, jpeg_dimensions, power_of_two_reduction
-from .header import HeaderFields, read_header_fields
-from .pixels import to_presentation
+from mammo_retrieval.core.config import ReaderConfig
+from mammo_retrieval.core.errors import FATAL_EXCEPTIONS, DicomRejected
+from mammo_retrieval.core.errors import RejectionCode as C
+from mammo_retrieval.core.fileio import sha256_file
+from mammo_retrieval.dicom.codestream import j2k_dimensions, jpeg_dimensions, power_of_two_reduction
+from mammo_retrieval.dicom.header import HeaderFields, read_header_fields
+from mammo_retrieval.dicom.pixels import to_presentation
 
 FOR_PROCESSING_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image - For Processing

@@ -6,13 +6,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import EncoderConfig, PreprocessConfig
-from ..errors import ConfigError, WeightsError
-from ..preprocess import PreprocessSettings
-from ..identity import ModelIdentity
-from .registry import DEFAULT_REGISTRY, EncoderRegistry, EncoderSpec
-from ..fileio import sha256_file
-from .weights import extract_encoder_state, load_into, read_checkpoint, sha256_state_dict
+from mammo_retrieval.core.config import EncoderConfig, PreprocessConfig
+from mammo_retrieval.core.errors import ConfigError, WeightsError
+from mammo_retrieval.preprocess import PreprocessSettings
+from mammo_retrieval.core.identity import ModelIdentity
+from mammo_retrieval.encoders.registry import DEFAULT_REGISTRY, EncoderRegistry, EncoderSpec
+from mammo_retrieval.core.fileio import sha256_file
+from mammo_retrieval.encoders.weights import extract_encoder_state, load_into, read_checkpoint, sha256_state_dict
 
 RANDOM_SEED = 0
 

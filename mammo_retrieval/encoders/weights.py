@@ -10,8 +10,8 @@ from typing import Mapping
 
 import torch
 
-from ..errors import WeightsError
-from ..fileio import sha256_file, write_atomic
+from mammo_retrieval.core.errors import WeightsError
+from mammo_retrieval.core.fileio import sha256_file, write_atomic
 
 PRIMER_PREFIX = "encoder.encoder."
 # keys a classification checkpoint carries that a headless (num_classes=0) encoder does not have

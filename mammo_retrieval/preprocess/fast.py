@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..dicom.codestream import power_of_two_reduction
-from .primer import PreprocessSettings, finish_display, to_display_uint8
+from mammo_retrieval.dicom.codestream import power_of_two_reduction
+from mammo_retrieval.preprocess.primer import PreprocessSettings, finish_display, to_display_uint8
 
 if TYPE_CHECKING:
-    from ..dicom.reader import StoredImage
+    from mammo_retrieval.dicom.reader import StoredImage
 
 
 def histogram_percentiles(counts: np.ndarray, offset: int, qs: tuple[float, ...],
@@ -82,7 +82,7 @@ def display_from_stored(image: "StoredImage", settings: PreprocessSettings, *, s
     """uint8 model-size image by the integer path where it is exact (integer pixels, identity modality
     LUT, no VOI window), by the card's float path otherwise. ``sampled``: on a large enough uint8/uint16
     image, evaluate CLAHE only where the resize reads (``preprocess.sampled``; the same output)."""
-    from . import sampled as sampled_path
+    from mammo_retrieval.preprocess import sampled as sampled_path
     stored = image.stored
     if (stored.dtype.kind in "ui" and image.slope == 1.0 and image.intercept == 0.0
             and not (settings.voi_window and image.window)):

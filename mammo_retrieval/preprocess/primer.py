@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from ..config import PreprocessConfig
+from mammo_retrieval.core.config import PreprocessConfig
 
 CV2_INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA,
                      "nearest": cv2.INTER_NEAREST}

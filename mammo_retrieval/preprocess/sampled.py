@@ -20,8 +20,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .fast import scaling_lut
-from .primer import PreprocessSettings
+from mammo_retrieval.preprocess.fast import scaling_lut
+from mammo_retrieval.preprocess.primer import PreprocessSettings
 
 
 def applies(stored: np.ndarray, settings: PreprocessSettings) -> bool:
@@ -67,7 +67,7 @@ def tile_histograms(stored: np.ndarray, tiles: tuple[int, int]) -> tuple[np.ndar
     tiles_y, tiles_x = tiles
     tile_h, tile_w = padded.shape[0] // tiles_y, padded.shape[1] // tiles_x
 
-    from ._kernels import tile_histograms_kernel
+    from mammo_retrieval.preprocess._kernels import tile_histograms_kernel
 
     def hist(region: np.ndarray) -> np.ndarray:
         return np.bincount(region.ravel(), minlength=bins)

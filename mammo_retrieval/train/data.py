@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..db import repository as repo
-from ..db.corpus import Corpus
+from mammo_retrieval.storage.catalog import repository as repo
+from mammo_retrieval.storage.catalog.corpus import Corpus
 
 
 def load_training_images(corpus: Corpus, size: tuple[int, int]) -> tuple[np.ndarray, list[str], list[str]]:

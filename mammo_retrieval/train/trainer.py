@@ -16,14 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import MammoRetrievalError
-from ..fileio import write_atomic
-from .augment import AugmentConfig, augment, to_model_input
-from .losses import nt_xent
-from .model import SimCLRModel
+from mammo_retrieval.core.errors import MammoRetrievalError
+from mammo_retrieval.core.fileio import write_atomic
+from mammo_retrieval.train.augment import AugmentConfig, augment, to_model_input
+from mammo_retrieval.train.losses import nt_xent
+from mammo_retrieval.train.model import SimCLRModel
 
 if TYPE_CHECKING:
-    from ..encoders import Encoder, EncoderRegistry
+    from mammo_retrieval.encoders import Encoder, EncoderRegistry
 
 CHECKPOINT_FORMAT = "mammo_retrieval.simclr/1"
 
@@ -86,8 +86,8 @@ def _save_atomic(obj: dict, path: Path) -> None:
 def own_backbone(encoder: "Encoder", registry: "EncoderRegistry | None" = None) -> torch.nn.Module:
     """A fresh backbone of the encoder's architecture, built through the registry, holding a copy of its
     weights: training never changes the serving encoder's model in place."""
-    from ..encoders import DEFAULT_REGISTRY
-    from ..encoders.model import create_backbone
+    from mammo_retrieval.encoders import DEFAULT_REGISTRY
+    from mammo_retrieval.encoders.model import create_backbone
     backbone = create_backbone(encoder.spec, registry or DEFAULT_REGISTRY)
     backbone.load_state_dict(encoder.model.state_dict())
     return backbone
@@ -130,7 +130,7 @@ class SimCLRTrainer:
     # --- checkpoints -----------------------------------------------------------------------------
     def _load_init(self, path: str) -> None:
         """Start from a PRIMER checkpoint or one of ours (the projection head too, when it fits)."""
-        from ..encoders.weights import read_checkpoint
+        from mammo_retrieval.encoders.weights import read_checkpoint
         checkpoint = read_checkpoint(path)
         state = checkpoint.get("model_state_dict", checkpoint)
         own = self.model.state_dict()

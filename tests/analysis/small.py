@@ -18,7 +18,7 @@ def small_workspace(root: Path, n: int = 8, overrides: dict[int, dict] | None = 
     ``overrides[i]`` are make_file keywords for image i (e.g. ``accession=None``: the tag is absent);
     ``duplicate_of=i`` adds image i's pixels once more under a new SOPInstanceUID, with the same overrides.
     """
-    from mammo_retrieval.api import Workspace
+    from mammo_retrieval.app.workspace import Workspace
     overrides = overrides or {}
     archive = root / "archive"
 

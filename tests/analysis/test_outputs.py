@@ -12,9 +12,9 @@ from mammo_retrieval.analysis.export import export_table
 from mammo_retrieval.analysis.labels import LabelsError, label_columns
 from mammo_retrieval.analysis.qc import run_qc, write_outputs
 from mammo_retrieval.analysis.vectors import EmbeddingTable, load_embeddings
-from mammo_retrieval.cli._common import format_csv
-from mammo_retrieval.csv_safety import neutralise, neutralise_frame
-from mammo_retrieval.errors import ConfigError
+from mammo_retrieval.app.cli._common import format_csv
+from mammo_retrieval.core.csv_safety import neutralise, neutralise_frame
+from mammo_retrieval.core.errors import ConfigError
 from tests.analysis.small import FORMULA, small_workspace
 
 

@@ -3,9 +3,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mammo_retrieval.config import load_config
+from mammo_retrieval.core.config import load_config
 from mammo_retrieval.dicom.reader import read_header, read_image
-from mammo_retrieval.errors import DicomRejected
+from mammo_retrieval.core.errors import DicomRejected
 from tests.factory import LOSSY, MG_FOR_PROCESSING, SYNTAXES, breast_phantom, make_dataset, make_file, write
 
 READER = load_config(env={}).reader

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mammo_retrieval.config import load_config
+from mammo_retrieval.core.config import load_config
 from mammo_retrieval.dicom import reader
 from mammo_retrieval.dicom.reader import read_header, read_image, read_stored
-from mammo_retrieval.errors import DicomRejected, RejectionCode
-from mammo_retrieval.ingest.stages import Rejected, prepare_file
+from mammo_retrieval.core.errors import DicomRejected, RejectionCode
+from mammo_retrieval.pipeline.prepare import Rejected, prepare_file
 from mammo_retrieval.preprocess import PreprocessSettings
 from tests.factory import breast_phantom, make_dataset, make_file, write
 
@@ -80,13 +80,13 @@ def test_prepare_file_turns_any_base_exception_into_a_rejection(tmp_path, cfg, m
 
     def panic(*args, **kwargs):
         raise FakePanic("boom")
-    monkeypatch.setattr("mammo_retrieval.ingest.stages.read_stored", panic)
+    monkeypatch.setattr("mammo_retrieval.pipeline.prepare.read_stored", panic)
     result = prepare_file(str(path), cfg, PreprocessSettings(size=(64, 64)))
     assert isinstance(result, Rejected) and result.code == "undecodable_pixel_data" and "FakePanic" in result.reason
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr("mammo_retrieval.ingest.stages.read_stored", interrupt)
+    monkeypatch.setattr("mammo_retrieval.pipeline.prepare.read_stored", interrupt)
     with pytest.raises(KeyboardInterrupt):  # the user's Ctrl-C is never swallowed
         prepare_file(str(path), cfg, PreprocessSettings(size=(64, 64)))
 

@@ -1,10 +1,10 @@
 import numpy as np
 
-from mammo_retrieval.config import load_config
+from mammo_retrieval.core.config import load_config
 from mammo_retrieval.encoders import DEFAULT_REGISTRY, build_encoder
 from mammo_retrieval.encoders.model import packaged_weights
 from mammo_retrieval.encoders.registry import BUILTIN
-from mammo_retrieval.fileio import sha256_file
+from mammo_retrieval.core.fileio import sha256_file
 
 
 def test_builtin_encoder_is_shipped_and_loads_without_network():

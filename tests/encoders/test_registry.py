@@ -1,7 +1,7 @@
 import pytest
 
 from mammo_retrieval.encoders import DEFAULT_REGISTRY, EncoderRegistry, EncoderSpec
-from mammo_retrieval.errors import ConfigError
+from mammo_retrieval.core.errors import ConfigError
 
 
 def test_default_registry_holds_the_card_backbones():
@@ -51,7 +51,7 @@ def test_unknown_interpolation_is_refused_at_registration():
 
 
 def test_the_model_interpolation_reaches_the_preprocessing():
-    from mammo_retrieval.config import load_config
+    from mammo_retrieval.core.config import load_config
     from mammo_retrieval.encoders import build_encoder
     cfg = load_config(env={})
     mine = EncoderRegistry([EncoderSpec("cubic18", "resnet18", 512, input_size=(64, 64), interpolation="bicubic")])

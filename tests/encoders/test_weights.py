@@ -3,10 +3,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mammo_retrieval.config import load_config
+from mammo_retrieval.core.config import load_config
 from mammo_retrieval.encoders import build_encoder
-from mammo_retrieval.fileio import sha256_file
-from mammo_retrieval.errors import WeightsError
+from mammo_retrieval.core.fileio import sha256_file
+from mammo_retrieval.core.errors import WeightsError
 
 CFG = load_config(env={})
 ENC = CFG.encoder.__class__(name="resnet18", weights=None, allow_random_weights=True, input_size=None, batch_size=4,

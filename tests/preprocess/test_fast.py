@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mammo_retrieval.config import load_config
+from mammo_retrieval.core.config import load_config
 from mammo_retrieval.dicom.reader import read_image, read_stored, reduction_for
 from mammo_retrieval.preprocess import PreprocessSettings, to_display_uint8
 from mammo_retrieval.preprocess.fast import display_from_stored, histogram_percentiles, percentile_scale_uint8_integer

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mammo_retrieval.config import load_config
+from mammo_retrieval.core.config import load_config
 from mammo_retrieval.dicom.reader import read_image
 from mammo_retrieval.preprocess import PreprocessSettings, preprocess, to_display_uint8
 from mammo_retrieval.preprocess.primer import breast_bounding_box, breast_side

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from mammo_retrieval.config import load_config
+from mammo_retrieval.core.config import load_config
 from mammo_retrieval.dicom.reader import read_image, read_stored
 from mammo_retrieval.preprocess import PreprocessSettings, to_display_uint8
 from mammo_retrieval.preprocess.fast import display_from_stored, percentile_scale_uint8_integer

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from mammo_retrieval.api import Workspace
+from mammo_retrieval.app.workspace import Workspace
 from mammo_retrieval.encoders import build_encoder
 from mammo_retrieval.train.data import load_training_images
 from mammo_retrieval.train.trainer import SimCLRTrainer, TrainConfig, cosine_with_warmup, split_by_patient

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import sys
+
+import click
+
+from mammo_retrieval.app.cli._common import dumps, workspace
+
+
+@click.command()
+@click.argument("archive_dir", type=click.Path(exists=True))
+@click.option("--workers", type=int, default=None, help="Decode/preprocess processes (0: in this process).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.pass_context
+def ingest(ctx: click.Context, archive_dir: str, workers: int | None, fmt: str, no_progress: bool) -> None:
+    """Read, embed and index every mammogram under ARCHIVE_DIR (any file name, any depth).
+
+    Paths are stored absolute. Files whose extension marks them as plainly not DICOM (.csv, .txt, .json,
+    .png, .pdf, .db, ... see README) are skipped unread and counted as "skipped"; a folder that cannot be
+    listed is recorded as a rejection (unreadable_folder). Exits 7 when ARCHIVE_DIR holds no candidate
+    file at all, and 9 at once when another mretrieve process holds the write lock.
+    """
+    from tqdm import tqdm
+
+    from mammo_retrieval.app.status import RANDOM_WEIGHTS_WARNING
+    ws = workspace(ctx)
+    bar = tqdm(total=0, unit="file", disable=no_progress, file=sys.stderr, leave=False)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        report = ws.ingest(archive_dir, workers=workers, on_progress=progress)
+    finally:
+        bar.close()
+    if fmt == "json":
+        click.echo(dumps(report.as_dict()))
+        return
+    click.echo(f"ingested {report.ingested}, already present {report.already_present}, "
+               f"rejected {len(report.rejected)} (of {report.files_seen} files, {report.seconds:.1f} s); "
+               f"skipped {report.skipped} not DICOM by extension")
+    click.echo(f"model {report.model_key}; index {report.index_type} with {report.index_ntotal} vectors")
+    for r in report.rejected:
+        click.echo(f"  rejected [{r.code}] {r.path}: {r.reason}")
+    if report.random_weights:
+        click.secho(f"WARNING: {RANDOM_WEIGHTS_WARNING}", fg="yellow", err=True)

@@ -1,0 +1,59 @@
+"""What the index and database hold, for `mretrieve status` and a server's health page."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mammo_retrieval.storage.catalog import repository as repo
+from mammo_retrieval.core.errors import IndexCorruptError
+from mammo_retrieval.storage.index.manifest import Manifest
+
+if TYPE_CHECKING:
+    from mammo_retrieval.app.workspace import Workspace
+
+RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: the encoder has no trained weights, so similarity reflects only "
+                          "coarse intensity structure. Set encoder.weights (or $MRETRIEVE_WEIGHTS).")
+
+
+def collect_status(ws: "Workspace", *, rejected_limit: int | None = None) -> dict:
+    """Reads the database and the manifests only: no model is built, so this is fast."""
+    cfg = ws.config
+    with ws.db.session() as s:
+        counts = repo.counts(s)
+        versions = repo.model_versions(s)
+        rejected = repo.rejected_files(s, rejected_limit)
+        rejected_rows = [{"path": r.path, "code": r.code, "reason": r.reason} for r in rejected]
+    from mammo_retrieval.storage.index.versions import read_live
+    live, previous = read_live(cfg.index_dir)
+    kept_keys = {m.key for m in previous}
+    models = []
+    for mv, n_vectors in versions:
+        entry = {"key": mv.key, "encoder": mv.encoder, "weights_sha256": mv.weights_sha256,
+                 "weights_path": mv.weights_path, "random_weights": mv.random_weights,
+                 "preprocess_digest": mv.preprocess_digest, "dim": mv.dim, "vectors": n_vectors,
+                 "live": live is not None and live.key == mv.key, "kept_for_rollback": mv.key in kept_keys}
+        directory = cfg.index_dir / mv.key
+        try:
+            manifest = Manifest.read(directory)
+        except IndexCorruptError as exc:
+            manifest, entry["index_error"] = None, str(exc)
+        if manifest is not None:
+            entry["index"] = {"path": str(directory), "type": manifest.index_type, "metric": manifest.metric,
+                              "nlist": manifest.nlist, "nprobe": manifest.nprobe, "ntotal": manifest.ntotal,
+                              "updated_at": manifest.updated_at}
+        models.append(entry)
+    warnings = [RANDOM_WEIGHTS_WARNING] if any(m["random_weights"] for m in models) else []
+    return {
+        "database": _redact(cfg.database_url),
+        "index_dir": str(cfg.index_dir),
+        "configured_encoder": {"name": cfg.encoder.name, "weights": cfg.encoder.weights},
+        "live_model": live.key if live else None,
+        "counts": counts,
+        "model_versions": models,
+        "rejected": rejected_rows,
+        "warnings": warnings,
+    }
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine.url import make_url
+    return make_url(url).render_as_string(hide_password=True)

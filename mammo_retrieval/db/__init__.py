@@ -1,4 +1,0 @@
-"""Metadata in SQL (SQLAlchemy 2). The alembic migrations in migrations/ are the schema's source."""
-from .database import Database
-
-__all__ = ["Database"]

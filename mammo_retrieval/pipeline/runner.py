@@ -1,0 +1,199 @@
+"""The ingest pipeline: header screen -> prepare (in an executor's workers) -> embed in batches -> sink.
+
+Each stage takes only what it needs: the screen a catalog and the reader config; prepare plain values (a
+path, the reader config, the preprocessing settings), so an executor can ship it to another process or
+machine; embed an encoder; the sink a catalog, an index and a cache. ``run_pipeline`` only schedules.
+
+Consistency: each batch is committed to the catalog first, then added to the index; the index is saved
+atomically every few batches and at the end (by the caller). If the process dies in between, the catalog
+is ahead of the index and the next open adds the missing vectors from the catalog.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from mammo_retrieval.core.config import ReaderConfig
+from mammo_retrieval.pipeline.prepare import Prepared, Rejected, prepare_file
+from mammo_retrieval.pipeline.screen import Copies, screen
+from mammo_retrieval.preprocess import PreprocessSettings, normalise
+from mammo_retrieval.storage.catalog import repository as repo
+
+if TYPE_CHECKING:
+    from mammo_retrieval.encoders import Encoder
+    from mammo_retrieval.pipeline.threads import EncoderThreads
+    from mammo_retrieval.storage.cache import ImageCache
+    from mammo_retrieval.storage.catalog import Database
+    from mammo_retrieval.storage.index import VectorIndex
+
+HEADER_CHUNK = 256
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class IngestReport:
+    root: str
+    files_seen: int = 0
+    ingested: int = 0
+    already_present: int = 0
+    skipped: int = 0  # plainly not DICOM by extension (sidecars), never read
+    rejected: list[Rejected] = field(default_factory=list)
+    model_key: str = ""
+    random_weights: bool = False
+    index_type: str = ""
+    index_ntotal: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "root": self.root, "files_seen": self.files_seen, "ingested": self.ingested,
+            "already_present": self.already_present, "skipped": self.skipped, "rejected": len(self.rejected),
+            "rejections": [{"path": r.path, "code": r.code, "reason": r.reason} for r in self.rejected],
+            "model_version": self.model_key, "random_weights": self.random_weights,
+            "index_type": self.index_type, "index_ntotal": self.index_ntotal, "seconds": round(self.seconds, 2),
+        }
+
+
+@dataclass(frozen=True)
+class PrepareJob:
+    """What the prepare stage needs, as plain values that pickle: how to read and how to preprocess."""
+
+    reader: ReaderConfig
+    settings: PreprocessSettings
+    options: dict  # fast / sampled / reduced_j2k / downscale_early (Workspace.prepare_options)
+
+    def submit(self, executor: Executor, path: Path) -> Future:
+        return executor.submit(prepare_file, str(path), self.reader, self.settings, **self.options)
+
+
+def embed_batch(encoder: "Encoder", batch: list[Prepared]) -> np.ndarray:
+    """The embed stage: uint8 model-size images -> unit vectors."""
+    return encoder.embed(normalise(np.stack([p.display for p in batch]), encoder.settings))
+
+
+class CatalogSink:
+    """The write stage: a batch's rows and vectors in one catalog transaction, then the index, then the
+    preprocessed-image cache; rejections recorded; the index saved every ``save_every`` batches."""
+
+    def __init__(self, db: "Database", index: "VectorIndex", cache: "ImageCache", model_version_id: int,
+                 save_every: int) -> None:
+        self.db, self.index, self.cache = db, index, cache
+        self.model_version_id = model_version_id
+        self.save_every = save_every
+        self._unsaved_batches = 0
+
+    def write(self, batch: list[Prepared], vectors: np.ndarray) -> None:
+        items = [repo.NewImage(p.header, p.path, p.sha256, p.frame_index, v) for p, v in zip(batch, vectors)]
+        with self.db.session() as s:
+            ids = repo.write_images(s, items, self.model_version_id)
+        self.index.add(np.asarray(ids), vectors)
+        self.cache.put_many((p.header.sop_instance_uid, p.display) for p in batch)
+        self._unsaved_batches += 1
+        if self._unsaved_batches >= self.save_every:
+            self.index.save()
+            self._unsaved_batches = 0
+
+    def reject(self, rejections: list[Rejected]) -> None:
+        if rejections:
+            with self.db.session() as s:
+                repo.record_rejections(s, ((r.path, r.code, r.reason) for r in rejections))
+
+    def clear_rejections(self, paths: list[str]) -> None:
+        """Files (or folders) that are fine now: a copy of an embedded image, a folder that lists again."""
+        if paths:
+            with self.db.session() as s:
+                repo.clear_rejections(s, paths)
+
+
+class _Scheduler:
+    """Keeps the executor's queue full and the batches flowing; counts what happened to every file."""
+
+    def __init__(self, job: PrepareJob, executor: Executor, encoder: "Encoder", sink: CatalogSink,
+                 threads: "EncoderThreads", report: IngestReport, batch_size: int, max_in_flight: int) -> None:
+        self.job, self.executor, self.encoder, self.sink = job, executor, encoder, sink
+        self.threads, self.report = threads, report
+        self.batch_size, self.max_in_flight = batch_size, max_in_flight
+        self.copies = Copies()
+        self.in_flight: deque[tuple[Future, str]] = deque()
+        self.batch: list[Prepared] = []
+        self.rejections: list[Rejected] = []
+        self.present: list[str] = []
+        self.done = 0
+
+    def submit(self, path: Path, uid: str) -> None:
+        self.in_flight.append((self.job.submit(self.executor, path), uid))
+
+    def drain_to(self, limit: int) -> None:
+        """Collect results until fewer than ``limit`` are in flight (back-pressure on the workers)."""
+        while len(self.in_flight) >= max(limit, 1):
+            self.collect()
+
+    def collect(self) -> None:
+        future, uid = self.in_flight.popleft()
+        waiting = time.perf_counter()
+        result = future.result()
+        self.threads.waited(time.perf_counter() - waiting)
+        if isinstance(result, Rejected):
+            self.rejected([result])
+            if (next_copy := self.copies.failed(uid)) is not None:
+                self.submit(next_copy, uid)  # a rejected copy must not hide a good one
+        else:
+            self.batch.append(result)
+            self.already_present([str(p) for p in self.copies.decoded(uid)])
+        self.done += 1
+        if len(self.batch) >= self.batch_size:
+            self.flush()
+
+    def rejected(self, rejections: list[Rejected]) -> None:
+        self.report.rejected.extend(rejections)
+        self.rejections.extend(rejections)
+
+    def already_present(self, paths: list[str]) -> None:
+        self.report.already_present += len(paths)
+        self.present.extend(paths)
+        self.done += len(paths)
+
+    def flush(self) -> None:
+        if self.batch:
+            started = time.perf_counter()
+            vectors = embed_batch(self.encoder, self.batch)
+            self.threads.embedded(time.perf_counter() - started)
+            self.sink.write(self.batch, vectors)
+            self.report.ingested += len(self.batch)
+            self.batch = []
+        self.sink.clear_rejections(self.present)
+        self.present = []
+        self.sink.reject(self.rejections)
+        self.rejections = []
+
+
+def run_pipeline(paths: list[Path], job: PrepareJob, executor: Executor, encoder: "Encoder", sink: CatalogSink,
+                 threads: "EncoderThreads", report: IngestReport, *, batch_size: int, workers: int,
+                 preceding: list[Rejected] = (), on_progress: Progress | None = None) -> None:
+    """Screen, prepare, embed and write every path; ``preceding`` rejections (unreadable folders) are
+    recorded with the first batch. One bad file never stops the run: it becomes a rejection."""
+    run = _Scheduler(job, executor, encoder, sink, threads, report, batch_size,
+                     max_in_flight=max(2, workers) * 4 + batch_size)
+    run.rejections.extend(preceding)
+    for start in range(0, len(paths), HEADER_CHUNK):
+        todo, header_rejected, present = screen(sink.db, job.reader, paths[start:start + HEADER_CHUNK],
+                                                sink.model_version_id, run.copies)
+        run.rejected(header_rejected)
+        report.already_present += present
+        run.done += len(header_rejected) + present
+        for path, uid in todo:
+            run.submit(path, uid)
+            run.drain_to(run.max_in_flight)
+        if on_progress:
+            on_progress(run.done, len(paths))
+    while run.in_flight:
+        run.collect()
+        if on_progress:
+            on_progress(run.done, len(paths))
+    run.flush()

@@ -1,0 +1,263 @@
+"""Queries and writes used by ingest, query and status. Each function takes an open Session."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.orm import Session
+
+from mammo_retrieval.dicom.header import HeaderFields
+from mammo_retrieval.storage.catalog.models import Embedding, Image, ModelVersion, QcRun, QcScore, RejectedFile, Study
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """What a query result shows about one image."""
+
+    image_id: int
+    vector_id: int
+    sop_instance_uid: str
+    accession_number: str | None
+    study_key: str
+    patient_id: str | None
+    laterality: str | None
+    view: str | None
+    path: str
+
+
+@dataclass(frozen=True)
+class NewImage:
+    header: HeaderFields
+    path: str
+    sha256: str
+    frame_index: int
+    vector: np.ndarray
+
+
+def get_or_create_model_version(session: Session, identity, preprocess_json: dict) -> ModelVersion:
+    mv = session.scalar(select(ModelVersion).where(ModelVersion.key == identity.key))
+    if mv is None:
+        mv = ModelVersion(key=identity.key, encoder=identity.encoder, weights_sha256=identity.weights_sha256,
+                          weights_path=identity.weights_path, random_weights=identity.random_weights,
+                          preprocess_digest=identity.preprocess_digest,
+                          preprocess_json=json.dumps(preprocess_json, sort_keys=True), dim=identity.dim)
+        session.add(mv)
+        session.flush()
+    return mv
+
+
+def model_version_id_by_key(session: Session, key: str) -> int | None:
+    return session.scalar(select(ModelVersion.id).where(ModelVersion.key == key))
+
+
+def embedded_sops(session: Session, sop_uids: Iterable[str], model_version_id: int) -> set[str]:
+    """Which of these SOPInstanceUIDs already have a vector from this model version."""
+    sops = list(set(sop_uids))
+    found: set[str] = set()
+    for start in range(0, len(sops), 500):
+        chunk = sops[start:start + 500]
+        found.update(session.scalars(
+            select(Image.sop_instance_uid).join(Embedding, Embedding.image_id == Image.id)
+            .where(Image.sop_instance_uid.in_(chunk), Embedding.model_version_id == model_version_id)))
+    return found
+
+
+def _get_or_create_study(session: Session, h: HeaderFields) -> Study:
+    study = session.scalar(select(Study).where(Study.study_key == h.study_key))
+    if study is None:
+        study = Study(study_key=h.study_key, key_source=h.study_key_source, accession_number=h.accession_number,
+                      study_instance_uid=h.study_instance_uid or None, patient_id=h.patient_id or None)
+        session.add(study)
+        session.flush()
+    return study
+
+
+def write_images(session: Session, items: Sequence[NewImage], model_version_id: int) -> list[int]:
+    """Insert images (or reuse one with the same SOPInstanceUID) and their vectors; returns vector ids."""
+    vector_ids = []
+    for item in items:
+        h = item.header
+        image = session.scalar(select(Image).where(Image.sop_instance_uid == h.sop_instance_uid))
+        if image is None:
+            study = _get_or_create_study(session, h)
+            image = Image(sop_instance_uid=h.sop_instance_uid, series_instance_uid=h.series_instance_uid or None,
+                          study_instance_uid=h.study_instance_uid or None, study_id=study.id,
+                          patient_id=h.patient_id or None, laterality=h.laterality,
+                          laterality_source=h.laterality_source, view=h.view, view_source=h.view_source,
+                          manufacturer=h.manufacturer, path=item.path, sha256=item.sha256, rows=h.rows,
+                          columns=h.columns, number_of_frames=h.number_of_frames, frame_index=item.frame_index,
+                          photometric=h.photometric, transfer_syntax=h.transfer_syntax)
+            session.add(image)
+            session.flush()
+        embedding = Embedding(image_id=image.id, model_version_id=model_version_id,
+                              vector=np.ascontiguousarray(item.vector, dtype=np.float32).tobytes())
+        session.add(embedding)
+        session.flush()
+        vector_ids.append(embedding.id)
+    session.execute(delete(RejectedFile).where(RejectedFile.path.in_([i.path for i in items])))
+    return vector_ids
+
+
+def add_embeddings(session: Session, rows: Iterable[tuple[int, np.ndarray]], model_version_id: int) -> list[int]:
+    """Vectors of another model version for images already stored (reindex)."""
+    embeddings = [Embedding(image_id=int(image_id), model_version_id=model_version_id,
+                            vector=np.ascontiguousarray(vector, dtype=np.float32).tobytes())
+                  for image_id, vector in rows]
+    session.add_all(embeddings)
+    session.flush()
+    return [e.id for e in embeddings]
+
+
+def record_rejections(session: Session, rejections: Iterable[tuple[str, str, str]]) -> None:
+    """(path, code, reason); a file rejected again keeps one row with the latest reason."""
+    for path, code, reason in rejections:
+        row = session.scalar(select(RejectedFile).where(RejectedFile.path == path))
+        if row is None:
+            session.add(RejectedFile(path=path, code=code, reason=reason))
+        else:
+            row.code, row.reason = code, reason
+
+
+def clear_rejections(session: Session, paths: Iterable[str]) -> None:
+    paths = list(paths)
+    for start in range(0, len(paths), 500):
+        session.execute(delete(RejectedFile).where(RejectedFile.path.in_(paths[start:start + 500])))
+
+
+def iter_vectors(session: Session, model_version_id: int, dim: int, after_id: int = 0,
+                 chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream (ids, vectors) of one model version in id order, a chunk at a time (bounded memory)."""
+    last = after_id
+    while True:
+        rows = session.execute(
+            select(Embedding.id, Embedding.vector).where(Embedding.model_version_id == model_version_id,
+                                                         Embedding.id > last)
+            .order_by(Embedding.id).limit(chunk)).all()
+        if not rows:
+            return
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+        yield ids, vectors
+        last = int(ids[-1])
+
+
+def sample_vectors(session: Session, model_version_id: int, dim: int, n: int, seed: int = 0) -> np.ndarray:
+    """A uniform sample of n vectors (for training IVF centroids) without loading all of them."""
+    ids = np.array(session.scalars(select(Embedding.id).where(Embedding.model_version_id == model_version_id)).all())
+    if len(ids) > n:
+        ids = np.sort(np.random.default_rng(seed).choice(ids, size=n, replace=False))
+    out = np.empty((len(ids), dim), dtype=np.float32)
+    for start in range(0, len(ids), 4096):
+        chunk = ids[start:start + 4096].tolist()
+        rows = dict(session.execute(select(Embedding.id, Embedding.vector).where(Embedding.id.in_(chunk))).all())
+        for i, vid in enumerate(chunk):
+            out[start + i] = np.frombuffer(rows[vid], dtype=np.float32)
+    return out
+
+
+def embedding_stats(session: Session, model_version_id: int) -> tuple[int, int]:
+    """(count, max id) of one model version's vectors."""
+    count, max_id = session.execute(select(func.count(Embedding.id), func.max(Embedding.id))
+                                    .where(Embedding.model_version_id == model_version_id)).one()
+    return int(count or 0), int(max_id or 0)
+
+
+def _record_query():
+    return (select(Image.id, Embedding.id, Image.sop_instance_uid, Study.accession_number, Study.study_key,
+                   Image.patient_id, Image.laterality, Image.view, Image.path)
+            .join(Study, Study.id == Image.study_id).join(Embedding, Embedding.image_id == Image.id))
+
+
+def records_by_vector_ids(session: Session, vector_ids: Sequence[int]) -> dict[int, ImageRecord]:
+    ids = [int(v) for v in vector_ids]
+    rows = session.execute(_record_query().where(Embedding.id.in_(ids))).all() if ids else []
+    return {r[1]: ImageRecord(*r) for r in rows}
+
+
+def records_for_study(session: Session, study_key: str, model_version_id: int) -> list[ImageRecord]:
+    rows = session.execute(_record_query().where(
+        (Study.study_key == study_key) | (Study.accession_number == study_key),
+        Embedding.model_version_id == model_version_id).order_by(Image.laterality, Image.view, Image.id)).all()
+    return [ImageRecord(*r) for r in rows]
+
+
+def vector_of(session: Session, vector_id: int, dim: int) -> np.ndarray:
+    blob = session.scalar(select(Embedding.vector).where(Embedding.id == vector_id))
+    return np.frombuffer(blob, dtype=np.float32).reshape(1, dim)
+
+
+def image_by_sop(session: Session, sop_uid: str) -> Image | None:
+    return session.scalar(select(Image).where(Image.sop_instance_uid == sop_uid))
+
+
+def counts(session: Session) -> dict[str, int]:
+    return {
+        "images": session.scalar(select(func.count(Image.id))) or 0,
+        "studies": session.scalar(select(func.count(Study.id))) or 0,
+        "studies_keyed_by_study_uid": session.scalar(select(func.count(Study.id)).where(
+            Study.key_source == "study_uid")) or 0,
+        "embeddings": session.scalar(select(func.count(Embedding.id))) or 0,
+        "rejected_files": session.scalar(select(func.count(RejectedFile.id))) or 0,
+    }
+
+
+def rejected_files(session: Session, limit: int | None = None) -> list[RejectedFile]:
+    q = select(RejectedFile).order_by(RejectedFile.path)
+    return list(session.scalars(q.limit(limit) if limit else q))
+
+
+def model_versions(session: Session) -> list[tuple[ModelVersion, int]]:
+    rows = session.execute(select(ModelVersion, func.count(Embedding.id))
+                           .outerjoin(Embedding, Embedding.model_version_id == ModelVersion.id)
+                           .group_by(ModelVersion.id).order_by(ModelVersion.id)).all()
+    return [(mv, int(n)) for mv, n in rows]
+
+
+# --- reads and writes of the analyses, training and reindex (all SQL stays in this module) -------------
+EMBEDDING_TABLE_COLUMNS = ["vector_id", "image_id", "sop_instance_uid", "accession_number", "study_key",
+                           "study_instance_uid", "series_instance_uid", "patient_id", "laterality", "view",
+                           "manufacturer", "path", "rows", "columns", "photometric", "transfer_syntax"]
+
+
+def embedding_table_rows(session: Session, model_version_id: int) -> list[tuple]:
+    """One row per vector of this model version (EMBEDDING_TABLE_COLUMNS), in vector-id order."""
+    return list(session.execute(
+        select(Embedding.id, Image.id, Image.sop_instance_uid, Study.accession_number, Study.study_key,
+               Image.study_instance_uid, Image.series_instance_uid, Image.patient_id, Image.laterality,
+               Image.view, Image.manufacturer, Image.path, Image.rows, Image.columns, Image.photometric,
+               Image.transfer_syntax)
+        .join(Image, Image.id == Embedding.image_id).join(Study, Study.id == Image.study_id)
+        .where(Embedding.model_version_id == model_version_id).order_by(Embedding.id)).all())
+
+
+def images_with_patients(session: Session) -> list[tuple[int, str, str | None]]:
+    """(image id, SOPInstanceUID, PatientID) of every stored image, in id order."""
+    return [tuple(r) for r in session.execute(
+        select(Image.id, Image.sop_instance_uid, Image.patient_id).order_by(Image.id)).all()]
+
+
+def record_qc_run(session: Session, model_version_id: int | None, method: str, params_json: str,
+                  scores: Iterable[tuple[int, float, int, str | None]]) -> tuple[int, int | None, dict[int, int]]:
+    """Store a sweep's (image id, score, rank, flags); returns (run id, previous run id, previous ranks)."""
+    previous = session.scalar(select(QcRun).where(QcRun.model_version_id == model_version_id,
+                                                  QcRun.method == method).order_by(QcRun.id.desc()).limit(1))
+    previous_ranks: dict[int, int] = {}
+    if previous is not None:
+        previous_ranks = dict(session.execute(select(QcScore.image_id, QcScore.rank)
+                                              .where(QcScore.run_id == previous.id)).all())
+    rows = list(scores)
+    run = QcRun(model_version_id=model_version_id, method=method, params_json=params_json, n_images=len(rows))
+    session.add(run)
+    session.flush()
+    session.execute(insert(QcScore), [{"run_id": run.id, "image_id": image_id, "score": score, "rank": rank,
+                                       "flags": flags} for image_id, score, rank, flags in rows])
+    return run.id, previous.id if previous is not None else None, previous_ranks
+
+
+def images_with_paths(session: Session) -> list[tuple[int, str, str]]:
+    """(image id, SOPInstanceUID, path) of every stored image, in id order."""
+    return [tuple(r) for r in session.execute(
+        select(Image.id, Image.sop_instance_uid, Image.path).order_by(Image.id)).all()]

@@ -1,0 +1,71 @@
+"""The manifest beside every index: what built it, so that a mismatched query can be refused."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mammo_retrieval.core.errors import IndexCorruptError, IndexMismatchError
+from mammo_retrieval.core.fileio import write_bytes_atomic
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class Manifest:
+    encoder: str
+    weights_sha256: str
+    preprocess_digest: str
+    dim: int
+    random_weights: bool = False
+    metric: str = "inner_product"
+    index_type: str = "flat"          # flat (exact) | ivf_flat | ivf_sq8 | ivf_pq
+    nlist: int | None = None
+    nprobe: int | None = None
+    ntotal: int = 0
+    max_vector_id: int = 0
+    index_file: str | None = None
+    format_version: int = FORMAT_VERSION
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    updated_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+
+    @classmethod
+    def for_identity(cls, identity, **fields) -> "Manifest":
+        """A new manifest for an index of this model (encoder, weights, preprocessing, dim)."""
+        return cls(encoder=identity.encoder, weights_sha256=identity.weights_sha256,
+                   preprocess_digest=identity.preprocess_digest, dim=identity.dim,
+                   random_weights=identity.random_weights, **fields)
+
+    def check_matches(self, identity) -> None:
+        """Refuse a query or write whose encoder, weights or preprocessing differ; say what differs."""
+        diffs = []
+        if self.encoder != identity.encoder:
+            diffs.append(f"encoder: index has '{self.encoder}', query uses '{identity.encoder}'")
+        if self.weights_sha256 != identity.weights_sha256:
+            diffs.append(f"weights sha256: index has {self.weights_sha256[:12]}, query uses "
+                         f"{identity.weights_sha256[:12]}")
+        if self.preprocess_digest != identity.preprocess_digest:
+            diffs.append(f"preprocessing: index has {self.preprocess_digest}, query uses {identity.preprocess_digest}")
+        if self.dim != identity.dim:
+            diffs.append(f"dim: index has {self.dim}, query uses {identity.dim}")
+        if diffs:
+            raise IndexMismatchError("the index was built by another model: " + "; ".join(diffs),
+                                     hint="use the config the index was built with, or re-ingest with this one")
+
+    def write_atomic(self, directory: Path) -> None:
+        self.updated_at = datetime.now(timezone.utc).isoformat()
+        write_bytes_atomic(directory / MANIFEST_NAME, json.dumps(asdict(self), indent=2, sort_keys=True).encode())
+
+    @classmethod
+    def read(cls, directory: Path) -> "Manifest | None":
+        path = directory / MANIFEST_NAME
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except (ValueError, TypeError) as exc:
+            raise IndexCorruptError(f"{path}: unreadable manifest: {exc}",
+                                    hint="run `mretrieve index rebuild` to rebuild it from the database") from None

@@ -1,0 +1,111 @@
+"""Which model version serves queries: ``live.json`` in the index folder, switched atomically.
+
+Each entry names what is needed to rebuild the encoder (registry name, weights file, input size) and its
+model key (= index folder). Older entries stay listed, with their index folders, for rollback.
+
+Weights are not referenced where the user keeps them (a ``ckpt.pt`` that may be overwritten or deleted)
+but copied into ``<index_dir>/weights/<sha256><suffix>``; the entry records the hash, which is checked
+whenever the encoder is rebuilt from it and on rollback.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mammo_retrieval.core.errors import IndexCorruptError, NotFoundError, WeightsError
+from mammo_retrieval.core.fileio import write_bytes_atomic
+
+LIVE_NAME = "live.json"
+WEIGHTS_DIR = "weights"
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    key: str
+    encoder: str
+    weights: str | None
+    input_size: int | None
+    switched_at: str = ""
+    weights_sha256: str | None = None  # set when ``weights`` is a stored, content-addressed copy
+
+
+def weights_store(index_dir: Path) -> Path:
+    return index_dir / WEIGHTS_DIR
+
+
+def store_model_weights(index_dir: Path, weights: str | None) -> tuple[str | None, str | None]:
+    """Copy ``weights`` into the index folder's store; returns (stored path, sha256), or (None, None)."""
+    if not weights:
+        return None, None
+    from mammo_retrieval.encoders.weights import store_weights
+    path, sha = store_weights(Path(weights).expanduser(), weights_store(index_dir))
+    return str(path), sha
+
+
+def verify_model_weights(model: ServingModel) -> None:
+    """Raise WeightsError when a stored weights copy is missing or no longer has its recorded hash."""
+    if model.weights and model.weights_sha256:
+        from mammo_retrieval.encoders.weights import verify_weights
+        verify_weights(model.weights, model.weights_sha256)
+
+
+def _adopt(index_dir: Path, model: ServingModel) -> ServingModel:
+    """Store the weights of an entry that still points at a user's file (written by ingest or an older
+    version), while that file still holds the weights its index was built with, so rollback survives
+    the file being overwritten later. Otherwise the entry is kept as it is."""
+    if not model.weights or model.weights_sha256:
+        return model
+    source = Path(model.weights)
+    try:
+        from mammo_retrieval.core.fileio import sha256_file
+        if not source.is_file() or f"-{sha256_file(source)[:12]}-" not in model.key:
+            return model
+        path, sha = store_model_weights(index_dir, str(source))
+    except (OSError, WeightsError):
+        return model
+    return ServingModel(**{**asdict(model), "weights": path, "weights_sha256": sha})
+
+
+def read_live(index_dir: Path) -> tuple[ServingModel | None, list[ServingModel]]:
+    path = index_dir / LIVE_NAME
+    if not path.exists():
+        return None, []
+    try:
+        data = json.loads(path.read_text())
+        return ServingModel(**data["live"]), [ServingModel(**m) for m in data.get("previous", [])]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IndexCorruptError(f"{path}: unreadable live pointer: {exc}",
+                                hint="fix or delete it; the config's encoder then serves") from None
+
+
+def _write(index_dir: Path, live: ServingModel, previous: list[ServingModel]) -> None:
+    index_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"live": asdict(live), "previous": [asdict(m) for m in previous]}
+    write_bytes_atomic(index_dir / LIVE_NAME, json.dumps(payload, indent=2).encode())
+
+
+def switch_live(index_dir: Path, new: ServingModel) -> ServingModel | None:
+    """Make ``new`` live; the one it replaces is kept for rollback. Returns the replaced one."""
+    live, previous = read_live(index_dir)
+    new = ServingModel(**{**asdict(new), "switched_at": datetime.now(timezone.utc).isoformat()})
+    if live is not None and live.key != new.key:
+        previous = [m for m in previous if m.key not in (live.key, new.key)] + [_adopt(index_dir, live)]
+    _write(index_dir, new, previous)
+    return live if live is not None and live.key != new.key else None
+
+
+def rollback(index_dir: Path) -> ServingModel:
+    """Make the newest kept version live again, after checking its stored weights are intact."""
+    live, previous = read_live(index_dir)
+    candidates = [m for m in previous if (index_dir / m.key / "manifest.json").exists()]
+    if live is None or not candidates:
+        raise NotFoundError("no earlier index version to roll back to",
+                            hint="`mretrieve status` lists the kept versions")
+    target = candidates[-1]
+    verify_model_weights(target)
+    remaining = [m for m in previous if m.key != target.key] + [live]
+    _write(index_dir, ServingModel(**{**asdict(target), "switched_at": datetime.now(timezone.utc).isoformat()}),
+           remaining)
+    return target

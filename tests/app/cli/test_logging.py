@@ -1,0 +1,45 @@
+"""Only the CLI configures logging; -v shows our INFO records, --log-format json makes them parseable."""
+import json
+import logging
+
+from click.testing import CliRunner
+
+from mammo_retrieval.app.cli import cli
+from mammo_retrieval.app.cli.logs import JsonFormatter, configure_logging
+
+
+def test_library_never_configures_logging():
+    """Importing every module of the package (the CLI aside) adds no handler anywhere."""
+    import subprocess
+    import sys
+    code = ("import importlib, logging, pkgutil, mammo_retrieval\n"
+            "for m in pkgutil.walk_packages(mammo_retrieval.__path__, 'mammo_retrieval.'):\n"
+            "    if '.cli' not in m.name:\n"
+            "        importlib.import_module(m.name)\n"
+            "print(len(logging.getLogger().handlers), len(logging.getLogger('mammo_retrieval').handlers))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["0", "0"], done.stderr[-2000:]
+
+
+def test_verbosity_levels_and_json_lines(capsys):
+    configure_logging(0)
+    assert logging.getLogger("mammo_retrieval").getEffectiveLevel() == logging.WARNING
+    configure_logging(2)
+    assert logging.getLogger("mammo_retrieval").getEffectiveLevel() == logging.DEBUG
+    configure_logging(1, "json")
+    logging.getLogger("mammo_retrieval.test").info("indexed %d images", 3)
+    logging.getLogger("pydicom").error("a decoder failure the reader turns into a rejection")
+    lines = capsys.readouterr().err.strip().splitlines()
+    entry = json.loads(lines[-1])
+    assert entry["message"] == "indexed 3 images" and entry["level"] == "info"
+    assert entry["logger"] == "mammo_retrieval.test"
+    assert not any("decoder failure" in line for line in lines)  # third-party loggers stay quiet
+    logging.getLogger("mammo_retrieval").handlers.clear()
+
+
+def test_cli_accepts_the_options(tmp_path):
+    result = CliRunner().invoke(cli, ["-v", "--log-format", "json", "config", "show"],
+                                env={"MRETRIEVE_HOME": str(tmp_path)})
+    assert result.exit_code == 0, result.output
+    assert isinstance(JsonFormatter().format(logging.makeLogRecord({"msg": "x"})), str)
+    logging.getLogger("mammo_retrieval").handlers.clear()

@@ -1,0 +1,217 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mammo_retrieval.app.workspace import Workspace
+from mammo_retrieval.core.errors import NotFoundError
+from mammo_retrieval.storage.index.versions import read_live
+from tests.conftest import make_config
+from tests.pipeline.test_runner import synthetic_archive
+
+
+def finetuned_weights(ws, path):
+    """A checkpoint in PRIMER layout with weights unlike the seeded initialisation."""
+    gen = torch.Generator().manual_seed(3)
+    state = {f"encoder.encoder.{k}": (v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v)
+             for k, v in ws.encoder.model.state_dict().items()}
+    torch.save({"model_state_dict": state}, path)
+    return path
+
+
+def test_reindex_switches_atomically_and_rolls_back(tmp_path, monkeypatch):
+    files = synthetic_archive(tmp_path / "archive", 10)
+    cfg = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 96})
+    ws = Workspace(cfg)
+    ws.ingest(tmp_path / "archive", workers=0)
+    old_key = ws.encoder.identity.key
+    assert read_live(cfg.index_dir)[0].key == old_key
+    before = ws.query_dicom(files[0], k=3)
+    ckpt = finetuned_weights(ws, tmp_path / "new.pt")
+
+    # queries keep working on the old version while the new one is built
+    server = Workspace(cfg)
+    server.query_dicom(files[0], k=3)
+    from mammo_retrieval.storage.index import versions
+    real_switch = versions.switch_live
+
+    def check_then_switch(index_dir, new):
+        assert server.query_dicom(files[0], k=3).hits == before.hits
+        assert server.encoder.identity.key == old_key
+        return real_switch(index_dir, new)
+    monkeypatch.setattr(versions, "switch_live", check_then_switch)
+    result = Workspace(cfg).reindex(str(ckpt))
+    monkeypatch.undo()
+    assert result["embedded"] == 10 and result["previous"] == old_key and result["live"] != old_key
+
+    # the warm server picks up the switch on its next query; vectors of two models never mix
+    after = server.query_dicom(files[0], k=3)
+    assert server.encoder.identity.key == result["live"] and not server.encoder.identity.random_weights
+    assert [h.score for h in after.hits] != [h.score for h in before.hits]
+    status = Workspace(cfg).status()
+    roles = {m["key"]: (m["live"], m["kept_for_rollback"], m["vectors"]) for m in status["model_versions"]}
+    assert roles == {old_key: (False, True, 10), result["live"]: (True, False, 10)}
+    assert json.loads((cfg.index_dir / result["live"] / "manifest.json").read_text())["ntotal"] == 10
+
+    # re-running adds nothing; rollback restores the old answers
+    assert Workspace(cfg).reindex(str(ckpt))["embedded"] == 0
+    assert Workspace(cfg).rollback()["live"] == old_key
+    assert Workspace(cfg).query_dicom(files[0], k=3).hits == before.hits
+    assert Workspace(cfg).rollback()["live"] == result["live"]  # and forward again
+
+
+def test_rollback_without_history(tmp_path):
+    synthetic_archive(tmp_path / "archive", 3)
+    ws = Workspace(make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 96}))
+    ws.ingest(tmp_path / "archive", workers=0)
+    with pytest.raises(NotFoundError, match="no earlier index version"):
+        ws.rollback()
+
+
+def test_reindex_rebuilds_a_lost_cache_entry_and_reports_a_vanished_file(tmp_path):
+    files = synthetic_archive(tmp_path / "archive", 4)
+    cfg = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 96})
+    ws = Workspace(cfg)
+    ws.ingest(tmp_path / "archive", workers=0)
+    from mammo_retrieval.dicom.reader import read_header
+    first, second = (read_header(f, cfg.reader).sop_instance_uid for f in files[:2])
+    ws.image_cache.discard(first)   # lost from the cache: rebuilt from the DICOM
+    ws.image_cache.discard(second)  # lost from the cache and the file is gone: reported
+    files[1].unlink()
+    result = Workspace(cfg).reindex(str(finetuned_weights(ws, tmp_path / "w.pt")), allow_missing=True)
+    assert result["embedded"] == 3 and [f["sop_instance_uid"] for f in result["failed"]] == [second]
+    assert result["failed"][0]["path"].endswith(files[1].name)
+    assert "not found" in result["failed"][0]["reason"] or "No such file" in result["failed"][0]["reason"]
+
+
+def cli_reindex(cfg, config_file, *args):
+    from click.testing import CliRunner
+
+    from mammo_retrieval.app.cli import cli
+    env = {"MRETRIEVE_HOME": str(cfg.index_dir.parent), "MRETRIEVE_CONFIG": str(config_file)}
+    return CliRunner(env=env).invoke(cli, ["reindex", "--no-progress", *map(str, args)])
+
+
+def test_reindex_refuses_to_switch_while_images_fail_unless_allow_missing(tmp_path):
+    import yaml
+
+    from mammo_retrieval.dicom.reader import read_header
+    from mammo_retrieval.core.errors import ReindexIncompleteError
+    files = synthetic_archive(tmp_path / "archive", 6)
+    cfg = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 96})
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump({"encoder": {"name": "resnet18", "input_size": 96}}))
+    ws = Workspace(cfg)
+    ws.ingest(tmp_path / "archive", workers=0)
+    old_key = ws.encoder.identity.key
+    lost = {read_header(f, cfg.reader).sop_instance_uid: f for f in files[1:3]}
+    for sop, f in lost.items():
+        ws.image_cache.discard(sop)
+        f.unlink()
+    ckpt = finetuned_weights(ws, tmp_path / "w.pt")
+
+    with pytest.raises(ReindexIncompleteError) as caught:
+        Workspace(cfg).reindex(str(ckpt))
+    assert {f["sop_instance_uid"] for f in caught.value.failures} == set(lost)
+    assert read_live(cfg.index_dir)[0].key == old_key
+
+    result = cli_reindex(cfg, config_file, "--model", ckpt)
+    assert result.exit_code == ReindexIncompleteError.exit_code == 10, result.output
+    assert "did not switch" in result.output and f"{old_key} stays live" in result.output
+    for sop, f in lost.items():  # each failure: SOPInstanceUID, path and reason
+        assert any(sop in line and str(f.resolve()) in line and "no such file" in line.lower()
+                   for line in result.output.splitlines()), result.output
+    assert read_live(cfg.index_dir)[0].key == old_key
+    assert Workspace(cfg).query_dicom(files[0], k=3).hits  # the old index still serves
+
+    result = cli_reindex(cfg, config_file, "--model", ckpt, "--allow-missing")
+    assert result.exit_code == 0, result.output
+    live = read_live(cfg.index_dir)[0]
+    assert live.key != old_key and f"live: {live.key} (previous {old_key}" in result.output
+    # the four vectors of the refused runs were kept: nothing is embedded twice
+    assert "embedded 0, already embedded 4, failed 2" in result.output
+    assert all(sop in result.output for sop in lost) and "index flat with 4 vectors" in result.output.lower()
+
+
+def test_reindex_prints_a_summary_or_json(tmp_path):
+    import yaml
+    synthetic_archive(tmp_path / "archive", 3)
+    cfg = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 96})
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump({"encoder": {"name": "resnet18", "input_size": 96}}))
+    ws = Workspace(cfg)
+    ws.ingest(tmp_path / "archive", workers=0)
+    ckpt = finetuned_weights(ws, tmp_path / "w.pt")
+    text = cli_reindex(cfg, config_file, "--model", ckpt)
+    assert text.exit_code == 0 and not text.output.lstrip().startswith("{"), text.output
+    assert "embedded 3, already embedded 0, failed 0" in text.output
+    as_json = cli_reindex(cfg, config_file, "--model", ckpt, "--format", "json")
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.output)["already_embedded"] == 3
+    back = cli_reindex(cfg, config_file, "--rollback")
+    assert back.exit_code == 0 and back.output.startswith(f"live: {ws.encoder.identity.key}"), back.output
+
+
+def test_live_model_uses_a_stored_copy_of_its_weights(tmp_path):
+    from mammo_retrieval.core.fileio import sha256_file
+    from mammo_retrieval.core.errors import WeightsError
+    files = synthetic_archive(tmp_path / "archive", 6)
+    cfg = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 96})
+    ws = Workspace(cfg)
+    ws.ingest(tmp_path / "archive", workers=0)
+    old_key = ws.encoder.identity.key
+    ckpt = finetuned_weights(ws, tmp_path / "ckpt.pt")
+    sha = sha256_file(ckpt)
+    result = Workspace(cfg).reindex(str(ckpt))
+    live = read_live(cfg.index_dir)[0]
+    stored = cfg.index_dir / "weights" / f"{sha}.pt"
+    assert live.weights == str(stored) and live.weights_sha256 == sha and stored.is_file()
+    by_dicom = Workspace(cfg).query_dicom(files[0], k=3).hits
+    by_accession = [r.hits for r in Workspace(cfg).query_accession("ACC0001", k=3)]
+    assert by_dicom and len(by_accession) == 2 and all(by_accession)
+
+    ckpt.unlink()  # the original is deleted ...
+    assert Workspace(cfg).query_dicom(files[0], k=3).hits == by_dicom
+    assert [r.hits for r in Workspace(cfg).query_accession("ACC0001", k=3)] == by_accession
+    torch.save({"junk": torch.zeros(3)}, ckpt)  # ... then overwritten with something else
+    assert Workspace(cfg).query_dicom(files[0], k=3).hits == by_dicom
+    assert [r.hits for r in Workspace(cfg).query_accession("ACC0001", k=3)] == by_accession
+
+    assert Workspace(cfg).rollback()["live"] == old_key
+    assert Workspace(cfg).rollback()["live"] == result["live"]
+    assert Workspace(cfg).query_dicom(files[0], k=3).hits == by_dicom
+
+    # a second reindex with the same weights reuses the stored copy (and its hash is what is recorded)
+    assert Workspace(cfg).reindex(str(stored))["weights"] == str(stored)
+
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 0xFF
+    stored.write_bytes(bytes(data))  # tampered: refused, naming the file and both hashes
+    with pytest.raises(WeightsError, match=f"{stored}.*{sha}") as caught:
+        Workspace(cfg).query_accession("ACC0001", k=3)
+    assert sha256_file(stored) in str(caught.value)
+    Workspace(cfg).rollback()  # the old (random-weights) version has nothing stored to check
+    with pytest.raises(WeightsError, match="modified"):
+        Workspace(cfg).rollback()  # rolling forward onto the tampered copy is refused
+    assert read_live(cfg.index_dir)[0].key == old_key
+
+
+def test_rollback_target_from_a_user_file_is_stored_when_replaced(tmp_path):
+    """A version whose weights were the user's file (ingest with encoder.weights) keeps working after
+    that file is deleted: the reindex that replaces it stores a copy for rollback."""
+    files = synthetic_archive(tmp_path / "archive", 4)
+    seed = Workspace(make_config(tmp_path / "seed", encoder={"name": "resnet18", "input_size": 96}))
+    first = finetuned_weights(seed, tmp_path / "first.pt")
+    pinned = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 96, "weights": str(first)})
+    ws = Workspace(pinned)
+    ws.ingest(tmp_path / "archive", workers=0)
+    first_key, before = ws.encoder.identity.key, ws.query_dicom(files[0], k=3).hits
+    second = tmp_path / "second.pt"
+    torch.save({k: v * 1.01 if v.is_floating_point() else v for k, v in ws.encoder.model.state_dict().items()},
+               second)
+    cfg = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 96})
+    assert Workspace(cfg).reindex(str(second))["previous"] == first_key
+    first.unlink()
+    assert Workspace(cfg).rollback()["live"] == first_key
+    assert Workspace(cfg).query_dicom(files[0], k=3).hits == before

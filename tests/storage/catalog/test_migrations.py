@@ -1,0 +1,41 @@
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
+
+from mammo_retrieval.storage.catalog import Database
+from mammo_retrieval.storage.catalog.models import Base
+from mammo_retrieval.core.errors import DatabaseError
+
+
+def test_upgrade_head_builds_exactly_the_models(tmp_path):
+    db = Database(f"sqlite:///{tmp_path}/m.db")
+    assert db.upgrade() == db.head_revision()
+    with db.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    assert {"images", "studies", "embeddings", "rejected_files", "model_versions"} <= set(
+        inspect(db.engine).get_table_names())
+
+
+def test_empty_database_sets_itself_up(tmp_path):
+    db = Database(f"sqlite:///{tmp_path}/sub/dir/m.db")
+    db.ensure_schema()
+    assert db.current_revision() == db.head_revision()
+
+
+def test_outdated_schema_is_refused_with_the_fix(tmp_path):
+    url = f"sqlite:///{tmp_path}/m.db"
+    Database(url).upgrade()
+    with Database(url).engine.begin() as conn:  # as if written by an older release
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0000'")
+    with pytest.raises(DatabaseError, match="mretrieve db upgrade"):
+        Database(url).ensure_schema()
+
+
+def test_foreign_database_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path}/other.db"
+    db = Database(url)
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE patients (id INTEGER)")
+    with pytest.raises(DatabaseError, match="no alembic version"):
+        Database(url).ensure_schema()

@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+
+from mammo_retrieval.app.workspace import Workspace
+from mammo_retrieval.storage.cache import CacheCorruptError, ImageCache
+from tests.conftest import make_config
+from tests.factory import breast_phantom, make_file
+
+
+def test_round_trip_and_checksum(tmp_path):
+    cache = ImageCache(tmp_path, "d1", (8, 6))
+    images = {f"1.2.{i}": np.full((8, 6), i, np.uint8) for i in range(5)}
+    cache.put_many(images.items())
+    assert len(cache) == 5 and "1.2.3" in cache and cache.get("9.9") is None
+    np.testing.assert_array_equal(cache.get("1.2.3"), images["1.2.3"])
+    cache.put_many([("1.2.3", np.full((8, 6), 77, np.uint8))])  # overwrite keeps the slot
+    assert len(cache) == 5 and cache.get("1.2.3")[0, 0] == 77
+    cache.close()
+    reopened = ImageCache(tmp_path, "d1", (8, 6))
+    np.testing.assert_array_equal(reopened.get("1.2.4"), images["1.2.4"])
+    with open(tmp_path / "d1" / "shard-00000.u8", "r+b") as fh:  # flip bytes of slot 4
+        fh.seek(4 * 48)
+        fh.write(b"\xff\xff")
+    with pytest.raises(CacheCorruptError, match="checksum"):
+        ImageCache(tmp_path, "d1", (8, 6)).get("1.2.4")
+
+
+def test_size_is_checked(tmp_path):
+    ImageCache(tmp_path, "d1", (8, 6)).close()
+    with pytest.raises(CacheCorruptError, match="expected 4x4"):
+        ImageCache(tmp_path, "d1", (4, 4))
+
+
+def test_ingest_fills_the_cache_and_a_lost_entry_is_rebuilt(tmp_path):
+    make_file(tmp_path / "a" / "x.dcm", breast_phantom(128, 96), sop_uid="1.2.826.0.1.5")
+    ws = Workspace(make_config(tmp_path / "state", encoder={"name": "resnet18"}))
+    ws.ingest(tmp_path / "a", workers=0)
+    original = ws.image_cache.get("1.2.826.0.1.5")
+    assert original.shape == (224, 224) and original.dtype == np.uint8
+    ws.image_cache.discard("1.2.826.0.1.5")
+    np.testing.assert_array_equal(ws.cached_image("1.2.826.0.1.5"), original)
+    assert "1.2.826.0.1.5" in ws.image_cache
