@@ -2,6 +2,8 @@
 database, encoder and index. It holds no global state; build as many as you like."""
 from __future__ import annotations
 
+import logging
+
 import dataclasses
 import os
 from contextlib import contextmanager
@@ -14,6 +16,8 @@ from mammo_retrieval.storage.catalog import repository as repo
 from mammo_retrieval.core.errors import DatabaseError, IndexCorruptError, IndexMismatchError, NotFoundError
 from mammo_retrieval.storage.index.manifest import Manifest
 from mammo_retrieval.search.query import QueryFilters, QueryImage, QueryResult, search
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -419,6 +423,9 @@ class Workspace:
             report.index_ntotal = index.ntotal
         self._index = None
         report.seconds = time.perf_counter() - started
+        logger.info("ingested %d, already present %d, rejected %d of %d files in %.1f s (model %s, %s index of %d)",
+                    report.ingested, report.already_present, len(report.rejected), report.files_seen,
+                    report.seconds, report.model_key, report.index_type, report.index_ntotal)
         return report
 
     def _record_first_live_model(self) -> None:
@@ -470,6 +477,7 @@ class Workspace:
             index.save()
             switch_live(self.config.index_dir, ServingModel(identity.key, new_cfg.name, stored, new_cfg.input_size,
                                                             weights_sha256=sha))
+            logger.info("reindex: %s is live (was %s), %d vectors", identity.key, old_key, index.ntotal)
         self._forget_model()
         return {"live": identity.key, "previous": old_key if old_key != identity.key else None,
                 "embedded": result.embedded, "already_embedded": result.already_embedded,

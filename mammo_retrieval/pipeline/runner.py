@@ -10,6 +10,8 @@ is ahead of the index and the next open adds the missing vectors from the catalo
 """
 from __future__ import annotations
 
+import logging
+
 import time
 from collections import deque
 from concurrent.futures import Executor, Future
@@ -24,6 +26,8 @@ from mammo_retrieval.pipeline.prepare import Prepared, Rejected, prepare_file
 from mammo_retrieval.pipeline.screen import Copies, screen
 from mammo_retrieval.preprocess import PreprocessSettings, normalise
 from mammo_retrieval.storage.catalog import repository as repo
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from mammo_retrieval.encoders import Encoder
@@ -151,6 +155,8 @@ class _Scheduler:
             self.flush()
 
     def rejected(self, rejections: list[Rejected]) -> None:
+        for r in rejections:
+            logger.info("rejected [%s] %s", r.code, r.path)
         self.report.rejected.extend(rejections)
         self.rejections.extend(rejections)
 
@@ -166,6 +172,7 @@ class _Scheduler:
             self.threads.embedded(time.perf_counter() - started)
             self.sink.write(self.batch, vectors)
             self.report.ingested += len(self.batch)
+            logger.debug("wrote a batch of %d images (%d so far)", len(self.batch), self.report.ingested)
             self.batch = []
         self.sink.clear_rejections(self.present)
         self.present = []

@@ -7,6 +7,8 @@ is replaced, then the old file is removed. A crash at any step leaves a readable
 """
 from __future__ import annotations
 
+import logging
+
 import math
 import os
 import uuid
@@ -21,6 +23,8 @@ from mammo_retrieval.core.config import IndexConfig
 from mammo_retrieval.core.errors import IndexCorruptError
 from mammo_retrieval.core.fileio import fsync_dir
 from mammo_retrieval.storage.index.manifest import Manifest
+
+logger = logging.getLogger(__name__)
 
 FLAT = "flat"
 
@@ -160,6 +164,7 @@ class VectorIndex:
 
         The old in-memory index is dropped first so that the vectors are never held twice; the copy on
         disk stays the live one until ``save``."""
+        logger.info("building %s index (nlist %s) in %s", layout.index_type, layout.nlist, self.directory)
         self.index = None
         index = new_faiss_index(layout, self.cfg, self.manifest.dim)
         if not index.is_trained:
@@ -183,6 +188,7 @@ class VectorIndex:
 
     def save(self) -> None:
         """Atomic: new index file, fsync, then replace the manifest (the commit point), then drop the old file."""
+        logger.debug("saving %d vectors to %s", self.ntotal, self.directory)
         name = f"index-{uuid.uuid4().hex[:12]}.faiss"
         tmp = self.directory / f".{name}.tmp"
         faiss.write_index(self.index, str(tmp))
