@@ -243,10 +243,12 @@ def run_ingest(ws: "Workspace", root: str | Path, *, workers: int | None = None,
                 vectors = encoder.embed(normalise(np.stack([p.display for p in batch]), settings))
                 threads.embedded(time.perf_counter() - embedding)
                 items = [repo.NewImage(p.header, p.path, p.sha256, p.frame_index, v) for p, v in zip(batch, vectors)]
+                # the cache before the database: if the disk fills, the batch is not committed and a rerun
+                # redoes it (its cache slots are reused), so no image ends up in the database but not the cache
+                ws.image_cache.put_many((p.header.sop_instance_uid, p.display) for p in batch)
                 with ws.db.session() as s:
                     ids = repo.write_images(s, items, mv_id)
                 index.add(np.asarray(ids), vectors)
-                ws.image_cache.put_many((p.header.sop_instance_uid, p.display) for p in batch)
                 report.ingested += len(batch)
                 batch.clear()
                 batches_since_save += 1
