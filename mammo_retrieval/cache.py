@@ -18,33 +18,14 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import MammoRetrievalError, StorageFullError, is_disk_full, storage_full
+from .errors import MammoRetrievalError, is_disk_full, storage_full
+from .private import PRIVATE_FILE, make_private_dir
 
 SHARD_CAPACITY = 4096
-PRIVATE_DIR = 0o700
-PRIVATE_FILE = 0o600
 
 
 class CacheCorruptError(MammoRetrievalError):
     exit_code = 6
-
-
-def make_private_dir(path: Path) -> Path:
-    """Create ``path`` (and missing parents) as 0700: the home's state holds patient images, so it must not
-    be readable by other users whatever the process umask is (the CLI also sets 0077; library users may not)."""
-    path = Path(path)
-    missing = []
-    for folder in (path, *path.parents):
-        if folder.exists():
-            break
-        missing.append(folder)
-    for folder in reversed(missing):
-        try:
-            folder.mkdir(mode=PRIVATE_DIR)
-        except FileExistsError:
-            continue
-        os.chmod(folder, PRIVATE_DIR)  # mkdir's mode is masked by the umask; the chmod is not
-    return path
 
 
 class ImageCache:
@@ -117,7 +98,8 @@ class ImageCache:
             existing = dict(self._db.execute(
                 f"SELECT sop, slot FROM entries WHERE sop IN ({','.join('?' * len(items))})",
                 [sop for sop, _ in items]).fetchall())
-            next_slot = (self._db.execute("SELECT MAX(slot) FROM entries").fetchone()[0] or -1) + 1
+            # COALESCE, not `or -1`: a max slot of 0 is falsy, and slot 0 would be handed out again
+            next_slot = self._db.execute("SELECT COALESCE(MAX(slot), -1) + 1 FROM entries").fetchone()[0]
         rows, touched = [], set()
         for sop, image in items:
             if image.shape != self.size or image.dtype != np.uint8:

@@ -125,3 +125,35 @@ def test_a_full_disk_gives_one_clear_error_and_a_rerun_loses_and_doubles_nothing
         assert all(isinstance(cache.get(f"1.2.826.0.1.77.{i}"), np.ndarray) for i in range(16))
     finally:
         cache.close()
+
+
+@pytest.mark.parametrize("raised", ["sqlalchemy", "sqlite", "oserror", "faiss"])
+def test_every_form_of_a_full_disk_maps_to_the_one_error(tmp_path, monkeypatch, raised):
+    """However the disk-full surfaces (SQLAlchemy wrapping sqlite3, an OSError, faiss's write error), the CLI
+    says it once, names a path, exits with StorageFullError's code, and never echoes SQL parameters."""
+    import errno
+
+    import sqlalchemy.exc
+    from click.testing import CliRunner
+
+    from mammo_retrieval.api import Workspace
+    from mammo_retrieval.cli import cli
+    full = sqlite3.OperationalError("database or disk is full")
+    error = {
+        "sqlalchemy": sqlalchemy.exc.OperationalError("INSERT INTO images VALUES (?)", ("Doe^Jane",), full),
+        "sqlite": full,
+        "oserror": OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "state" / "x.tmp")),
+        "faiss": RuntimeError("Error in faiss::write_index: 'ret == (n)' failed: write error in x.faiss: "
+                              "0 != 1 (No space left on device)"),
+    }[raised]
+
+    def fail(*args, **kwargs):
+        raise error
+    monkeypatch.setenv("MRETRIEVE_HOME", str(tmp_path / "state"))
+    monkeypatch.setattr(Workspace, "status", fail)
+    (tmp_path / "state").mkdir()
+    result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == StorageFullError.exit_code, (result.output, result.exception)
+    assert result.output.startswith("error: no space left on the disk holding ")
+    assert str(tmp_path / "state") in result.output and "Doe^Jane" not in result.output
+    assert "Traceback" not in result.output

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config import IndexConfig
 from ..errors import IndexCorruptError
+from ..private import make_private_dir
 from .manifest import Manifest, fsync_dir
 
 FLAT = "flat"
@@ -71,7 +72,7 @@ class VectorIndex:
     # --- opening -------------------------------------------------------------------------------
     @classmethod
     def open_or_create(cls, directory: Path, identity, cfg: IndexConfig) -> "VectorIndex":
-        directory.mkdir(parents=True, exist_ok=True)
+        make_private_dir(directory)  # 0700 whatever the umask: the index describes patient images
         manifest = Manifest.read(directory)
         if manifest is None:
             manifest = Manifest.for_identity(identity)
