@@ -1,6 +1,7 @@
 """What the index and database hold, for `mretrieve status` and a server's health page."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mammo_retrieval.storage.catalog import repository as repo
@@ -23,7 +24,12 @@ def collect_status(ws: "Workspace", *, rejected_limit: int | None = None) -> dic
         rejected = repo.rejected_files(s, rejected_limit)
         rejected_rows = [{"path": r.path, "code": r.code, "reason": r.reason} for r in rejected]
     from mammo_retrieval.storage.index.versions import read_live
-    live, previous = read_live(cfg.index_dir)
+    errors = []
+    try:
+        live, previous = read_live(cfg.index_dir)
+    except IndexCorruptError as exc:  # a broken live pointer must not hide everything else status can tell
+        live, previous = None, []
+        errors.append(str(exc))
     kept_keys = {m.key for m in previous}
     models = []
     for mv, n_vectors in versions:
@@ -36,6 +42,8 @@ def collect_status(ws: "Workspace", *, rejected_limit: int | None = None) -> dic
             manifest = Manifest.read(directory)
         except IndexCorruptError as exc:
             manifest, entry["index_error"] = None, str(exc)
+        if manifest is not None and (problem := _index_file_problem(directory, manifest)):
+            entry["index_error"] = problem
         if manifest is not None:
             entry["index"] = {"path": str(directory), "type": manifest.index_type, "metric": manifest.metric,
                               "nlist": manifest.nlist, "nprobe": manifest.nprobe, "ntotal": manifest.ntotal,
@@ -51,7 +59,27 @@ def collect_status(ws: "Workspace", *, rejected_limit: int | None = None) -> dic
         "model_versions": models,
         "rejected": rejected_rows,
         "warnings": warnings,
+        "errors": errors + [f"model {m['key']}: {m['index_error']}" for m in models if m.get("index_error")],
     }
+
+
+def _index_file_problem(directory: Path, manifest: Manifest) -> str | None:
+    """Why the manifest's index file cannot serve, or None. Cheap: the file is memory-mapped, not loaded."""
+    if manifest.index_file is None:
+        return None if manifest.ntotal == 0 else f"the manifest lists {manifest.ntotal} vectors but no index file"
+    path = directory / manifest.index_file
+    if not path.is_file():
+        return f"{path}: index file missing"
+    if path.stat().st_size == 0:
+        return f"{path}: index file is empty"
+    import faiss
+    try:
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except Exception as exc:  # faiss raises RuntimeError with a multi-line C++ message
+        return f"{path}: cannot read index ({' '.join(str(exc).split())[:200]})"
+    if index.ntotal != manifest.ntotal:
+        return f"{path}: holds {index.ntotal} vectors, manifest says {manifest.ntotal}"
+    return None
 
 
 def _redact(url: str) -> str:

@@ -7,10 +7,11 @@ mapped once, at each boundary.
 """
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import asdict, dataclass
 from enum import StrEnum
-from typing import Iterable
+from typing import Iterable, Iterator
 
 
 @dataclass(frozen=True)
@@ -142,3 +143,79 @@ class ReindexIncompleteError(MammoRetrievalError):
     def __init__(self, message: str, failures: list[dict], *, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.failures = failures
+
+
+class StorageFullError(MammoRetrievalError):
+    """The disk (or quota) under the home is full. Every write commits atomically, so nothing stored is lost:
+    free space and rerun the command, which picks up where it stopped."""
+
+    exit_code = 11
+
+
+_SQLITE_FULL, _SQLITE_CORRUPT, _SQLITE_NOTADB = 13, 11, 26
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, what it wraps (SQLAlchemy's ``orig``) and its chain, each once."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo.extend([getattr(e, "orig", None), e.__cause__, e.__context__])
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT from a file write, SQLite's "database or disk is full" (also inside SQLAlchemy's
+    OperationalError), or a faiss write error caused by either."""
+    for e in _causes(exc):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if getattr(e, "sqlite_errorcode", None) == _SQLITE_FULL:
+            return True
+        text = str(e)
+        if "database or disk is full" in text or "No space left on device" in text or "Disk quota exceeded" in text:
+            return True
+    return False
+
+
+def is_database_corrupt(exc: BaseException) -> bool:
+    """SQLite's "database disk image is malformed" or "file is not a database"."""
+    for e in _causes(exc):
+        if getattr(e, "sqlite_errorcode", None) in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            return True
+        if "database disk image is malformed" in str(e) or "file is not a database" in str(e):
+            return True
+    return False
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's or the OS's own words, never SQLAlchemy's text: that holds the statement's parameters,
+    which may be patient data."""
+    for e in _causes(exc):
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        if getattr(e, "sqlite_errorcode", None) is not None or type(e).__module__ == "sqlite3":
+            return " ".join(str(e).split())
+    return type(exc).__name__
+
+
+def storage_full(path: str | os.PathLike, exc: BaseException | None = None) -> StorageFullError:
+    """The one error for a full disk, naming where it happened."""
+    detail = f" ({_reason(exc)})" if exc is not None else ""
+    return StorageFullError(f"no space left on the disk holding {display_path(path)}{detail}",
+                            hint="free space (or raise the quota) and rerun the command: what was committed is "
+                                 "kept, and the rerun adds only what is missing")
+
+
+def database_corrupt(path: str | os.PathLike, exc: BaseException | None = None) -> DatabaseError:
+    """A damaged SQLite file ("database disk image is malformed"), with the two ways back."""
+    shown = display_path(path)
+    detail = f" ({_reason(exc)})" if exc is not None else ""
+    return DatabaseError(f"{shown}: the database file is damaged{detail}",
+                         hint=f"restore it from a backup, or salvage what it holds with `sqlite3 {shown} '.recover' "
+                              f"| sqlite3 recovered.db` and point paths.database_url at recovered.db "
+                              "(then `mretrieve index rebuild`)")

@@ -94,10 +94,12 @@ class CatalogSink:
 
     def write(self, batch: list[Prepared], vectors: np.ndarray) -> None:
         items = [repo.NewImage(p.header, p.path, p.sha256, p.frame_index, v) for p, v in zip(batch, vectors)]
+        # the cache before the catalog: if the disk fills, the batch is not committed and a rerun redoes it
+        # (its cache slots are reused), so no image ends up in the catalog but not in the cache
+        self.cache.put_many((p.header.sop_instance_uid, p.display) for p in batch)
         with self.db.session() as s:
             ids = repo.write_images(s, items, self.model_version_id)
         self.index.add(np.asarray(ids), vectors)
-        self.cache.put_many((p.header.sop_instance_uid, p.display) for p in batch)
         self._unsaved_batches += 1
         if self._unsaved_batches >= self.save_every:
             self.index.save()

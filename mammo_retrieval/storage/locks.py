@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mammo_retrieval.core.errors import BusyError
+from mammo_retrieval.core.private import make_private_dir
 
 LOCK_NAME = ".write.lock"
 
@@ -78,7 +79,7 @@ def _busy(folder: Path, info: dict) -> BusyError:
 @contextmanager
 def write_lock(folder: Path) -> Iterator[None]:
     """Hold the folder's write lock, or raise BusyError at once naming the holder (never wait silently)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_private_dir(folder)  # the index folder: 0700 whatever the umask
     path = folder / LOCK_NAME
     key = os.path.realpath(path)
     with _GUARD:

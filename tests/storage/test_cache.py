@@ -40,3 +40,52 @@ def test_ingest_fills_the_cache_and_a_lost_entry_is_rebuilt(tmp_path):
     ws.image_cache.discard("1.2.826.0.1.5")
     np.testing.assert_array_equal(ws.cached_image("1.2.826.0.1.5"), original)
     assert "1.2.826.0.1.5" in ws.image_cache
+
+
+def test_a_garbage_entries_file_names_the_file_and_the_fix(tmp_path):
+    ImageCache(tmp_path, "d1", (8, 6)).close()
+    entries = tmp_path / "d1" / "entries.sqlite"
+    for stale in entries.parent.glob("entries.sqlite-*"):
+        stale.unlink()
+    entries.write_bytes(b"\x00garbage" * 500)
+    with pytest.raises(CacheCorruptError) as caught:
+        ImageCache(tmp_path, "d1", (8, 6))
+    assert str(entries) in str(caught.value) and "deleting the cache folder" in caught.value.hint
+
+
+def test_a_full_disk_is_a_clear_error_and_commits_no_entry(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from mammo_retrieval.core.errors import StorageFullError
+    cache = ImageCache(tmp_path, "d1", (8, 6))
+    cache.put_many([("1.2.0", np.full((8, 6), 5, np.uint8))])
+    real_pwrite, calls = os.pwrite, []
+
+    def short_then_full(fd, data, offset):  # a write that fills the disk is short; the next one fails
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_pwrite(fd, bytes(data)[:10], offset)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "pwrite", short_then_full)
+    with pytest.raises(StorageFullError, match="shard-00000.u8") as caught:
+        cache.put_many([("1.2.1", np.full((8, 6), 6, np.uint8))])
+    assert calls == [48, 38] and "free space" in caught.value.hint
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    assert "1.2.1" not in cache and len(cache) == 1  # no entry points at half-written pixels
+    cache.put_many([("1.2.1", np.full((8, 6), 6, np.uint8))])  # the rerun after freeing space
+    assert len(cache) == 2 and cache.get("1.2.1")[0, 0] == 6 and cache.get("1.2.0")[0, 0] == 5
+
+
+def test_the_cache_is_private_whatever_the_umask(tmp_path):
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        cache = ImageCache(tmp_path / "cache", "d1", (8, 6))
+        cache.put_many([("1.2.0", np.zeros((8, 6), np.uint8))])
+    finally:
+        os.umask(old)
+    for path in [tmp_path / "cache", *(tmp_path / "cache").rglob("*")]:
+        assert not stat.S_IMODE(path.stat().st_mode) & 0o077, path
+    cache.close()

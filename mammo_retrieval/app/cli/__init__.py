@@ -1,11 +1,13 @@
 """`mretrieve`: a thin click front end over mammo_retrieval.app.workspace. Errors become exit codes here, once."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
-from mammo_retrieval.core.errors import MammoRetrievalError
+from mammo_retrieval.core.errors import (MammoRetrievalError, database_corrupt, is_database_corrupt, is_disk_full,
+                                         storage_full)
 from mammo_retrieval.app.cli import config as config_commands
 from mammo_retrieval.app.cli._common import render_error
 from mammo_retrieval.app.cli import db as db_commands
@@ -24,8 +26,43 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except MammoRetrievalError as exc:
-            click.echo(render_error(exc), err=True)
-            sys.exit(exc.exit_code)
+            _exit_with(exc)
+        except Exception as exc:
+            known = _package_error(exc, ctx.obj)
+            if known is None:
+                raise
+            _exit_with(known)
+
+
+def _exit_with(exc: MammoRetrievalError) -> None:
+    click.echo(render_error(exc), err=True)
+    sys.exit(exc.exit_code)
+
+
+def _package_error(exc: Exception, config) -> MammoRetrievalError | None:
+    """A full disk or a damaged database file, from wherever it surfaced (a file write, SQLite, SQLAlchemy,
+    faiss), as one clear error naming the file; anything else is left alone (a bug: keep its traceback)."""
+    database = _sqlite_path(config)
+    if is_disk_full(exc):
+        where = getattr(exc, "filename", None)
+        if where is None:
+            is_sqlite = any(type(e).__module__ in ("sqlite3", "sqlalchemy.exc") for e in (exc, exc.__cause__))
+            where = database if is_sqlite and database else (config.index_dir if config else os.getcwd())
+        return storage_full(where, exc)
+    if is_database_corrupt(exc):
+        return database_corrupt(database or "the database", exc)
+    return None
+
+
+def _sqlite_path(config) -> str | None:
+    if config is None:
+        return None
+    try:
+        from sqlalchemy.engine.url import make_url
+        url = make_url(config.database_url)
+    except Exception:
+        return None
+    return url.database if url.get_backend_name() == "sqlite" and url.database else None
 
 
 @click.group(cls=_Group)
@@ -59,4 +96,7 @@ cli.add_command(config_commands.config)
 
 
 def main() -> None:
+    # The home holds patient images and metadata: everything the CLI creates (database, -wal/-shm, cache,
+    # index, reports, exports) is private to the user. Only here, never in the library: the process is ours.
+    os.umask(0o077)
     cli(prog_name="mretrieve")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import click
 
+from mammo_retrieval.core.errors import IndexCorruptError
 from mammo_retrieval.app.cli._common import dumps, workspace
 
 
@@ -15,6 +16,7 @@ def status(ctx: click.Context, fmt: str, rejected_limit: int) -> None:
     info = ws.status(rejected_limit=None if fmt == "json" else rejected_limit)
     if fmt == "json":
         click.echo(dumps(info))
+        _exit_if_unhealthy(info)
         return
     c = info["counts"]
     click.echo(f"database   {info['database']}")
@@ -30,11 +32,22 @@ def status(ctx: click.Context, fmt: str, rejected_limit: int) -> None:
         if idx:
             click.echo(f"  index {idx['type']} metric {idx['metric']} nlist {idx['nlist']} nprobe {idx['nprobe']} "
                        f"ntotal {idx['ntotal']} ({idx['path']})")
-        elif m.get("index_error"):
+        if m.get("index_error"):
             click.echo(f"  index ERROR: {m['index_error']}")
     if info["rejected"]:
         click.echo(f"rejected files (first {len(info['rejected'])} of {c['rejected_files']}):")
         for r in info["rejected"]:
             click.echo(f"  [{r['code']}] {r['path']}: {r['reason']}")
+    for e in info.get("errors", []):
+        click.secho(f"ERROR: {e}", fg="red", err=True)
     for w in info["warnings"]:
         click.secho(f"WARNING: {w}", fg="yellow", err=True)
+    _exit_if_unhealthy(info)
+
+
+def _exit_if_unhealthy(info: dict) -> None:
+    """Everything is printed first; then a broken live pointer or index file fails the command, so a health
+    check that runs `mretrieve status` sees it (exit code of IndexCorruptError)."""
+    if info.get("errors"):
+        ctx = click.get_current_context()
+        ctx.exit(IndexCorruptError.exit_code)

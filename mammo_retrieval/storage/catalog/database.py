@@ -227,6 +227,11 @@ class Database:
         except ImportError as exc:
             raise _driver_error(self.url, exc) from None
         except Exception as exc:
+            from mammo_retrieval.core.errors import database_corrupt, is_database_corrupt, is_disk_full, storage_full
+            if is_disk_full(exc):
+                raise storage_full(self.sqlite_path or self.display_url, exc) from None
+            if is_database_corrupt(exc):
+                raise database_corrupt(self.sqlite_path or self.display_url, exc) from None
             message = str(exc).replace(self.url, self.display_url)
             password = make_url(self.url).password
             if password:

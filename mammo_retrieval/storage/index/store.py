@@ -22,6 +22,7 @@ import numpy as np
 from mammo_retrieval.core.config import IndexConfig
 from mammo_retrieval.core.errors import IndexCorruptError
 from mammo_retrieval.core.fileio import fsync_dir
+from mammo_retrieval.core.private import make_private_dir
 from mammo_retrieval.storage.index.manifest import Manifest
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class VectorIndex:
     # --- opening -------------------------------------------------------------------------------
     @classmethod
     def open_or_create(cls, directory: Path, identity, cfg: IndexConfig) -> "VectorIndex":
-        directory.mkdir(parents=True, exist_ok=True)
+        make_private_dir(directory)  # 0700 whatever the umask: the index describes patient images
         manifest = Manifest.read(directory)
         if manifest is None:
             manifest = Manifest.for_identity(identity)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mammo_retrieval.core.errors import IndexCorruptError, NotFoundError, WeightsError
 from mammo_retrieval.core.fileio import write_bytes_atomic
+from mammo_retrieval.core.private import make_private_dir
 
 LIVE_NAME = "live.json"
 WEIGHTS_DIR = "weights"
@@ -81,7 +82,7 @@ def read_live(index_dir: Path) -> tuple[ServingModel | None, list[ServingModel]]
 
 
 def _write(index_dir: Path, live: ServingModel, previous: list[ServingModel]) -> None:
-    index_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(index_dir)
     payload = {"live": asdict(live), "previous": [asdict(m) for m in previous]}
     write_bytes_atomic(index_dir / LIVE_NAME, json.dumps(payload, indent=2).encode())
 
