@@ -6,6 +6,7 @@ import logging
 
 import dataclasses
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -47,6 +48,8 @@ class Workspace:
         self._index: "VectorIndex | None" = None
         self._mv_id: int | None = None
         self._caches: dict[str, "ImageCache"] = {}
+        self._index_signature: tuple[int, int] | None = None
+        self._lazy = threading.RLock()  # one encoder, index and cache per workspace, whatever the threads
 
     # --- the database: read-only use never creates it, writers do ---------------------------------
     @property
@@ -117,9 +120,10 @@ class Workspace:
 
     @property
     def encoder(self) -> "Encoder":
-        if self._encoder is None:
-            self._encoder = self.build_encoder(self.serving_encoder_config())
-        return self._encoder
+        with self._lazy:
+            if self._encoder is None:
+                self._encoder = self.build_encoder(self.serving_encoder_config())
+            return self._encoder
 
     @property
     def image_cache(self) -> "ImageCache":
@@ -129,9 +133,10 @@ class Workspace:
     def cache_for(self, settings) -> "ImageCache":
         from mammo_retrieval.storage.cache import ImageCache
         digest = settings.digest()
-        if digest not in self._caches:
-            self._caches[digest] = ImageCache(self.config.cache_dir, digest, settings.size)
-        return self._caches[digest]
+        with self._lazy:
+            if digest not in self._caches:
+                self._caches[digest] = ImageCache(self.config.cache_dir, digest, settings.size)
+            return self._caches[digest]
 
     def prepare_options(self) -> dict:
         """How this workspace reads and preprocesses a file (ingest, queries and cache rebuilds alike)."""
@@ -242,9 +247,16 @@ class Workspace:
     def searchable_index(self) -> "VectorIndex":
         """The index, caught up in memory with the database (a warm server keeps this one and
         picks up a reindex switch on its next query)."""
+        with self._lazy:
+            return self._searchable_index()
+
+    def _searchable_index(self) -> "VectorIndex":
         if self._index is not None and self._live_changed():
             self._forget_model()
+        if self._index is not None and Manifest.signature(self._index.directory) != self._index_signature:
+            self._index = None  # another process saved this index (an ingest): reopen and catch up
         if self._index is None:
+            signature = Manifest.signature(self.index_directory())
             index = self.open_index()
             mv_id = self._existing_model_version_id()
             if mv_id is None:
@@ -253,7 +265,7 @@ class Workspace:
                 raise IndexCorruptError(f"the index in {index.directory} has no model version in the database",
                                         hint="run `mretrieve index rebuild`, or check paths.database_url")
             self.sync_index(index, mv_id, relayout=False)
-            self._index = index
+            self._index, self._index_signature = index, signature
         return self._index
 
     @contextmanager

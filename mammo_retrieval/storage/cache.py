@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,10 +36,12 @@ class ImageCache:
         self._slot_bytes = self.size[0] * self.size[1]
         self.entries_path = self.directory / "entries.sqlite"
         self._fds: dict[int, int] = {}
+        self._mutex = threading.RLock()  # a warm server reads (and rebuilds entries) from many threads
         with self._guard():
             if not self.entries_path.exists():  # SQLite gives its -wal and -shm files the mode of this one
                 os.close(os.open(self.entries_path, os.O_CREAT | os.O_WRONLY, PRIVATE_FILE))
-            self._db = sqlite3.connect(self.entries_path, timeout=30)
+            # one connection shared by a server's threads, each use under self._mutex
+            self._db = sqlite3.connect(self.entries_path, timeout=30, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("CREATE TABLE IF NOT EXISTS entries (sop TEXT PRIMARY KEY, slot INTEGER NOT NULL "
                              "UNIQUE, crc32 INTEGER NOT NULL)")
@@ -91,58 +94,63 @@ class ImageCache:
     def put_many(self, items: Iterable[tuple[str, np.ndarray]]) -> None:
         """Pixels first (fdatasync'd), then the entry rows in one transaction: a crash or a full disk leaves no
         bad entry, and a rerun reuses the slots of entries already committed."""
-        items = list(items)
-        if not items:
-            return
-        with self._guard():
-            existing = dict(self._db.execute(
-                f"SELECT sop, slot FROM entries WHERE sop IN ({','.join('?' * len(items))})",
-                [sop for sop, _ in items]).fetchall())
-            # COALESCE, not `or -1`: a max slot of 0 is falsy, and slot 0 would be handed out again
-            next_slot = self._db.execute("SELECT COALESCE(MAX(slot), -1) + 1 FROM entries").fetchone()[0]
-        rows, touched = [], set()
-        for sop, image in items:
-            if image.shape != self.size or image.dtype != np.uint8:
-                raise ValueError(f"cache expects uint8 {self.size}, got {image.dtype} {image.shape}")
-            slot = existing.get(sop)
-            if slot is None:
-                slot, next_slot = next_slot, next_slot + 1
-                existing[sop] = slot
-            data = np.ascontiguousarray(image).tobytes()
-            self._write_slot(slot, data)
-            touched.add(slot // SHARD_CAPACITY)
-            rows.append((sop, slot, zlib.crc32(data)))
-        for shard in touched:
-            with self._guard(self._shard_path(shard)):
-                os.fdatasync(self._fds[shard])
-        with self._guard(), self._db:
-            self._db.executemany("INSERT OR REPLACE INTO entries (sop, slot, crc32) VALUES (?, ?, ?)", rows)
+        with self._mutex:
+            items = list(items)
+            if not items:
+                return
+            with self._guard():
+                existing = dict(self._db.execute(
+                    f"SELECT sop, slot FROM entries WHERE sop IN ({','.join('?' * len(items))})",
+                    [sop for sop, _ in items]).fetchall())
+                # COALESCE, not `or -1`: a max slot of 0 is falsy, and slot 0 would be handed out again
+                next_slot = self._db.execute("SELECT COALESCE(MAX(slot), -1) + 1 FROM entries").fetchone()[0]
+            rows, touched = [], set()
+            for sop, image in items:
+                if image.shape != self.size or image.dtype != np.uint8:
+                    raise ValueError(f"cache expects uint8 {self.size}, got {image.dtype} {image.shape}")
+                slot = existing.get(sop)
+                if slot is None:
+                    slot, next_slot = next_slot, next_slot + 1
+                    existing[sop] = slot
+                data = np.ascontiguousarray(image).tobytes()
+                self._write_slot(slot, data)
+                touched.add(slot // SHARD_CAPACITY)
+                rows.append((sop, slot, zlib.crc32(data)))
+            for shard in touched:
+                with self._guard(self._shard_path(shard)):
+                    os.fdatasync(self._fds[shard])
+            with self._guard(), self._db:
+                self._db.executemany("INSERT OR REPLACE INTO entries (sop, slot, crc32) VALUES (?, ?, ?)", rows)
 
     def get(self, sop: str) -> np.ndarray | None:
         """The cached image, or None if absent. Raises CacheCorruptError if its checksum fails."""
-        with self._guard():
-            row = self._db.execute("SELECT slot, crc32 FROM entries WHERE sop=?", (sop,)).fetchone()
-        if row is None:
-            return None
-        shard, offset = divmod(row[0], SHARD_CAPACITY)
-        with self._guard(self._shard_path(shard)):
-            data = os.pread(self._fd(shard), self._slot_bytes, offset * self._slot_bytes)
-        if len(data) != self._slot_bytes or zlib.crc32(data) != row[1]:
-            raise CacheCorruptError(f"cache entry for {sop} in {self.directory} fails its checksum",
-                                    hint="it is rebuilt from its DICOM when next needed")
-        return np.frombuffer(data, dtype=np.uint8).reshape(self.size).copy()
+        with self._mutex:
+            with self._guard():
+                row = self._db.execute("SELECT slot, crc32 FROM entries WHERE sop=?", (sop,)).fetchone()
+            if row is None:
+                return None
+            shard, offset = divmod(row[0], SHARD_CAPACITY)
+            with self._guard(self._shard_path(shard)):
+                data = os.pread(self._fd(shard), self._slot_bytes, offset * self._slot_bytes)
+            if len(data) != self._slot_bytes or zlib.crc32(data) != row[1]:
+                raise CacheCorruptError(f"cache entry for {sop} in {self.directory} fails its checksum",
+                                        hint="it is rebuilt from its DICOM when next needed")
+            return np.frombuffer(data, dtype=np.uint8).reshape(self.size).copy()
 
     def discard(self, sop: str) -> None:
-        with self._guard(), self._db:
-            self._db.execute("DELETE FROM entries WHERE sop=?", (sop,))
+        with self._mutex:
+            with self._guard(), self._db:
+                self._db.execute("DELETE FROM entries WHERE sop=?", (sop,))
 
     def __contains__(self, sop: str) -> bool:
-        with self._guard():
-            return self._db.execute("SELECT 1 FROM entries WHERE sop=?", (sop,)).fetchone() is not None
+        with self._mutex:
+            with self._guard():
+                return self._db.execute("SELECT 1 FROM entries WHERE sop=?", (sop,)).fetchone() is not None
 
     def __len__(self) -> int:
-        with self._guard():
-            return self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+        with self._mutex:
+            with self._guard():
+                return self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -65,7 +65,22 @@ class Manifest:
             return None
         try:
             data = json.loads(path.read_text())
-            return cls(**data)
+            manifest = cls(**data)
         except (ValueError, TypeError) as exc:
             raise IndexCorruptError(f"{path}: unreadable manifest: {exc}",
                                     hint="run `mretrieve index rebuild` to rebuild it from the database") from None
+        if not isinstance(manifest.format_version, int) or manifest.format_version > FORMAT_VERSION:
+            raise IndexMismatchError(f"{path}: manifest format {manifest.format_version!r}, this version of "
+                                     f"mammo_retrieval reads format {FORMAT_VERSION} and older",
+                                     hint="upgrade mammo_retrieval, or rebuild the index with this version")
+        return manifest
+
+    @staticmethod
+    def signature(directory: Path) -> tuple[int, int] | None:
+        """(mtime, size) of the manifest file: it changes at every save, so a warm reader can tell cheaply
+        that another process wrote the index (a stat, no read)."""
+        try:
+            st = (directory / MANIFEST_NAME).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size
