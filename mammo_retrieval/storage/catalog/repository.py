@@ -65,38 +65,70 @@ def embedded_sops(session: Session, sop_uids: Iterable[str], model_version_id: i
     return found
 
 
-def _get_or_create_study(session: Session, h: HeaderFields) -> Study:
-    study = session.scalar(select(Study).where(Study.study_key == h.study_key))
-    if study is None:
-        study = Study(study_key=h.study_key, key_source=h.study_key_source, accession_number=h.accession_number,
-                      study_instance_uid=h.study_instance_uid or None, patient_id=h.patient_id or None)
-        session.add(study)
-        session.flush()
-    return study
+def _insert_missing(session: Session, model, rows: list[dict], key: str) -> None:
+    """INSERT ... ON CONFLICT (key) DO NOTHING, one statement for all rows: no per-row round trip, and two
+    writers inserting the same study or image never fail or double it (the unique constraint decides)."""
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        from importlib import import_module
+        insert_for = import_module(f"sqlalchemy.dialects.{dialect}").insert
+        session.execute(insert_for(model).on_conflict_do_nothing(index_elements=[key]), rows)
+        return
+    column = getattr(model, key)
+    present = set(session.scalars(select(column).where(column.in_([r[key] for r in rows]))))
+    missing = [r for r in rows if r[key] not in present]
+    if missing:
+        session.execute(insert(model), missing)
+
+
+def _ids_by(session: Session, model, key: str, values: list[str]) -> dict[str, int]:
+    column = getattr(model, key)
+    found: dict[str, int] = {}
+    for start in range(0, len(values), 500):
+        found.update(session.execute(select(column, model.id).where(column.in_(values[start:start + 500]))).all())
+    return found
 
 
 def write_images(session: Session, items: Sequence[NewImage], model_version_id: int) -> list[int]:
-    """Insert images (or reuse one with the same SOPInstanceUID) and their vectors; returns vector ids."""
-    vector_ids = []
+    """Insert images (or reuse one with the same SOPInstanceUID) and their vectors in bulk: one statement
+    each for studies, images and vectors, whatever the batch size. Returns vector ids in ``items`` order."""
+    if not items:
+        return []
+    studies: dict[str, dict] = {}
     for item in items:
         h = item.header
-        image = session.scalar(select(Image).where(Image.sop_instance_uid == h.sop_instance_uid))
-        if image is None:
-            study = _get_or_create_study(session, h)
-            image = Image(sop_instance_uid=h.sop_instance_uid, series_instance_uid=h.series_instance_uid or None,
-                          study_instance_uid=h.study_instance_uid or None, study_id=study.id,
-                          patient_id=h.patient_id or None, laterality=h.laterality,
-                          laterality_source=h.laterality_source, view=h.view, view_source=h.view_source,
-                          manufacturer=h.manufacturer, path=item.path, sha256=item.sha256, rows=h.rows,
-                          columns=h.columns, number_of_frames=h.number_of_frames, frame_index=item.frame_index,
-                          photometric=h.photometric, transfer_syntax=h.transfer_syntax)
-            session.add(image)
-            session.flush()
-        embedding = Embedding(image_id=image.id, model_version_id=model_version_id,
-                              vector=np.ascontiguousarray(item.vector, dtype=np.float32).tobytes())
-        session.add(embedding)
-        session.flush()
-        vector_ids.append(embedding.id)
+        studies.setdefault(h.study_key, {
+            "study_key": h.study_key, "key_source": h.study_key_source, "accession_number": h.accession_number,
+            "study_instance_uid": h.study_instance_uid or None, "patient_id": h.patient_id or None})
+    _insert_missing(session, Study, list(studies.values()), "study_key")
+    study_ids = _ids_by(session, Study, "study_key", list(studies))
+    images: dict[str, dict] = {}
+    for item in items:
+        h = item.header
+        images.setdefault(h.sop_instance_uid, {
+            "sop_instance_uid": h.sop_instance_uid, "series_instance_uid": h.series_instance_uid or None,
+            "study_instance_uid": h.study_instance_uid or None, "study_id": study_ids[h.study_key],
+            "patient_id": h.patient_id or None, "laterality": h.laterality,
+            "laterality_source": h.laterality_source, "view": h.view, "view_source": h.view_source,
+            "manufacturer": h.manufacturer, "path": item.path, "sha256": item.sha256, "rows": h.rows,
+            "columns": h.columns, "number_of_frames": h.number_of_frames, "frame_index": item.frame_index,
+            "photometric": h.photometric, "transfer_syntax": h.transfer_syntax})
+    _insert_missing(session, Image, list(images.values()), "sop_instance_uid")
+    image_ids = _ids_by(session, Image, "sop_instance_uid", list(images))
+    session.execute(insert(Embedding), [
+        {"image_id": image_ids[item.header.sop_instance_uid], "model_version_id": model_version_id,
+         "vector": np.ascontiguousarray(item.vector, dtype=np.float32).tobytes()} for item in items])
+    # (image, model version) is unique, so one select maps the new vectors back (RETURNING with a kept
+    # order would go row by row on SQLite)
+    wanted = [image_ids[item.header.sop_instance_uid] for item in items]
+    vector_of_image: dict[int, int] = {}
+    for start in range(0, len(wanted), 500):
+        vector_of_image.update(session.execute(
+            select(Embedding.image_id, Embedding.id).where(Embedding.model_version_id == model_version_id,
+                                                           Embedding.image_id.in_(wanted[start:start + 500]))).all())
+    vector_ids = [vector_of_image[image_id] for image_id in wanted]
     session.execute(delete(RejectedFile).where(RejectedFile.path.in_([i.path for i in items])))
     return vector_ids
 
