@@ -148,7 +148,9 @@ class Workspace:
         """Read and preprocess one file as ingest does; a bad file raises DicomRejected with its reason."""
         from mammo_retrieval.core.errors import DicomRejected
         from mammo_retrieval.pipeline.prepare import Rejected, prepare_file
-        prepared = prepare_file(str(path), self.config.reader, settings, **self.prepare_options())
+        from mammo_retrieval.dicom.reader import InMemoryDicom
+        source = path if isinstance(path, InMemoryDicom) else str(path)  # an upload stays in memory
+        prepared = prepare_file(source, self.config.reader, settings, **self.prepare_options())
         if isinstance(prepared, Rejected):
             raise DicomRejected(prepared.path, prepared.code, prepared.reason)
         return prepared

@@ -6,6 +6,8 @@ Two entry points: :func:`read_header` (cheap; used to skip files already ingeste
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
 import struct
@@ -72,6 +74,33 @@ class DicomImage:
     frame_index: int
 
 
+@dataclass(frozen=True)
+class InMemoryDicom:
+    """A DICOM file held in memory (an upload): read and validated exactly as a file on disk, and never
+    written anywhere. ``name`` is what errors and results show in place of a path."""
+
+    name: str
+    data: bytes
+
+    def __fspath__(self) -> str:
+        return self.name
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _as_source(path: "str | os.PathLike | InMemoryDicom") -> "Path | InMemoryDicom":
+    return path if isinstance(path, InMemoryDicom) else Path(path)
+
+
+def _size(src: "Path | InMemoryDicom") -> int:
+    return len(src.data) if isinstance(src, InMemoryDicom) else src.stat().st_size
+
+
+def _sha256(src: "Path | InMemoryDicom") -> str:
+    return hashlib.sha256(src.data).hexdigest() if isinstance(src, InMemoryDicom) else sha256_file(src)
+
+
 def _reject(path: str | os.PathLike, code: C, reason: str, hint: str | None = None) -> DicomRejected:
     return DicomRejected(path, code, reason, hint=hint)
 
@@ -96,7 +125,7 @@ def _quiet_pydicom() -> Iterator[None]:
 
 def _dcmread(path: Path) -> Dataset:
     try:
-        size = path.stat().st_size
+        size = _size(path)
     except OSError as exc:
         raise _reject(path, C.UNREADABLE_FILE, f"cannot read file: {exc.strerror or exc}") from None
     if size == 0:
@@ -105,7 +134,8 @@ def _dcmread(path: Path) -> Dataset:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # defer_size keeps PixelData on disk until it is validated against the header
-            ds = pydicom.dcmread(path, defer_size="64 KB")
+            ds = (pydicom.dcmread(io.BytesIO(path.data)) if isinstance(path, InMemoryDicom)
+                  else pydicom.dcmread(path, defer_size="64 KB"))
     except InvalidDicomError as exc:
         raise _reject(path, C.NOT_DICOM, f"not a DICOM file ({exc})") from None
     except PermissionError as exc:
@@ -210,9 +240,9 @@ def _check_header_values(path: Path, ds: Dataset, f: HeaderFields, cfg: ReaderCo
     _rescale(path, ds)
 
 
-def read_header(path: str | os.PathLike, cfg: ReaderConfig) -> HeaderFields:
+def read_header(path: "str | os.PathLike | InMemoryDicom", cfg: ReaderConfig) -> HeaderFields:
     """Identity and validity from the header alone (pixels are not read)."""
-    path = Path(path)
+    path = _as_source(path)
     with _quiet_pydicom():
         ds = _dcmread(path)
         fields = _fields(path, ds)
@@ -225,7 +255,7 @@ def _check_pixel_data(path: Path, ds: Dataset, f: HeaderFields) -> None:
     tsyntax = UID(f.transfer_syntax) if f.transfer_syntax else UID("1.2.840.10008.1.2")
     bits = int(ds.get("BitsAllocated") or 16)
     elem = ds.get_item("PixelData")
-    file_size = path.stat().st_size
+    file_size = _size(path)
     if not tsyntax.is_encapsulated:
         expected = (f.rows * f.columns * f.number_of_frames * bits + 7) // 8
         length = getattr(elem, "length", None)
@@ -351,10 +381,12 @@ def _window(ds: Dataset) -> tuple[float, float, str] | None:
     return first(center), first(width), str(ds.get("VOILUTFunction") or "LINEAR").upper()
 
 
-def read_stored(path: str | os.PathLike, cfg: ReaderConfig, *, reduce_to: int | None = None) -> StoredImage:
+def read_stored(path: "str | os.PathLike | InMemoryDicom", cfg: ReaderConfig, *,
+                reduce_to: int | None = None) -> StoredImage:
     """Validated decode of the stored values: header checks, size checks, decode (JPEG 2000 at reduced
-    resolution when ``reduce_to`` allows it and glymur/libopenjp2 are present)."""
-    path = Path(path)
+    resolution when ``reduce_to`` allows it and glymur/libopenjp2 are present). ``path`` may be an
+    InMemoryDicom: nothing then touches the disk."""
+    path = _as_source(path)
     with _quiet_pydicom():
         return _read_stored(path, cfg, reduce_to)
 
@@ -385,7 +417,7 @@ def _read_stored(path: Path, cfg: ReaderConfig, reduce_to: int | None) -> Stored
         raise _reject(path, C.UNREADABLE_HEADER, f"invalid window values: {exc}") from None
     if window is not None and not all(math.isfinite(v) and abs(v) < MAX_RESCALED for v in window[:2]):
         raise _reject(path, C.INVALID_PIXEL_MODULE, f"unusable WindowCenter/WindowWidth {window[0]!r}/{window[1]!r}")
-    return StoredImage(path=str(path), header=fields, stored=stored, sha256=sha256_file(path), frame_index=frame,
+    return StoredImage(path=str(path), header=fields, stored=stored, sha256=_sha256(path), frame_index=frame,
                        slope=slope, intercept=intercept, window=window, reduction=reduction)
 
 

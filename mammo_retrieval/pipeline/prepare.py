@@ -8,7 +8,7 @@ import numpy as np
 
 from mammo_retrieval.core.config import ReaderConfig
 from mammo_retrieval.dicom.header import HeaderFields
-from mammo_retrieval.dicom.reader import read_image, read_stored
+from mammo_retrieval.dicom.reader import InMemoryDicom, read_image, read_stored
 from mammo_retrieval.core.errors import FATAL_EXCEPTIONS, DicomRejected, RejectionCode, display_path
 from mammo_retrieval.preprocess import PreprocessSettings, to_display_uint8
 from mammo_retrieval.preprocess.fast import display_from_stored
@@ -40,7 +40,7 @@ class Rejected:
         return cls(display_path(path), RejectionCode(code).value, reason)
 
 
-def prepare_file(path: str, reader_cfg: ReaderConfig, settings: PreprocessSettings, *, fast: bool = True,
+def prepare_file(path: "str | InMemoryDicom", reader_cfg: ReaderConfig, settings: PreprocessSettings, *, fast: bool = True,
                  sampled: bool = True, reduced_j2k: bool = True,
                  downscale_early: bool = False) -> Prepared | Rejected:
     """Reader + preprocessor for one file. Never raises for a bad file: one file never kills a batch.

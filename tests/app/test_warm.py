@@ -80,3 +80,25 @@ def test_a_manifest_from_a_newer_version_is_refused(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(IndexMismatchError, match="manifest format 99"):
         Manifest.read(path.parent)
+
+
+def test_an_upload_is_read_from_memory_as_a_file_would_be(tmp_path):
+    """A server's upload never touches the disk: the same hits and rejections as from the file."""
+    from mammo_retrieval.core.errors import DicomRejected
+    from mammo_retrieval.dicom.reader import InMemoryDicom
+    cfg = make_config(tmp_path / "state", encoder=TINY)
+    files = synthetic_archive(tmp_path / "archive", 6)
+    ws = Workspace(cfg)
+    ws.ingest(tmp_path / "archive", workers=0)
+    for path in files[:3]:  # RLE, JPEG 2000, explicit little endian
+        upload = InMemoryDicom("upload.dcm", path.read_bytes())
+        from_memory, from_file = ws.query_dicom(upload, k=4), ws.query_dicom(path, k=4)
+        assert [h.sop_instance_uid for h in from_memory.hits] == [h.sop_instance_uid for h in from_file.hits]
+        assert [h.score for h in from_memory.hits] == [h.score for h in from_file.hits]
+        assert from_memory.query.path == "upload.dcm"
+    truncated = InMemoryDicom("cut.dcm", files[1].read_bytes()[:3000])
+    with pytest.raises(DicomRejected) as info:
+        ws.query_dicom(truncated, k=4)
+    assert info.value.path == "cut.dcm"
+    with pytest.raises(DicomRejected, match="not a DICOM"):
+        ws.query_dicom(InMemoryDicom("photo.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 200), k=4)
