@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from mammo_retrieval.core.config import Config, load_config
 from mammo_retrieval.storage.catalog import Database
 from mammo_retrieval.storage.catalog import repository as repo
-from mammo_retrieval.core.errors import DatabaseError, IndexCorruptError, IndexMismatchError, NotFoundError
+from mammo_retrieval.core.errors import DatabaseError, IndexCorruptError, IndexMismatchError, NotFoundError, Remedy
 from mammo_retrieval.storage.index.manifest import Manifest
 from mammo_retrieval.search.query import QueryFilters, QueryImage, QueryResult, search
 
@@ -212,9 +212,9 @@ class Workspace:
                     raise IndexCorruptError(f"no index in {directory}, but the database holds {count} vectors "
                                             "of this model (an ingest stopped before its first save, or the "
                                             "index was deleted)",
-                                            hint="run `mretrieve index rebuild` (or re-run the ingest)")
+                                            remedies=[Remedy("rebuild it from the database, or re-run the ingest", "index_rebuild")])
             raise NotFoundError(f"no index for model {self.encoder.identity.key} in {self.config.index_dir}",
-                                hint="run `mretrieve ingest ARCHIVE_DIR` first (with the same config)")
+                                remedies=[Remedy("ingest an archive first, with the same config", "ingest")])
         return index
 
     def _forget_model(self) -> None:
@@ -265,7 +265,7 @@ class Workspace:
                 if index.ntotal:
                     raise self._database_behind(index, 0)
                 raise IndexCorruptError(f"the index in {index.directory} has no model version in the database",
-                                        hint="run `mretrieve index rebuild`, or check paths.database_url")
+                                        remedies=[Remedy("rebuild the index from the database", "index_rebuild"), Remedy("or check paths.database_url")])
             self.sync_index(index, mv_id, relayout=False)
             self._index, self._index_signature = index, signature
         return self._index
@@ -301,7 +301,7 @@ class Workspace:
         if index.ntotal != count:
             raise IndexCorruptError(f"the index in {index.directory} holds {index.ntotal} vectors, "
                                     f"the database {count}",
-                                    hint="run `mretrieve index rebuild` to rebuild it from the database")
+                                    remedies=[Remedy("rebuild it from the database", "index_rebuild")])
         if relayout:
             self.maybe_relayout(index, mv_id)
         return added

@@ -10,7 +10,7 @@ from typing import Mapping
 
 import torch
 
-from mammo_retrieval.core.errors import WeightsError
+from mammo_retrieval.core.errors import WeightsError, Remedy
 from mammo_retrieval.core.fileio import sha256_file, write_atomic
 
 PRIMER_PREFIX = "encoder.encoder."
@@ -57,12 +57,11 @@ def verify_weights(path: str | Path, expected_sha256: str) -> None:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"stored weights file is missing: {path} (expected sha256 {expected_sha256})",
-                           hint="restore it, or re-run `mretrieve reindex --model CHECKPOINT` with the original file")
+                           remedies=[Remedy("restore it, or reindex with the original checkpoint", "reindex")])
     actual = sha256_file(path)
     if actual != expected_sha256:
         raise WeightsError(f"{path}: stored weights were modified: sha256 is {actual}, expected {expected_sha256}",
-                           hint="restore the file, or re-run `mretrieve reindex --model CHECKPOINT` with the "
-                                "original file")
+                           remedies=[Remedy("restore the file, or reindex with the original checkpoint", "reindex")])
 
 
 def sha256_state_dict(state: Mapping[str, torch.Tensor]) -> str:

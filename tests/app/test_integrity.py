@@ -304,7 +304,7 @@ def test_setup_interrupted_by_an_older_release_is_repaired(tmp_path):
     db = Database(f"sqlite:///{path}")
     with pytest.raises(DatabaseError, match="interrupted first-time setup") as info:
         db.ensure_schema(create=False)
-    assert "mretrieve db upgrade" in info.value.hint
+    assert [r.action for r in info.value.remedies] == ["db_upgrade"]
     result = CliRunner(env={"MRETRIEVE_DATABASE_URL": f"sqlite:///{path}"}).invoke(cli, ["db", "upgrade"])
     assert result.exit_code == 0, result.output
     assert db.current_revision() == db.head_revision()

@@ -119,7 +119,7 @@ def test_crash_between_database_commit_and_index_save(tmp_path, monkeypatch):
     assert ws.status()["counts"]["embeddings"] == 12  # the database kept every committed batch
     with pytest.raises(IndexCorruptError, match="database holds 12 vectors") as info:
         ws.query_dicom(files[0], k=20)
-    assert "mretrieve index rebuild" in info.value.hint
+    assert "index_rebuild" in [r.action for r in info.value.remedies]
     report = ws.ingest(tmp_path / "archive", workers=0)  # re-running repairs the index from the database
     assert (report.ingested, report.already_present, report.index_ntotal) == (0, 12, 12)
     assert len(ws.query_dicom(files[0], k=20).hits) == 11

@@ -26,7 +26,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from mammo_retrieval.core.errors import BusyError, ConfigError, DatabaseError, NotFoundError
+from mammo_retrieval.core.errors import BusyError, ConfigError, DatabaseError, NotFoundError, Remedy
 
 POSTGRES_HINT = ("install the PostgreSQL driver: pip install 'mammo_retrieval[postgres]' "
                  "(and name that driver in the URL, e.g. postgresql+psycopg://...)")
@@ -132,20 +132,20 @@ class Database:
         and say how to upgrade. Read-only commands pass create=False so that they never create a database."""
         if not create and not self.file_exists():
             raise NotFoundError(f"no database at {self.display_url}",
-                                hint="run `mretrieve ingest ARCHIVE_DIR` first (or check paths.database_url)")
+                                remedies=[Remedy("ingest an archive first (or check paths.database_url)", "ingest")])
         current = self.current_revision()
         if current is None:
             if not create:
                 with self._wrap_errors(), self.engine.connect() as conn:
                     self._check_not_foreign(conn, repair=False)
                 raise NotFoundError(f"the database {self.display_url} is empty (no mammo_retrieval schema)",
-                                    hint="run `mretrieve ingest ARCHIVE_DIR` first (or check paths.database_url)")
+                                    remedies=[Remedy("ingest an archive first (or check paths.database_url)", "ingest")])
             self.upgrade()
             return
         head = self.head_revision()
         if current != head:
             raise DatabaseError(f"database schema is at revision {current}, this version needs {head}",
-                                hint="run `mretrieve db upgrade` (back the database up first)")
+                                remedies=[Remedy("upgrade the schema (back the database up first)", "db_upgrade")])
 
     def _check_not_foreign(self, conn: Connection, *, repair: bool) -> None:
         """Tables but no alembic version: another program's database (refused), or ours from an interrupted
@@ -163,7 +163,7 @@ class Database:
                                 hint="point paths.database_url at a mammo_retrieval database (or a new path)")
         if not repair:
             raise DatabaseError(f"{self.display_url} holds an unfinished schema (an interrupted first-time "
-                                "setup)", hint="run `mretrieve db upgrade` to set it up again (it holds no data)")
+                                "setup)", remedies=[Remedy("set it up again (it holds no data)", "db_upgrade")])
         for table in ("qc_scores", "qc_runs", "embeddings", "images", "studies", "rejected_files",
                       "model_versions"):
             if table in tables:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mammo_retrieval.core.errors import IndexCorruptError, IndexMismatchError
+from mammo_retrieval.core.errors import IndexCorruptError, IndexMismatchError, Remedy
 from mammo_retrieval.core.fileio import write_bytes_atomic
 
 FORMAT_VERSION = 1
@@ -68,7 +68,7 @@ class Manifest:
             manifest = cls(**data)
         except (ValueError, TypeError) as exc:
             raise IndexCorruptError(f"{path}: unreadable manifest: {exc}",
-                                    hint="run `mretrieve index rebuild` to rebuild it from the database") from None
+                                    remedies=[Remedy("rebuild it from the database", "index_rebuild")]) from None
         if not isinstance(manifest.format_version, int) or manifest.format_version > FORMAT_VERSION:
             raise IndexMismatchError(f"{path}: manifest format {manifest.format_version!r}, this version of "
                                      f"mammo_retrieval reads format {FORMAT_VERSION} and older",

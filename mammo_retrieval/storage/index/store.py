@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 from mammo_retrieval.core.config import IndexConfig
-from mammo_retrieval.core.errors import IndexCorruptError
+from mammo_retrieval.core.errors import IndexCorruptError, Remedy
 from mammo_retrieval.core.fileio import fsync_dir
 from mammo_retrieval.core.private import make_private_dir
 from mammo_retrieval.storage.index.manifest import Manifest
@@ -111,11 +111,11 @@ class VectorIndex:
             index = faiss.read_index(str(path))
         except Exception as exc:
             raise IndexCorruptError(f"{path}: cannot read index: {exc}",
-                                    hint="run `mretrieve index rebuild` to rebuild it from the database") from None
+                                    remedies=[Remedy("rebuild it from the database", "index_rebuild")]) from None
         if index.ntotal != manifest.ntotal or index.d != manifest.dim:
             raise IndexCorruptError(f"{path}: holds {index.ntotal} x {index.d}, manifest says "
                                     f"{manifest.ntotal} x {manifest.dim}",
-                                    hint="run `mretrieve index rebuild` to rebuild it from the database")
+                                    remedies=[Remedy("rebuild it from the database", "index_rebuild")])
         return index
 
     # --- reading -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mammo_retrieval.core.errors import IndexCorruptError, NotFoundError, WeightsError
+from mammo_retrieval.core.errors import IndexCorruptError, NotFoundError, WeightsError, Remedy
 from mammo_retrieval.core.fileio import write_bytes_atomic
 from mammo_retrieval.core.private import make_private_dir
 
@@ -103,7 +103,7 @@ def rollback(index_dir: Path) -> ServingModel:
     candidates = [m for m in previous if (index_dir / m.key / "manifest.json").exists()]
     if live is None or not candidates:
         raise NotFoundError("no earlier index version to roll back to",
-                            hint="`mretrieve status` lists the kept versions")
+                            remedies=[Remedy("the status lists the kept versions", "status")])
     target = candidates[-1]
     verify_model_weights(target)
     remaining = [m for m in previous if m.key != target.key] + [live]

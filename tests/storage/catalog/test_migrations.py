@@ -28,8 +28,9 @@ def test_outdated_schema_is_refused_with_the_fix(tmp_path):
     Database(url).upgrade()
     with Database(url).engine.begin() as conn:  # as if written by an older release
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0000'")
-    with pytest.raises(DatabaseError, match="mretrieve db upgrade"):
+    with pytest.raises(DatabaseError, match="schema is at revision 0000") as info:
         Database(url).ensure_schema()
+    assert [r.action for r in info.value.remedies] == ["db_upgrade"]
 
 
 def test_foreign_database_is_refused(tmp_path):

@@ -106,5 +106,6 @@ def test_corrupt_index_file_is_reported(tmp_path):
     index.add(np.arange(1, 11), clustered(10))
     index.save()
     (tmp_path / index.manifest.index_file).write_bytes(b"garbage")
-    with pytest.raises(IndexCorruptError, match="mretrieve index rebuild"):
+    with pytest.raises(IndexCorruptError, match="cannot read index") as info:
         VectorIndex.open_or_create(tmp_path, IDENTITY, CFG)
+    assert [r.action for r in info.value.remedies] == ["index_rebuild"]
