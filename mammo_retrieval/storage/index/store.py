@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 from mammo_retrieval.core.config import IndexConfig
-from mammo_retrieval.core.errors import IndexCorruptError, Remedy
+from mammo_retrieval.core.errors import ConfigError, IndexCorruptError, Remedy
 from mammo_retrieval.core.fileio import fsync_dir
 from mammo_retrieval.core.private import make_private_dir
 from mammo_retrieval.storage.index.manifest import Manifest
@@ -51,7 +51,8 @@ def plan_layout(n: int, cfg: IndexConfig) -> Layout:
 def _factory_string(layout: Layout, cfg: IndexConfig, dim: int) -> str:
     codec = {"ivf_flat": "Flat", "ivf_sq8": "SQ8", "ivf_pq": f"PQ{cfg.pq_m}"}[layout.index_type]
     if layout.index_type == "ivf_pq" and dim % cfg.pq_m:
-        raise IndexCorruptError(f"index.pq_m={cfg.pq_m} does not divide dim {dim}")
+        raise ConfigError(f"index.pq_m={cfg.pq_m} does not divide dim {dim}",
+                          hint="choose a pq_m that divides the encoder's dimension (e.g. 16, 32 or 64 for 512)")
     return f"IVF{layout.nlist},{codec}"
 
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import faiss
@@ -109,3 +110,10 @@ def test_corrupt_index_file_is_reported(tmp_path):
     with pytest.raises(IndexCorruptError, match="cannot read index") as info:
         VectorIndex.open_or_create(tmp_path, IDENTITY, CFG)
     assert [r.action for r in info.value.remedies] == ["index_rebuild"]
+
+
+def test_a_pq_m_that_does_not_divide_the_dimension_is_a_configuration_error():
+    from mammo_retrieval.core.errors import ConfigError
+    from mammo_retrieval.storage.index.store import Layout, new_faiss_index
+    with pytest.raises(ConfigError, match="pq_m=7 does not divide dim 512"):
+        new_faiss_index(Layout("ivf_pq", 16), dataclasses.replace(CFG, pq_m=7), 512)
