@@ -4,6 +4,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import click
 
@@ -32,6 +35,24 @@ def format_csv(rows: list[dict], columns: list[str]) -> str:
 
 def dumps(obj) -> str:
     return json.dumps(obj, indent=2, default=str)
+
+
+@contextmanager
+def progress_bar(unit: str, *, disable: bool, desc: str | None = None) -> Iterator[Callable[[int, int], None]]:
+    """A tqdm bar on stderr, fed by a library's ``on_progress(done, total)`` callback; closed however the
+    command ends."""
+    from tqdm import tqdm
+    bar = tqdm(total=0, unit=unit, desc=desc, disable=disable, file=sys.stderr, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        yield update
+    finally:
+        bar.close()
 
 
 class StepProgress:

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
-import sys
 
 import click
 
-from mammo_retrieval.app.cli._common import workspace
+from mammo_retrieval.app.cli._common import progress_bar, workspace
 
 
 @click.group()
@@ -22,19 +21,9 @@ def rebuild(ctx: click.Context, force: bool, no_progress: bool) -> None:
 
     Refuses to shrink the index unless --force: a database with fewer vectors than the index was most likely
     truncated or replaced, and should be restored instead."""
-    from tqdm import tqdm
     ws = workspace(ctx)
-    bar = tqdm(total=0, unit="vector", disable=no_progress, file=sys.stderr, leave=False)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    try:
+    with progress_bar("vector", disable=no_progress) as progress:
         rebuilt = ws.rebuild_index(force=force, on_progress=progress)
-    finally:
-        bar.close()
     m = rebuilt.manifest
     click.echo(f"rebuilt {rebuilt.directory}: {m.index_type} nlist {m.nlist} ntotal {m.ntotal}")
 

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
-import sys
 
 import click
 
-from mammo_retrieval.app.cli._common import dumps, workspace
+from mammo_retrieval.app.cli._common import dumps, progress_bar, workspace
 
 
 @click.command()
@@ -21,21 +20,11 @@ def ingest(ctx: click.Context, archive_dir: str, workers: int | None, fmt: str, 
     listed is recorded as a rejection (unreadable_folder). Exits 7 when ARCHIVE_DIR holds no candidate
     file at all, and 9 at once when another mretrieve process holds the write lock.
     """
-    from tqdm import tqdm
 
     from mammo_retrieval.app.status import RANDOM_WEIGHTS_WARNING
     ws = workspace(ctx)
-    bar = tqdm(total=0, unit="file", disable=no_progress, file=sys.stderr, leave=False)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    try:
+    with progress_bar("file", disable=no_progress) as progress:
         report = ws.ingest(archive_dir, workers=workers, on_progress=progress)
-    finally:
-        bar.close()
     if fmt == "json":
         click.echo(dumps(report.as_dict()))
         return

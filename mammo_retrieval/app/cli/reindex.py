@@ -1,10 +1,9 @@
 from __future__ import annotations
 
-import sys
 
 import click
 
-from mammo_retrieval.app.cli._common import dumps, workspace
+from mammo_retrieval.app.cli._common import dumps, progress_bar, workspace
 
 
 @click.command()
@@ -35,18 +34,8 @@ def reindex(ctx: click.Context, model_path: str | None, rollback: bool, allow_mi
             click.echo(f"live: {result['live']} (encoder {result['encoder']}, "
                        f"weights {result['weights'] or 'seeded random'})")
         return
-    from tqdm import tqdm
-    bar = tqdm(total=0, unit="image", desc="reindex", disable=no_progress, file=sys.stderr, leave=False)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    try:
+    with progress_bar("image", disable=no_progress, desc="reindex") as progress:
         result = ws.reindex(model_path, allow_missing=allow_missing, on_progress=progress)
-    finally:
-        bar.close()
     if fmt == "json":
         click.echo(dumps(result))
     else:
