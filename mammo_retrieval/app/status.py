@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mammo_retrieval.storage.catalog import repository as repo
+from mammo_retrieval.storage.catalog.database import mask_url
 from mammo_retrieval.core.errors import IndexCorruptError
 from mammo_retrieval.storage.index.manifest import Manifest
 
@@ -51,7 +52,7 @@ def collect_status(ws: "Workspace", *, rejected_limit: int | None = None) -> dic
         models.append(entry)
     warnings = [RANDOM_WEIGHTS_WARNING] if any(m["random_weights"] for m in models) else []
     return {
-        "database": _redact(cfg.database_url),
+        "database": mask_url(cfg.database_url),
         "index_dir": str(cfg.index_dir),
         "configured_encoder": {"name": cfg.encoder.name, "weights": cfg.encoder.weights},
         "live_model": live.key if live else None,
@@ -80,8 +81,3 @@ def _index_file_problem(directory: Path, manifest: Manifest) -> str | None:
     if index.ntotal != manifest.ntotal:
         return f"{path}: holds {index.ntotal} vectors, manifest says {manifest.ntotal}"
     return None
-
-
-def _redact(url: str) -> str:
-    from sqlalchemy.engine.url import make_url
-    return make_url(url).render_as_string(hide_password=True)

@@ -16,16 +16,6 @@ import yaml
 DEFAULTS = "defaults"
 
 
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ***, as SQLAlchemy renders it."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
-        return "<not a valid SQLAlchemy URL; not shown in case it holds a password>"
-
-
 def _layer(source: str) -> str:
     from mammo_retrieval.core.config import ENV_OVERRIDES
     return f"env ${source}" if source in ENV_OVERRIDES else f"file {source}"
@@ -61,6 +51,7 @@ def render(config, env: Mapping[str, str]) -> str:
     for field in dataclasses.fields(config):
         if field.name != "source":
             effective[field.name] = {k: _plain(v) for k, v in dataclasses.asdict(getattr(config, field.name)).items()}
+    from mammo_retrieval.storage.catalog.database import mask_url  # the one masking rule, loaded lazily
     effective["paths"]["database_url"] = mask_url(effective["paths"]["database_url"])
     # block sections, one line per key (leaf lists in flow style), so each line can carry its origin
     text = yaml.dump(effective, Dumper=_Dumper, default_flow_style=False, sort_keys=False, width=10**6)

@@ -4,23 +4,8 @@ import io
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from mammo_retrieval.app.cli import cli
 from tests.factory import make_file
-
-
-@pytest.fixture
-def run(tmp_path, monkeypatch):
-    monkeypatch.setenv("MRETRIEVE_HOME", str(tmp_path / "state"))
-    monkeypatch.delenv("MRETRIEVE_CONFIG", raising=False)
-    runner = CliRunner()
-
-    def invoke(*args, code=0):
-        result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
-        assert result.exit_code == code, result.output
-        return result
-    return invoke
 
 
 @pytest.mark.slow
