@@ -216,6 +216,7 @@ def database_corrupt(path: str | os.PathLike, exc: BaseException | None = None) 
     shown = display_path(path)
     detail = f" ({_reason(exc)})" if exc is not None else ""
     return DatabaseError(f"{shown}: the database file is damaged{detail}",
-                         hint=f"restore it from a backup, or salvage what it holds with `sqlite3 {shown} '.recover' "
-                              f"| sqlite3 recovered.db` and point paths.database_url at recovered.db "
-                              "(then `mretrieve index rebuild`)")
+                         remedies=[Remedy(f"restore it from a backup, or salvage what it holds with `sqlite3 {shown} "
+                                           "'.recover' | sqlite3 recovered.db` and point paths.database_url "
+                                           "at recovered.db"),
+                                    Remedy("then rebuild the index from it", "index_rebuild")])

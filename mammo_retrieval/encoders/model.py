@@ -1,4 +1,5 @@
-"""The embedding model: a headless timm backbone whose outputs are L2-normalised."""
+"""The embedding model: a headless torch backbone (built by its registry family) whose outputs are
+L2-normalised."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class Encoder:
-    """Wraps a backbone with its preprocessing settings and identity; ``embed`` is batch in, vectors out."""
+class TorchEncoder:
+    """An ``Encoder`` (see ``base``) over a torch backbone: wraps it with its preprocessing settings and identity; ``embed`` is batch in, vectors out."""
 
     def __init__(self, spec: EncoderSpec, model: torch.nn.Module, settings: PreprocessSettings,
                  identity: ModelIdentity, device: torch.device, *, precision: str = "fp32",
@@ -71,7 +72,7 @@ def create_backbone(spec: EncoderSpec, registry: EncoderRegistry = DEFAULT_REGIS
 
 
 def build_encoder(cfg: EncoderConfig, preprocess_cfg: PreprocessConfig,
-                  registry: EncoderRegistry = DEFAULT_REGISTRY) -> Encoder:
+                  registry: EncoderRegistry = DEFAULT_REGISTRY) -> TorchEncoder:
     spec = registry.get(cfg.name)
     model = create_backbone(spec, registry)
     weights = cfg.weights or (str(packaged_weights(spec.weights_file)) if spec.weights_file else None)
@@ -90,5 +91,5 @@ def build_encoder(cfg: EncoderConfig, preprocess_cfg: PreprocessConfig,
                                               interpolation=spec.interpolation)
     identity = ModelIdentity(encoder=spec.name, weights_sha256=weights_sha, preprocess_digest=settings.digest(),
                              dim=spec.dim, random_weights=random_weights, weights_path=weights_path)
-    return Encoder(spec, model, settings, identity, resolve_device(cfg.device), precision=cfg.precision,
+    return TorchEncoder(spec, model, settings, identity, resolve_device(cfg.device), precision=cfg.precision,
                    channels_last=cfg.channels_last)

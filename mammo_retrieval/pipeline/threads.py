@@ -5,7 +5,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from mammo_retrieval.encoders.model import Encoder
+    from mammo_retrieval.encoders.model import TorchEncoder as Encoder
 
 
 class EncoderThreads:

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from mammo_retrieval.core.errors import MammoRetrievalError, is_disk_full, storage_full
+from mammo_retrieval.core.errors import MammoRetrievalError, Remedy, is_disk_full, storage_full
 from mammo_retrieval.core.private import PRIVATE_FILE, make_private_dir
 
 SHARD_CAPACITY = 4096
@@ -69,8 +69,8 @@ class ImageCache:
             if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
                 raise CacheCorruptError(
                     f"{target}: the image cache is unreadable ({exc})",
-                    hint=f"deleting the cache folder {self.directory} is safe: it holds only derived images, "
-                         "and `mretrieve ingest` or `mretrieve reindex` refill it") from None
+                    remedies=[Remedy(f"deleting the cache folder {self.directory} is safe: it holds only derived "
+                                     "images, which an ingest or reindex refills", "ingest")]) from None
             raise
 
     def _fd(self, shard: int) -> int:

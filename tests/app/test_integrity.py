@@ -142,7 +142,7 @@ def test_second_ingest_fails_fast_naming_the_holder(tmp_path):
         ws = Workspace(cfg)
         with pytest.raises(BusyError, match=f"pid {holder.pid}"):
             ws.ingest(tmp_path / "archive", workers=0)
-        assert ws._encoder is None
+        assert ws.search._encoder is None  # the model never loaded
     finally:
         holder.kill()
         holder.wait()
@@ -382,7 +382,7 @@ def test_readers_racing_a_writer_never_see_a_corrupt_index(tmp_path):
     ws = Workspace(cfg)
     opens, failures = 0, []
     while proc.poll() is None:
-        ws._index = None
+        ws.search.forget_index()
         try:
             ws.searchable_index()
             opens += 1

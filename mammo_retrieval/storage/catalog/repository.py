@@ -216,6 +216,12 @@ def records_for_study(session: Session, study_key: str, model_version_id: int) -
     return [ImageRecord(*r) for r in rows]
 
 
+def record_by_sop(session: Session, sop_uid: str, model_version_id: int) -> ImageRecord | None:
+    row = session.execute(_record_query().where(Image.sop_instance_uid == sop_uid,
+                                                Embedding.model_version_id == model_version_id)).first()
+    return ImageRecord(*row) if row else None
+
+
 def vector_of(session: Session, vector_id: int, dim: int) -> np.ndarray:
     blob = session.scalar(select(Embedding.vector).where(Embedding.id == vector_id))
     return np.frombuffer(blob, dtype=np.float32).reshape(1, dim)

@@ -10,10 +10,11 @@ whenever the encoder is rebuilt from it and on rollback.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from mammo_retrieval.core.config import EncoderConfig
 from mammo_retrieval.core.errors import IndexCorruptError, NotFoundError, WeightsError, Remedy
 from mammo_retrieval.core.fileio import write_bytes_atomic
 from mammo_retrieval.core.private import make_private_dir
@@ -79,6 +80,27 @@ def read_live(index_dir: Path) -> tuple[ServingModel | None, list[ServingModel]]
     except (ValueError, KeyError, TypeError) as exc:
         raise IndexCorruptError(f"{path}: unreadable live pointer: {exc}",
                                 hint="fix or delete it; the config's encoder then serves") from None
+
+
+def serving_encoder_config(configured: EncoderConfig, index_dir: Path) -> EncoderConfig:
+    """The configured encoder, unless a reindex made another model live and the config pins no weights.
+
+    The live model's weights are the copy stored in the index folder; its hash is checked here, so a
+    modified copy is refused with WeightsError instead of serving vectors of an unknown model."""
+    live, _ = read_live(index_dir)
+    if live is None or configured.weights:
+        return configured
+    verify_model_weights(live)
+    return replace(configured, name=live.encoder, weights=live.weights, input_size=live.input_size)
+
+
+def live_model_differs(configured: EncoderConfig, index_dir: Path, serving_key: str) -> bool:
+    """Whether another process switched the live model away from ``serving_key`` (reindex, rollback).
+    A config that pins its weights is never switched."""
+    if configured.weights:
+        return False
+    live, _ = read_live(index_dir)
+    return live is not None and live.key != serving_key
 
 
 def _write(index_dir: Path, live: ServingModel, previous: list[ServingModel]) -> None:

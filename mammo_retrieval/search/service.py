@@ -1,0 +1,219 @@
+"""The warm read path: one serving encoder and one in-memory index per process, shared by every thread.
+
+Built for a long-lived server as much as for a one-shot CLI query:
+- another process's ingest saves the index (its manifest signature changes): the next query reopens it
+  and catches up from the catalog;
+- another process's ``reindex`` or ``rollback`` switches the live model: the next query rebuilds the
+  encoder and opens that model's index;
+- inference is serialised by a lock (torch already uses every core for one batch), while index searches
+  and catalog reads run concurrently. A reload publishes a fully built index, so a query never sees a
+  half-loaded one.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from mammo_retrieval.core.config import Config, EncoderConfig
+from mammo_retrieval.core.errors import IndexCorruptError, NotFoundError, Remedy
+from mammo_retrieval.core.timing import Stopwatch
+from mammo_retrieval.dicom.reader import InMemoryDicom, read_header
+from mammo_retrieval.preprocess import normalise
+from mammo_retrieval.search.query import QueryFilters, QueryImage, QueryResult, search
+from mammo_retrieval.storage.catalog import Database
+from mammo_retrieval.storage.catalog import repository as repo
+from mammo_retrieval.storage.index.lifecycle import IndexLifecycle
+from mammo_retrieval.storage.index.manifest import Manifest
+from mammo_retrieval.storage.index.versions import live_model_differs, serving_encoder_config
+
+if TYPE_CHECKING:
+    from mammo_retrieval.encoders import Encoder
+    from mammo_retrieval.preprocess import PreprocessSettings
+    from mammo_retrieval.storage.index import VectorIndex
+
+logger = logging.getLogger(__name__)
+
+Source = "str | Path | InMemoryDicom"  # a path, or an upload held in memory
+PrepareFn = Callable[["str | Path | InMemoryDicom", "PreprocessSettings"], object]  # -> Prepared
+
+
+@dataclass(frozen=True)
+class ServingInfo:
+    """What is serving right now (a footer, /metrics, /healthz)."""
+    model_key: str
+    encoder: str
+    random_weights: bool
+    index_type: str
+    ntotal: int
+
+
+class SearchService:
+    """Queries by file, by stored image and by study, against whichever model is live."""
+
+    def __init__(self, catalog: Callable[[], Database], config: Config,
+                 build_encoder: Callable[[EncoderConfig], "Encoder"], prepare: PrepareFn) -> None:
+        """``catalog`` returns the ready database (NotFoundError when there is none): it is called only
+        when needed, so a query's file is checked before anything else is touched."""
+        self._catalog = catalog
+        self.config = config
+        self._build_encoder = build_encoder
+        self._prepare = prepare
+        self._encoder: "Encoder | None" = None
+        self._mv_id: int | None = None
+        self._index: "VectorIndex | None" = None
+        self._signature: tuple[int, int] | None = None
+        self._state = threading.RLock()  # guards the three fields above
+        self._inference = threading.Lock()
+
+    @property
+    def db(self) -> Database:
+        return self._catalog()
+
+    @property
+    def lifecycle(self) -> IndexLifecycle:
+        return IndexLifecycle(self.db, self.config.index_dir, self.config.index)
+
+    # --- the serving model -------------------------------------------------------------------------
+    @property
+    def encoder(self) -> "Encoder":
+        with self._state:
+            if self._encoder is None:
+                self._encoder = self._build_encoder(serving_encoder_config(self.config.encoder,
+                                                                           self.config.index_dir))
+                logger.info("serving encoder %s", self._encoder.identity.key)
+            return self._encoder
+
+    def model_version_id(self) -> int | None:
+        """The serving model's catalog row, or None before anything was embedded with it."""
+        with self._state:
+            if self._mv_id is None:
+                with self.db.session() as s:
+                    self._mv_id = repo.model_version_id_by_key(s, self.encoder.identity.key)
+            return self._mv_id
+
+    def forget_model(self) -> None:
+        """Drop encoder and index, to be rebuilt for whichever model is live (after reindex/rollback)."""
+        with self._state:
+            self._encoder, self._mv_id, self._index, self._signature = None, None, None, None
+
+    def forget_index(self) -> None:
+        """Drop the in-memory index (after this process wrote to it); the next query reopens it."""
+        with self._state:
+            self._index = None
+
+    def follow_live(self) -> None:
+        """Switch to the live model if another process changed it since this one was built."""
+        with self._state:
+            if self._encoder is not None and live_model_differs(self.config.encoder, self.config.index_dir,
+                                                                self._encoder.identity.key):
+                logger.info("live model changed from %s; reloading", self._encoder.identity.key)
+                self.forget_model()
+
+    def index(self) -> "VectorIndex":
+        """The serving index, caught up in memory with the catalog."""
+        with self._state:
+            self.follow_live()
+            if self._index is not None and Manifest.signature(self._index.directory) != self._signature:
+                self._index = None  # another process saved this index (an ingest): reopen and catch up
+            if self._index is None:
+                self._index, self._signature = self._load_index()
+            return self._index
+
+    def _load_index(self) -> tuple["VectorIndex", tuple[int, int] | None]:
+        identity = self.encoder.identity
+        signature = Manifest.signature(self.lifecycle.directory(identity))
+        mv_id = self.model_version_id()
+        index = self.lifecycle.open(identity, model_version_id=mv_id)
+        if mv_id is None:
+            if index.ntotal:
+                raise self.lifecycle.database_behind(index, 0)
+            raise IndexCorruptError(f"the index in {index.directory} has no model version in the database",
+                                    remedies=[Remedy("rebuild the index from the database", "index_rebuild"),
+                                              Remedy("or check paths.database_url")])
+        self.lifecycle.sync(index, mv_id, relayout=False)
+        logger.info("index %s loaded: %d vectors (%s)", identity.key, index.ntotal, index.manifest.index_type)
+        return index, signature
+
+    def info(self) -> ServingInfo:
+        index = self.index()
+        identity = self.encoder.identity
+        return ServingInfo(identity.key, identity.encoder, identity.random_weights, index.manifest.index_type,
+                           index.ntotal)
+
+    # --- embedding -----------------------------------------------------------------------------------
+    def embed_file(self, source: Source, watch: Stopwatch | None = None) -> tuple[QueryImage, np.ndarray]:
+        """Read, preprocess and embed one DICOM as ingest does (DicomRejected with the reason if unusable)."""
+        watch = watch or Stopwatch()
+        with watch.stage("encoder_load"):
+            encoder = self.encoder
+        with watch.stage("decode_preprocess"):
+            prepared = self._prepare(source, encoder.settings)
+        with watch.stage("embed"):
+            batch = normalise(prepared.display, encoder.settings)[None]
+            with self._inference:
+                vector = encoder.embed(batch)
+        h = prepared.header
+        path = source.name if isinstance(source, InMemoryDicom) else str(source)
+        return QueryImage(h.sop_instance_uid, h.accession_number, h.patient_id, h.laterality, h.view, path), vector
+
+    # --- queries -------------------------------------------------------------------------------------
+    def query_file(self, source: Source, k: int = 10, filters: QueryFilters = QueryFilters(),
+                   watch: Stopwatch | None = None) -> QueryResult:
+        """Search with one DICOM (a path or an upload held in memory). Its header is checked first, so a
+        file that is not a usable DICOM is refused at once, not after the model loads."""
+        watch = watch or Stopwatch()
+        with watch.stage("header_check"):
+            read_header(source, self.config.reader)
+        with watch.stage("encoder_load"):  # its own stage: the model, not the index, dominates a cold query
+            self.follow_live()
+            _ = self.encoder
+        with watch.stage("index_load"):
+            index = self.index()
+        query, vector = self.embed_file(source, watch)
+        with watch.stage("search"):
+            return search(self.db, index, vector, query, k, filters)
+
+    def record(self, sop_instance_uid: str) -> repo.ImageRecord:
+        """A stored image of the serving model, or NotFoundError."""
+        mv_id = self.model_version_id()
+        with self.db.session() as s:
+            record = repo.record_by_sop(s, sop_instance_uid, mv_id) if mv_id is not None else None
+        if record is None:
+            raise NotFoundError(f"no indexed image with SOPInstanceUID {sop_instance_uid}")
+        return record
+
+    def similar(self, sop_instance_uid: str, k: int = 10, filters: QueryFilters = QueryFilters(),
+                watch: Stopwatch | None = None) -> QueryResult:
+        """Neighbours of a stored image, from its stored vector: nothing is decoded or embedded."""
+        watch = watch or Stopwatch()
+        with watch.stage("index_load"):
+            index = self.index()
+        record = self.record(sop_instance_uid)
+        with self.db.session() as s:
+            vector = repo.vector_of(s, record.vector_id, index.manifest.dim)
+        with watch.stage("search"):
+            return search(self.db, index, vector, _as_query(record), k, filters)
+
+    def query_study(self, accession: str, k: int = 10, filters: QueryFilters = QueryFilters()) -> list[QueryResult]:
+        """One result per image of the study, using the stored vectors (nothing is decoded)."""
+        index = self.index()
+        mv_id = self.model_version_id()
+        with self.db.session() as s:
+            records = repo.records_for_study(s, accession, mv_id) if mv_id is not None else []
+            vectors = [repo.vector_of(s, r.vector_id, index.manifest.dim) for r in records]
+        if not records:
+            raise NotFoundError(f"no indexed images for accession '{accession}'",
+                                remedies=[Remedy("studies without an AccessionNumber are keyed by "
+                                                 "StudyInstanceUID; the status lists what is indexed", "status")])
+        return [search(self.db, index, vector, _as_query(record), k, filters)
+                for record, vector in zip(records, vectors)]
+
+
+def _as_query(record: repo.ImageRecord) -> QueryImage:
+    return QueryImage(record.sop_instance_uid, record.accession_number, record.patient_id, record.laterality,
+                      record.view, record.path)
