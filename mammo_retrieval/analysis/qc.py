@@ -147,10 +147,18 @@ def _record(corpus: Corpus, result: QcResult) -> None:
     with corpus.db.session() as s:
         result.run_id, result.previous_run_id, previous_ranks = repo.record_qc_run(
             s, corpus.model_version_id, result.method, json.dumps(result.params),
-            ((int(r.image_id), float(r.score), int(r.rank), r.flags or None) for r in result.scores.itertuples()))
+            ((int(r.image_id), float(r.score), int(r.rank), r.flags or None) for r in result.scores.itertuples()),
+            _duplicate_ids(result))
     # integers, empty where the image was not in the previous run (a list with None would become floats)
     result.scores["previous_rank"] = pd.array([previous_ranks.get(int(i)) for i in result.scores.image_id],
                                               dtype="Int64")
+
+
+def _duplicate_ids(result: QcResult) -> list[tuple[int, int, float, float | None]]:
+    ids = dict(zip(result.scores.sop_instance_uid, result.scores.image_id))
+    has_correlation = "pixel_correlation" in result.duplicates
+    return [(int(ids[r.sop_instance_uid_a]), int(ids[r.sop_instance_uid_b]), float(r.similarity),
+             float(r.pixel_correlation) if has_correlation else None) for r in result.duplicates.itertuples()]
 
 
 def write_outputs(picture: Picture, result: QcResult, out: Path, top: int,

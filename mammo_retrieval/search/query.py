@@ -56,6 +56,7 @@ class Hit:
 class QueryResult:
     query: QueryImage
     hits: list[Hit] = field(default_factory=list)
+    picture: np.ndarray | None = field(default=None, repr=False, compare=False)  # the query's model input
 
     def as_dict(self) -> dict:
         return {"query": asdict(self.query), "hits": [asdict(h) for h in self.hits]}

@@ -148,6 +148,10 @@ class SearchService:
     # --- embedding -----------------------------------------------------------------------------------
     def embed_file(self, source: Source, watch: Stopwatch | None = None) -> tuple[QueryImage, np.ndarray]:
         """Read, preprocess and embed one DICOM as ingest does (DicomRejected with the reason if unusable)."""
+        query, vector, _ = self._embed(source, watch)
+        return query, vector
+
+    def _embed(self, source: Source, watch: Stopwatch | None) -> tuple[QueryImage, np.ndarray, np.ndarray]:
         watch = watch or Stopwatch()
         with watch.stage("encoder_load"):
             encoder = self.encoder
@@ -159,13 +163,15 @@ class SearchService:
                 vector = encoder.embed(batch)
         h = prepared.header
         path = source.name if isinstance(source, InMemoryDicom) else str(source)
-        return QueryImage(h.sop_instance_uid, h.accession_number, h.patient_id, h.laterality, h.view, path), vector
+        query = QueryImage(h.sop_instance_uid, h.accession_number, h.patient_id, h.laterality, h.view, path)
+        return query, vector, prepared.display
 
     # --- queries -------------------------------------------------------------------------------------
     def query_file(self, source: Source, k: int = 10, filters: QueryFilters = QueryFilters(),
-                   watch: Stopwatch | None = None) -> QueryResult:
+                   watch: Stopwatch | None = None, *, keep_picture: bool = False) -> QueryResult:
         """Search with one DICOM (a path or an upload held in memory). Its header is checked first, so a
-        file that is not a usable DICOM is refused at once, not after the model loads."""
+        file that is not a usable DICOM is refused at once, not after the model loads. ``keep_picture``
+        keeps the preprocessed query image on the result (a page shows it; nothing is written)."""
         watch = watch or Stopwatch()
         with watch.stage("header_check"):
             read_header(source, self.config.reader)
@@ -174,9 +180,12 @@ class SearchService:
             _ = self.encoder
         with watch.stage("index_load"):
             index = self.index()
-        query, vector = self.embed_file(source, watch)
+        query, vector, picture = self._embed(source, watch)
         with watch.stage("search"):
-            return search(self.db, index, vector, query, k, filters)
+            result = search(self.db, index, vector, query, k, filters)
+        if keep_picture:
+            result.picture = picture
+        return result
 
     def record(self, sop_instance_uid: str) -> repo.ImageRecord:
         """A stored image of the serving model, or NotFoundError."""

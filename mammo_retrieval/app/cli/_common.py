@@ -109,6 +109,7 @@ COMMANDS = {
     "status": "mretrieve status",
     "rollback": "mretrieve reindex --rollback",
     "reindex": "mretrieve reindex",
+    "qc": "mretrieve qc",
 }
 
 

@@ -127,3 +127,17 @@ class QcScore(Base):
     score: Mapped[float] = mapped_column(Float)
     rank: Mapped[int] = mapped_column(Integer)
     flags: Mapped[str | None] = mapped_column(Text)
+
+
+class QcDuplicate(Base):
+    """A near-duplicate pair found by a QC sweep (image a has the lower id)."""
+
+    __tablename__ = "qc_duplicates"
+    __table_args__ = (UniqueConstraint("run_id", "image_a_id", "image_b_id", name="uq_qc_duplicates_run_pair"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("qc_runs.id"), index=True)
+    image_a_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    image_b_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    similarity: Mapped[float] = mapped_column(Float)
+    pixel_correlation: Mapped[float | None] = mapped_column(Float)

@@ -10,7 +10,8 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from mammo_retrieval.dicom.header import HeaderFields
-from mammo_retrieval.storage.catalog.models import Embedding, Image, ModelVersion, QcRun, QcScore, RejectedFile, Study
+from mammo_retrieval.storage.catalog.models import (Embedding, Image, ModelVersion, QcDuplicate, QcRun, QcScore,
+                                                   RejectedFile, Study)
 
 
 @dataclass(frozen=True)
@@ -278,8 +279,11 @@ def images_with_patients(session: Session) -> list[tuple[int, str, str | None]]:
 
 
 def record_qc_run(session: Session, model_version_id: int | None, method: str, params_json: str,
-                  scores: Iterable[tuple[int, float, int, str | None]]) -> tuple[int, int | None, dict[int, int]]:
-    """Store a sweep's (image id, score, rank, flags); returns (run id, previous run id, previous ranks)."""
+                  scores: Iterable[tuple[int, float, int, str | None]],
+                  duplicates: Iterable[tuple[int, int, float, float | None]] = ()
+                  ) -> tuple[int, int | None, dict[int, int]]:
+    """Store a sweep's (image id, score, rank, flags) and its near-duplicate pairs (image id a, image id b,
+    cosine, pixel correlation); returns (run id, previous run id, previous ranks)."""
     previous = session.scalar(select(QcRun).where(QcRun.model_version_id == model_version_id,
                                                   QcRun.method == method).order_by(QcRun.id.desc()).limit(1))
     previous_ranks: dict[int, int] = {}
@@ -292,7 +296,66 @@ def record_qc_run(session: Session, model_version_id: int | None, method: str, p
     session.flush()
     session.execute(insert(QcScore), [{"run_id": run.id, "image_id": image_id, "score": score, "rank": rank,
                                        "flags": flags} for image_id, score, rank, flags in rows])
+    pairs = {(min(a, b), max(a, b)): (sim, corr) for a, b, sim, corr in duplicates}
+    if pairs:
+        session.execute(insert(QcDuplicate), [{"run_id": run.id, "image_a_id": a, "image_b_id": b, "similarity": sim,
+                                               "pixel_correlation": corr} for (a, b), (sim, corr) in pairs.items()])
     return run.id, previous.id if previous is not None else None, previous_ranks
+
+
+@dataclass(frozen=True)
+class QcSweep:
+    """The latest sweep of one model, as a server shows it."""
+    run_id: int
+    previous_run_id: int | None
+    method: str
+    params: dict
+    n_images: int
+    created_at: str
+    scores: list[dict]      # best first: rank, score, flags, previous_rank, and the image's record fields
+    duplicates: list[dict]  # similarity, pixel_correlation, a and b (record fields)
+
+
+def _image_fields(session: Session, image_ids: set[int]) -> dict[int, dict]:
+    if not image_ids:
+        return {}
+    rows = session.execute(select(Image.id, Image.sop_instance_uid, Study.accession_number, Image.patient_id,
+                                  Image.laterality, Image.view, Image.path)
+                           .join(Study, Study.id == Image.study_id).where(Image.id.in_(image_ids))).all()
+    return {r[0]: {"sop_instance_uid": r[1], "accession_number": r[2], "patient_id": r[3], "laterality": r[4],
+                   "view": r[5], "path": r[6]} for r in rows}
+
+
+def latest_qc_sweep(session: Session, model_version_id: int, top: int | None = None) -> QcSweep | None:
+    """The newest sweep of this model (any method), its ``top`` scores and all its duplicate pairs."""
+    run = session.scalar(select(QcRun).where(QcRun.model_version_id == model_version_id)
+                         .order_by(QcRun.id.desc()).limit(1))
+    if run is None:
+        return None
+    previous = session.scalar(select(QcRun.id).where(QcRun.model_version_id == model_version_id,
+                                                     QcRun.method == run.method, QcRun.id < run.id)
+                              .order_by(QcRun.id.desc()).limit(1))
+    query = select(QcScore.image_id, QcScore.score, QcScore.rank, QcScore.flags).where(
+        QcScore.run_id == run.id).order_by(QcScore.rank)
+    scores = session.execute(query.limit(top) if top else query).all()
+    flagged = session.execute(select(QcScore.image_id, QcScore.score, QcScore.rank, QcScore.flags).where(
+        QcScore.run_id == run.id, QcScore.flags.is_not(None), QcScore.flags != "").order_by(QcScore.rank)).all()
+    seen = {r[0] for r in scores}
+    scores = list(scores) + [r for r in flagged if r[0] not in seen]
+    pairs = session.execute(select(QcDuplicate.image_a_id, QcDuplicate.image_b_id, QcDuplicate.similarity,
+                                   QcDuplicate.pixel_correlation).where(QcDuplicate.run_id == run.id)
+                            .order_by(QcDuplicate.similarity.desc())).all()
+    previous_ranks = dict(session.execute(select(QcScore.image_id, QcScore.rank).where(
+        QcScore.run_id == previous, QcScore.image_id.in_([r[0] for r in scores]))).all()) if previous else {}
+    fields = _image_fields(session, {r[0] for r in scores} | {p[0] for p in pairs} | {p[1] for p in pairs})
+    return QcSweep(
+        run_id=run.id, previous_run_id=previous, method=run.method, params=json.loads(run.params_json),
+        n_images=run.n_images, created_at=run.created_at.isoformat(),
+        scores=[{"rank": rank, "score": score, "flags": [f for f in (flags or "").split(";") if f],
+                 "previous_rank": previous_ranks.get(image_id), **fields.get(image_id, {})}
+                for image_id, score, rank, flags in scores],
+        duplicates=[{"similarity": sim, "pixel_correlation": corr, "a": fields.get(a, {}), "b": fields.get(b, {})}
+                    for a, b, sim, corr in pairs])
 
 
 def images_with_paths(session: Session) -> list[tuple[int, str, str]]:

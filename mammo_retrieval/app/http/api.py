@@ -1,0 +1,294 @@
+"""The FastAPI app: a thin edge over one warm Workspace. Routes parse, call the library and render JSON;
+errors map to statuses once (``errors.py``); the workspace, metrics and thumbnails are injected with
+``Depends``. JSON field names are those of ``mretrieve query --format json``."""
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import PurePath
+from typing import Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from mammo_retrieval import __version__
+from mammo_retrieval.app.http import auth
+from mammo_retrieval.app.http.errors import error_body, http_status
+from mammo_retrieval.app.http.metrics import Metrics
+from mammo_retrieval.app.http.thumbnails import ThumbnailCache, encode_png
+from mammo_retrieval.app.workspace import Workspace
+from mammo_retrieval.core.errors import MammoRetrievalError, NotFoundError, Remedy
+from mammo_retrieval.core.timing import Stopwatch
+from mammo_retrieval.dicom.reader import InMemoryDicom
+from mammo_retrieval.search.query import QueryFilters, QueryResult
+from mammo_retrieval.storage.catalog import repository as repo
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD = 512 * 1024 * 1024  # a full-field DBT frame set is far below this; a typo'd upload is not
+DICOM_TYPES = ("application/dicom", "application/octet-stream")
+CACHE_CONTROL = "private, max-age=86400"  # patient data: browsers may keep it, shared caches may not
+
+
+class UploadError(MammoRetrievalError):
+    """A request body that is not a DICOM upload (wrong content type, too large, empty)."""
+
+    code = "bad_upload"
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Health:
+    state: str = "loading"  # loading -> ok | error
+    message: str | None = None
+    loaded_at: float | None = None
+
+
+@dataclass
+class ServerState:
+    """What every request shares: one workspace, its metrics and thumbnails, and the warm-up's outcome."""
+    workspace: Workspace
+    token: str | None = None
+    max_upload: int = DEFAULT_MAX_UPLOAD
+    metrics: Metrics = field(default_factory=Metrics)
+    health: Health = field(default_factory=Health)
+    thumbnails: ThumbnailCache | None = None
+
+    def __post_init__(self) -> None:
+        self.thumbnails = ThumbnailCache(self.workspace.cached_image)
+
+    def warm_up(self) -> None:
+        """Build the encoder and load the index before the first query asks for them."""
+        try:
+            self.refresh_serving()
+            self.health = Health("ok", loaded_at=time.time())
+        except MammoRetrievalError as exc:  # e.g. nothing ingested yet: queries will say so; health shows it
+            self.health = Health("error", exc.message)
+            logger.warning("warm-up: %s", exc.message)
+        except Exception as exc:  # noqa: BLE001 - a failed warm-up must not kill the server; health shows it
+            self.health = Health("error", f"{type(exc).__name__}: {exc}")
+            logger.exception("warm-up failed")
+
+    def refresh_serving(self) -> dict:
+        info = self.workspace.search.info()
+        self.metrics.set_serving(info.model_key, info.encoder, info.index_type, info.ntotal)
+        return asdict(info)
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def query_filters(view: str | None = Query(None, max_length=16, description="CC, MLO, ..."),
+                  laterality: Literal["L", "R"] | None = None,
+                  exclude_same_patient: bool = False) -> QueryFilters:
+    return QueryFilters(view=view or None, laterality=laterality, exclude_same_patient=exclude_same_patient)
+
+
+K = Query(10, ge=1, le=1000, description="number of hits")
+
+
+def _result_body(result: QueryResult, watch: Stopwatch, *, picture: bool = False) -> dict:
+    body = result.as_dict()
+    body["timings_ms"] = watch.as_ms()
+    if picture and result.picture is not None:
+        body["query_thumbnail"] = "data:image/png;base64," + base64.b64encode(
+            encode_png(result.picture, 256)).decode()
+    return body
+
+
+async def read_upload(request: Request, limit: int) -> InMemoryDicom:
+    """The request's DICOM file, held in memory only: a raw ``application/dicom`` body or one multipart file."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind in DICOM_TYPES:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise UploadError(f"upload of {declared} bytes exceeds the limit of {limit}", 413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise UploadError(f"upload exceeds the limit of {limit} bytes", 413)
+            chunks.append(chunk)
+        name, data = "upload.dcm", b"".join(chunks)
+    elif kind == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=16, max_part_size=limit)
+        files = [v for v in form.values() if hasattr(v, "read")]
+        if not files:
+            raise UploadError("multipart upload holds no file", 400)
+        data = await files[0].read()
+        name = PurePath(files[0].filename or "upload.dcm").name
+        await form.close()
+    else:
+        raise UploadError(f"unsupported content type '{kind or 'none'}': send one DICOM file as "
+                          "application/dicom, or as a multipart form file", 415)
+    if not data:
+        raise UploadError("empty upload", 400)
+    return InMemoryDicom(name, data)
+
+
+def api_router() -> APIRouter:
+    router = APIRouter(prefix="/api/v1")
+
+    @router.post("/query", summary="Search with an uploaded DICOM (application/dicom or multipart)")
+    async def query_upload(request: Request, k: int = K, filters: QueryFilters = Depends(query_filters),
+                           thumbnail: bool = Query(False, description="include the query's picture as a data URL"),
+                           state: ServerState = Depends(get_state)) -> dict:
+        upload = await read_upload(request, state.max_upload)
+        watch = Stopwatch()
+        result = await run_in_threadpool(state.workspace.search.query_file, upload, k, filters, watch,
+                                         keep_picture=thumbnail)
+        state.metrics.observe_stages(watch.stages)
+        return _result_body(result, watch, picture=thumbnail)
+
+    @router.get("/images/{sop_instance_uid}/similar", summary="Neighbours of an indexed image (nothing decoded)")
+    def similar(sop_instance_uid: str, k: int = K, filters: QueryFilters = Depends(query_filters),
+                state: ServerState = Depends(get_state)) -> dict:
+        watch = Stopwatch()
+        result = state.workspace.search.similar(sop_instance_uid, k, filters, watch)
+        state.metrics.observe_stages(watch.stages)
+        return _result_body(result, watch)
+
+    @router.get("/images/{sop_instance_uid}", summary="An indexed image's metadata")
+    def image(sop_instance_uid: str, state: ServerState = Depends(get_state)) -> dict:
+        record = state.workspace.search.record(sop_instance_uid)
+        body = {k: v for k, v in asdict(record).items() if k not in ("image_id", "vector_id")}
+        body["thumbnail"] = f"/api/v1/images/{sop_instance_uid}/thumbnail.png"
+        return body
+
+    @router.get("/images/{sop_instance_uid}/thumbnail.png", summary="PNG from the preprocessed cache",
+                response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    def thumbnail(request: Request, sop_instance_uid: str, size: int = Query(256, ge=32, le=1024),
+                  state: ServerState = Depends(get_state)) -> Response:
+        state.workspace.search.record(sop_instance_uid)  # only indexed images, and 404 before any decoding
+        settings = state.workspace.encoder.settings
+        etag = state.thumbnails.etag(settings, sop_instance_uid, size)
+        headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(state.thumbnails.png(settings, sop_instance_uid, size), media_type="image/png",
+                        headers=headers)
+
+    @router.get("/info", summary="The serving model and index (the page footer)")
+    def info(state: ServerState = Depends(get_state)) -> dict:
+        return {"version": __version__, **state.refresh_serving()}
+
+    @router.get("/status", summary="What `mretrieve status --format json` says")
+    def status(state: ServerState = Depends(get_state)) -> dict:
+        return state.workspace.status()
+
+    @router.get("/qc/latest", summary="The latest QC sweep: outliers, duplicate pairs, header flags, what is new")
+    def qc_latest(top: int = Query(50, ge=1, le=10000), state: ServerState = Depends(get_state)) -> dict:
+        search = state.workspace.search
+        mv_id = search.model_version_id()
+        with search.db.session() as s:
+            sweep = repo.latest_qc_sweep(s, mv_id, top) if mv_id is not None else None
+        if sweep is None:
+            raise NotFoundError("no QC sweep of the serving model yet",
+                                remedies=[Remedy("run a QC sweep", "qc")])
+        body = asdict(sweep)
+        compared = sweep.previous_run_id is not None
+        for row in body["scores"]:
+            row["new"] = compared and row["rank"] <= top and (row["previous_rank"] is None
+                                                              or row["previous_rank"] > top)
+        return body
+
+    return router
+
+
+def _page(name: str) -> str:
+    return resources.files("mammo_retrieval.app.http").joinpath("static", name).read_text(encoding="utf-8")
+
+
+def create_app(workspace: Workspace, *, token: str | None = None, max_upload: int = DEFAULT_MAX_UPLOAD,
+               warm_up: bool = True) -> FastAPI:
+    """One app over one workspace. With ``token``, every request but /healthz must present it."""
+    state = ServerState(workspace, token=token, max_upload=max_upload)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if warm_up:
+            threading.Thread(target=state.warm_up, name="warm-up", daemon=True).start()
+        yield
+
+    app = FastAPI(title="mammo_retrieval", version=__version__, lifespan=lifespan,
+                  description="Similarity search over an archive of mammograms.")
+    app.state.server = state
+
+    @app.exception_handler(MammoRetrievalError)
+    async def library_error(request: Request, exc: MammoRetrievalError) -> JSONResponse:
+        status = exc.status if isinstance(exc, UploadError) else http_status(exc)
+        logger.info("%s %s -> %d %s", request.method, request.url.path, status, exc.code)
+        return JSONResponse(error_body(exc), status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        return JSONResponse({"error": "invalid_request", "message": problems, "hint": "see /docs",
+                             "remedies": []}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse({"error": "internal_error", "message": f"{type(exc).__name__} (see the server log)",
+                             "hint": None, "remedies": []}, status_code=500)
+
+    @app.middleware("http")
+    async def guard_and_measure(request: Request, call_next):
+        started = time.perf_counter()
+        if token is not None and request.url.path not in auth.OPEN_PATHS:
+            given = request.query_params.get("token")
+            if given is not None and request.method == "GET" and auth.token_matches(token, given):
+                clean = request.url.remove_query_params("token")
+                response = RedirectResponse(str(clean.path) + (f"?{clean.query}" if clean.query else ""), 303)
+                response.set_cookie(auth.COOKIE, token, httponly=True, samesite="strict",
+                                    secure=request.url.scheme == "https")
+                return response
+            presented = auth.bearer(request.headers.get("authorization")) or request.cookies.get(auth.COOKIE)
+            if not auth.token_matches(token, presented):
+                return JSONResponse({"error": "unauthorized", "message": "this server requires a token",
+                                     "hint": "send `Authorization: Bearer <token>`, or open a page once with "
+                                             "?token=<token>", "remedies": []},
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        response = await call_next(request)
+        route = request.scope.get("route")
+        state.metrics.observe_request(getattr(route, "path", "unmatched"), request.method, response.status_code,
+                                      time.perf_counter() - started)
+        return response
+
+    @app.get("/healthz", summary="loading until the model and index are warm, then ok")
+    def healthz() -> JSONResponse:
+        health = state.health
+        body = {"status": health.state, "version": __version__}
+        if health.message:
+            body["message"] = health.message
+        return JSONResponse(body, status_code=200 if health.state == "ok" else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app.include_router(api_router())
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def search_page() -> str:
+        return _page("index.html")
+
+    @app.get("/qc", response_class=HTMLResponse, include_in_schema=False)
+    def qc_page() -> str:
+        return _page("qc.html")
+
+    app.mount("/static", StaticFiles(packages=[("mammo_retrieval.app.http", "static")]), name="static")
+    return app
+

@@ -1,0 +1,77 @@
+"""Run the app under uvicorn: refuse an open bind without a token, print the URL as soon as the socket
+listens (the model warms up behind /healthz), and log no request line (a URL may carry a token)."""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from mammo_retrieval.core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+TOKEN_ENV = "MRETRIEVE_TOKEN"
+MIN_TOKEN_LENGTH = 16
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_token(token_file: str | os.PathLike | None, environ: dict | None = None) -> str | None:
+    """The token from ``--token-file`` (first line), else ``$MRETRIEVE_TOKEN``, else None."""
+    environ = os.environ if environ is None else environ
+    if token_file is not None:
+        path = Path(token_file)
+        try:
+            lines = path.read_text(encoding="utf-8").strip().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read the token file ({exc})") from None
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise ConfigError(f"{path}: the token file is empty")
+    else:
+        token = environ.get(TOKEN_ENV, "").strip() or None
+    if token is not None and len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(f"the token is {len(token)} characters long; use at least {MIN_TOKEN_LENGTH}",
+                          hint="e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))' > token.txt")
+    return token
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Mammograms and their headers are patient data: only loopback may be served without a token."""
+    if token is None and not is_loopback(host):
+        raise ConfigError(f"refusing to serve on {host} without a token: any host that can reach it could read "
+                          "patient data",
+                          hint=f"pass --token-file FILE or set ${TOKEN_ENV}, or bind 127.0.0.1")
+
+
+def display_url(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/"
+
+
+def run(app, host: str, port: int, *, on_listening: Callable[[str], None]) -> None:
+    """Serve until interrupted; ``on_listening(url)`` as soon as the socket accepts connections."""
+    import uvicorn
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None,
+                                          timeout_graceful_shutdown=5))
+
+    def announce() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.01)
+        if server.started:
+            sockets = [s for srv in server.servers for s in srv.sockets]
+            bound = sockets[0].getsockname()[1] if sockets else port
+            on_listening(display_url(host, bound))
+    threading.Thread(target=announce, name="announce", daemon=True).start()
+    server.run()
