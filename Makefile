@@ -11,6 +11,10 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 	@# Debian's libopenjp2 lets glymur decode JPEG 2000 at reduced resolution (optional: full decode otherwise)
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ldconfig -p | grep -q libopenjp2; then \
 		(apt-get update -qq && apt-get install -y -qq libopenjp2-7 >/dev/null) || echo "libopenjp2 not installed"; fi
+	@# Chromium for the real-browser test of the web page (skipped, with the reason, where it cannot be installed)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromium >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium not installed: the browser test will skip"; fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch torchvision

@@ -82,12 +82,12 @@ import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 packages = sorted({n.rsplit("/", 1)[0].replace("/", ".") for n in names if n.endswith("/__init__.py")})
 print("\n".join(packages))
-need = ["mammo_retrieval.analysis", "mammo_retrieval.train", "mammo_retrieval._migrations.versions",
+need = ["mammo_retrieval.analysis", "mammo_retrieval.train", "mammo_retrieval._migrations.versions", "mammo_retrieval.app.http.static",
         "mammo_retrieval._configs", "mammo_retrieval.weights"]
 missing = [p for p in need if p not in packages]
-data = [n for n in names if n.endswith((".safetensors", ".yaml", "alembic.ini", "script.py.mako"))]
+data = [n for n in names if n.endswith((".safetensors", ".yaml", "alembic.ini", "script.py.mako", "app.js", "index.html"))]
 print("\n".join(data))
-sys.exit(f"missing packages: {missing}" if missing else 0 if len(data) >= 4 else f"missing data: {data}")
+sys.exit(f"missing packages: {missing}" if missing else 0 if len(data) >= 6 else f"missing data: {data}")
 ' "$WHEEL"
 sed 's/^/      /' "$LAST_LOG"
 
@@ -136,7 +136,7 @@ QUERY=$(find "$WORK/archive/cbis" -name '*.dcm' | sort | head -n 1)
 # --- every command ---------------------------------------------------------------------------------
 step "mretrieve --version" "$M" --version
 step "mretrieve --help" "$M" --help
-for cmd in ingest query status qc evaluate export train reindex config "config show" db "db upgrade" \
+for cmd in ingest query status qc evaluate export train reindex serve config "config show" db "db upgrade" \
         index "index rebuild" "index tune" report "report clusters"; do
     # shellcheck disable=SC2086
     step "mretrieve $cmd --help" "$M" $cmd --help
@@ -178,6 +178,31 @@ step "train (1 epoch)" "$M" train --epochs 1 --batch-size 4 --warmup-epochs 0 --
     --out "$WORK/out/ckpt.pt"
 step "reindex --model" "$M" reindex --model "$WORK/out/ckpt.pt"
 step "query after reindex" "$M" query --dicom "$QUERY" -k 3
+# the server as installed: static pages and migrations come from the wheel; upload, similar, thumbnail, QC
+step "serve (upload, similar, thumbnail, pages, qc)" "$PY" -c '
+import re, signal, subprocess, sys, time, urllib.request
+proc = subprocess.Popen([sys.argv[1], "serve", "--port", "0"], stdout=subprocess.PIPE, text=True)
+try:
+    url = re.search(r"(http://\S+/)", proc.stdout.readline()).group(1)
+    def get(path, data=None, kind=None):
+        req = urllib.request.Request(url + path, data=data, headers={"Content-Type": kind} if kind else {})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read()
+    for _ in range(1200):
+        try:
+            if get("healthz")[0] == 200: break
+        except Exception: time.sleep(0.1)
+    import json
+    body = json.loads(get("api/v1/query?k=3", open(sys.argv[2], "rb").read(), "application/dicom")[1])
+    sop = body["hits"][0]["sop_instance_uid"]
+    assert json.loads(get(f"api/v1/images/{sop}/similar?k=3")[1])["hits"]
+    assert get(f"api/v1/images/{sop}/thumbnail.png?size=128")[1][:4] == b"\x89PNG"
+    assert b"searchBySop" in get("static/app.js")[1] and b"<script" in get("qc")[1]
+    assert json.loads(get("api/v1/qc/latest")[1])["scores"]
+    print("served", url, len(body["hits"]), "hits")
+finally:
+    proc.send_signal(signal.SIGINT); proc.wait(30)
+' "$M" "$QUERY"
 step "reindex --rollback" "$M" reindex --rollback
 step "query after rollback" "$M" query --dicom "$QUERY" -k 3
 echo "== wheel check passed: $(basename "$WHEEL"), $NIMG images, every command, in $((SECONDS - STARTED))s"

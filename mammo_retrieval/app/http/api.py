@@ -190,12 +190,10 @@ def api_router() -> APIRouter:
 
     @router.get("/qc/latest", summary="The latest QC sweep: outliers, duplicate pairs, header flags, what is new")
     def qc_latest(top: int = Query(50, ge=1, le=10000), state: ServerState = Depends(get_state)) -> dict:
-        search = state.workspace.search
-        mv_id = search.model_version_id()
-        with search.db.session() as s:
-            sweep = repo.latest_qc_sweep(s, mv_id, top) if mv_id is not None else None
+        with state.workspace.db.session() as s:
+            sweep = repo.latest_qc_sweep(s, top)
         if sweep is None:
-            raise NotFoundError("no QC sweep of the serving model yet",
+            raise NotFoundError("no QC sweep yet",
                                 remedies=[Remedy("run a QC sweep", "qc")])
         body = asdict(sweep)
         compared = sweep.previous_run_id is not None

@@ -308,6 +308,7 @@ class QcSweep:
     """The latest sweep of one model, as a server shows it."""
     run_id: int
     previous_run_id: int | None
+    model_key: str
     method: str
     params: dict
     n_images: int
@@ -326,12 +327,13 @@ def _image_fields(session: Session, image_ids: set[int]) -> dict[int, dict]:
                    "view": r[5], "path": r[6]} for r in rows}
 
 
-def latest_qc_sweep(session: Session, model_version_id: int, top: int | None = None) -> QcSweep | None:
-    """The newest sweep of this model (any method), its ``top`` scores and all its duplicate pairs."""
-    run = session.scalar(select(QcRun).where(QcRun.model_version_id == model_version_id)
-                         .order_by(QcRun.id.desc()).limit(1))
+def latest_qc_sweep(session: Session, top: int | None = None) -> QcSweep | None:
+    """The newest sweep (of whichever model ran it), its ``top`` scores and flagged images, all its duplicate
+    pairs, and the ranks of the previous sweep of the same model and method."""
+    run = session.scalar(select(QcRun).order_by(QcRun.id.desc()).limit(1))
     if run is None:
         return None
+    model_version_id = run.model_version_id
     previous = session.scalar(select(QcRun.id).where(QcRun.model_version_id == model_version_id,
                                                      QcRun.method == run.method, QcRun.id < run.id)
                               .order_by(QcRun.id.desc()).limit(1))
@@ -349,7 +351,9 @@ def latest_qc_sweep(session: Session, model_version_id: int, top: int | None = N
         QcScore.run_id == previous, QcScore.image_id.in_([r[0] for r in scores]))).all()) if previous else {}
     fields = _image_fields(session, {r[0] for r in scores} | {p[0] for p in pairs} | {p[1] for p in pairs})
     return QcSweep(
-        run_id=run.id, previous_run_id=previous, method=run.method, params=json.loads(run.params_json),
+        run_id=run.id, previous_run_id=previous,
+        model_key=session.scalar(select(ModelVersion.key).where(ModelVersion.id == model_version_id)) or "",
+        method=run.method, params=json.loads(run.params_json),
         n_images=run.n_images, created_at=run.created_at.isoformat(),
         scores=[{"rank": rank, "score": score, "flags": [f for f in (flags or "").split(";") if f],
                  "previous_rank": previous_ranks.get(image_id), **fields.get(image_id, {})}

@@ -30,7 +30,7 @@ async function load() {
   const top = sweep.scores.filter((row) => row.rank <= 30);
   const fresh = top.filter((row) => row.new);
   const flagged = sweep.scores.filter((row) => row.flags.length);
-  summary.textContent = `Sweep ${sweep.run_id} (${sweep.method}, ${sweep.created_at}) over ${sweep.n_images} images: ` +
+  summary.textContent = `Sweep ${sweep.run_id} (${sweep.method}, model ${sweep.model_key}, ${sweep.created_at}) over ${sweep.n_images} images: ` +
     `${sweep.duplicates.length} duplicate pairs, ${flagged.length} flagged images` +
     (sweep.previous_run_id ? `, compared with sweep ${sweep.previous_run_id}.` : "; no earlier sweep to compare with.");
   document.getElementById("outliers").replaceChildren(...top.map(outlierCard));

@@ -1,0 +1,1 @@
+"""The review pages: static HTML, JavaScript and CSS (no build step)."""
