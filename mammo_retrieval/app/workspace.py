@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from mammo_retrieval.core.config import Config, load_config
-from mammo_retrieval.core.errors import DatabaseError, NotFoundError
+from mammo_retrieval.core.errors import ConfigError, DatabaseError, NotFoundError
 from mammo_retrieval.search.query import QueryFilters, QueryImage, QueryResult
 from mammo_retrieval.search.service import SearchService
 from mammo_retrieval.storage.catalog import Database
@@ -201,11 +201,16 @@ class Workspace:
         return result
 
     # --- the verbs ------------------------------------------------------------------------------
-    def ingest(self, root: str | os.PathLike, *, workers: int | None = None,
+    def ingest(self, root: str | os.PathLike, *, workers: int | None = None, executor: str = "local",
+               scheduler: str | None = None,
                on_progress: Callable[[int, int], None] | None = None) -> "IngestReport":
         """Walk the archive, then (under the write lock, before the model loads, so a second writer hears
         "busy" at once) screen, prepare, embed and write every file. Paths are stored absolute, symlinks
-        kept as typed. An archive without a single candidate file raises NotFoundError and touches nothing."""
+        kept as typed. An archive without a single candidate file raises NotFoundError and touches nothing.
+
+        ``executor``: "local" (forked prepare workers here, embedding in this process) or "dask" (workers of
+        the cluster at ``scheduler``, or of a new LocalCluster of ``workers`` processes, prepare and embed;
+        this process writes)."""
         import time
 
         from mammo_retrieval.pipeline.executors import local_executor
@@ -231,11 +236,17 @@ class Workspace:
             sink = CatalogSink(self.db, index, self.image_cache, mv_id, cfg.index.save_every_batches)
             sink.clear_rejections([str(f) for f in found.folders])  # a folder that lists again is fine now
             job = PrepareJob(cfg.reader, encoder.settings, self.prepare_options())
-            threads = EncoderThreads(encoder, cfg.ingest.encoder_threads, workers)
-            with local_executor(workers, cfg.ingest) as executor, threads:
-                run_pipeline(found.files, job, executor, encoder, sink, threads, report,
-                             batch_size=cfg.encoder.batch_size, workers=workers, preceding=folder_rejections,
-                             on_progress=on_progress)
+            if executor == "dask":
+                self._run_on_dask(found.files, job, sink, report, folder_rejections, workers, scheduler,
+                                  on_progress)
+            elif executor == "local":
+                threads = EncoderThreads(encoder, cfg.ingest.encoder_threads, workers)
+                with local_executor(workers, cfg.ingest) as pool, threads:
+                    run_pipeline(found.files, job, pool, encoder, sink, threads, report,
+                                 batch_size=cfg.encoder.batch_size, workers=workers, preceding=folder_rejections,
+                                 on_progress=on_progress)
+            else:
+                raise ConfigError(f"unknown executor '{executor}'", hint="choose local or dask")
             self.lifecycle.maybe_relayout(index, mv_id)
             index.save()
             self._record_first_live_model()
@@ -249,6 +260,24 @@ class Workspace:
                     report.ingested, report.already_present, len(report.rejected), report.files_seen,
                     report.seconds, report.model_key, report.index_type, report.index_ntotal)
         return report
+
+    def _run_on_dask(self, files, job, sink, report, preceding, workers: int, scheduler: str | None,
+                     on_progress) -> None:
+        from mammo_retrieval.encoders import DEFAULT_REGISTRY
+        from mammo_retrieval.pipeline import distributed
+        from mammo_retrieval.storage.index.versions import serving_encoder_config
+        if self._registry not in (None, DEFAULT_REGISTRY):
+            raise ConfigError("the Dask executor builds encoders from the default registry only: a custom "
+                              "registry cannot be shipped to the workers", hint="use --executor local")
+        embed_job = distributed.EmbedJob(job, serving_encoder_config(self.config.encoder, self.config.index_dir),
+                                         self.config.preprocess, self.encoder.identity.key)
+        client = distributed.connect(scheduler, max(1, workers))
+        try:
+            distributed.run_distributed(files, embed_job, client, sink, report,
+                                        batch_size=self.config.encoder.batch_size, preceding=preceding,
+                                        on_progress=on_progress)
+        finally:
+            distributed.close(client)
 
     def _record_first_live_model(self) -> None:
         """The first model to fill an index becomes the live one (reindex switches from it later)."""

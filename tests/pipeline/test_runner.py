@@ -186,8 +186,9 @@ def test_query_with_another_preprocessing_is_refused(tmp_path):
 
 def test_query_before_any_ingest(tmp_path):
     files = synthetic_archive(tmp_path / "archive", 1)
-    with pytest.raises(NotFoundError, match="no index for model"):
+    with pytest.raises(NotFoundError, match="no database at") as info:
         Workspace(make_config(tmp_path / "state", encoder={"name": "resnet18"})).query_dicom(files[0])
+    assert [r.action for r in info.value.remedies] == ["ingest"]
 
 
 def stored_paths(ws: Workspace) -> list[str]:

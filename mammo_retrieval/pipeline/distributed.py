@@ -1,0 +1,204 @@
+"""Ingest on a Dask cluster: the workers read, preprocess *and* embed, in batches of paths; the results
+stream back to the one writer, the caller's CatalogSink (a catalog transaction, then the index).
+
+Each worker builds its encoder once (per worker process, not per task) from plain values: the encoder
+and preprocessing config. So the weights file must be readable at the same path on every worker (a shared
+filesystem), as must the DICOM files. A worker whose encoder comes out with another identity than the
+client's (different weights at that path) refuses the batch, rather than mixing two models in one index.
+
+Restart safety is the local executor's: nothing is written by the workers, the writer commits batch by
+batch, and a rerun skips every SOPInstanceUID already embedded. A worker that dies has its tasks rerun by
+the scheduler on another worker.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from mammo_retrieval.core.config import EncoderConfig, PreprocessConfig
+from mammo_retrieval.core.errors import ConfigError, WeightsError
+from mammo_retrieval.pipeline.prepare import Prepared, Rejected, prepare_file
+from mammo_retrieval.pipeline.runner import HEADER_CHUNK, IngestReport, PrepareJob, embed_batch
+from mammo_retrieval.pipeline.screen import Copies, screen
+
+if TYPE_CHECKING:
+    from mammo_retrieval.encoders import Encoder
+    from mammo_retrieval.pipeline.runner import CatalogSink
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    """Everything a worker needs, as plain values that pickle."""
+    prepare: PrepareJob
+    encoder: EncoderConfig
+    preprocess: PreprocessConfig
+    model_key: str  # the client's model: a worker building another one refuses
+
+
+@dataclass
+class BatchResult:
+    prepared: list[Prepared]
+    rejected: list[Rejected]
+    vectors: np.ndarray
+    worker: str = ""
+
+
+_encoders: dict[tuple, "Encoder"] = {}
+_encoders_lock = threading.Lock()
+
+
+def worker_encoder(job: EmbedJob) -> "Encoder":
+    """This worker process's encoder for ``job``, built on first use and kept."""
+    key = (job.encoder, job.preprocess)
+    with _encoders_lock:
+        if key not in _encoders:
+            import torch
+
+            from mammo_retrieval.encoders import DEFAULT_REGISTRY, build_encoder
+            try:
+                from distributed import get_worker
+                torch.set_num_threads(max(1, get_worker().state.nthreads))
+            except (ImportError, ValueError):
+                pass
+            _encoders[key] = build_encoder(job.encoder, job.preprocess, DEFAULT_REGISTRY)
+        encoder = _encoders[key]
+    if encoder.identity.key != job.model_key:
+        raise WeightsError(f"this worker built model {encoder.identity.key}, the client {job.model_key}: the "
+                           f"weights at {job.encoder.weights} differ between machines",
+                           hint="give every worker the same weights file at the same path")
+    return encoder
+
+
+def prepare_and_embed(paths: list[str], job: EmbedJob) -> BatchResult:
+    """The worker's task: read, preprocess and embed one batch. A bad file is a rejection, never an error."""
+    encoder = worker_encoder(job)
+    results = [prepare_file(p, job.prepare.reader, job.prepare.settings, **job.prepare.options) for p in paths]
+    prepared = [r for r in results if isinstance(r, Prepared)]
+    rejected = [r for r in results if isinstance(r, Rejected)]
+    vectors = embed_batch(encoder, prepared) if prepared else np.zeros((0, encoder.dim), np.float32)
+    try:
+        from distributed import get_worker
+        worker = get_worker().address
+    except (ImportError, ValueError):
+        worker = ""
+    return BatchResult(prepared, rejected, vectors, worker)
+
+
+@dataclass
+class _Run:
+    sink: "CatalogSink"
+    report: IngestReport
+    copies: Copies = field(default_factory=Copies)
+    uid_of: dict[str, str] = field(default_factory=dict)
+    done: int = 0
+
+
+def connect(scheduler: str | None, workers: int):
+    """A client of the cluster at ``scheduler``, or of a new LocalCluster of ``workers`` processes."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise ConfigError("the Dask executor needs dask.distributed",
+                          hint="pip install 'mammo_retrieval[dask]'") from None
+    if scheduler:
+        try:
+            return Client(scheduler, timeout="30s")
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+    cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
+                           dashboard_address=None, host="127.0.0.1")
+    client = Client(cluster)
+    client._mretrieve_cluster = cluster  # closed with the client (see close)
+    return client
+
+
+def close(client) -> None:
+    cluster = getattr(client, "_mretrieve_cluster", None)
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink", report: IngestReport, *,
+                    batch_size: int, in_flight: int | None = None, preceding: list[Rejected] = (),
+                    on_progress: Progress | None = None) -> None:
+    """Screen here, then prepare and embed on the cluster in batches of ``batch_size`` paths, at most
+    ``in_flight`` batches at a time (default: two per worker thread), writing each result as it arrives."""
+    from distributed import wait
+    run = _Run(sink, report)
+    if preceding:
+        sink.reject(list(preceding))
+    limit = in_flight or max(2, 2 * sum(client.nthreads().values()))
+    pending: set = set()
+    total = len(paths)
+
+    def submit(batch: list[tuple[Path, str]]) -> None:
+        for path, uid in batch:
+            run.uid_of[str(path)] = uid
+        pending.add(client.submit(prepare_and_embed, [str(p) for p, _ in batch], job, pure=False))
+
+    def collect(block: bool) -> None:
+        if not pending:
+            return
+        if block:
+            finished = wait(list(pending), return_when="FIRST_COMPLETED").done
+        else:
+            finished = {f for f in pending if f.done()}
+        for future in finished:
+            pending.discard(future)
+            retry = _write(run, future.result())
+            if retry:
+                submit(retry)
+        if on_progress:
+            on_progress(run.done, total)
+
+    for start in range(0, total, HEADER_CHUNK):
+        todo, header_rejected, present = screen(sink.db, job.prepare.reader, paths[start:start + HEADER_CHUNK],
+                                                sink.model_version_id, run.copies)
+        _rejected(run, header_rejected)
+        report.already_present += present
+        run.done += len(header_rejected) + present
+        for i in range(0, len(todo), batch_size):
+            submit(todo[i:i + batch_size])
+            while len(pending) >= limit:
+                collect(block=True)
+        collect(block=False)
+    while pending:
+        collect(block=True)
+
+
+def _rejected(run: _Run, rejections: list[Rejected]) -> None:
+    for r in rejections:
+        logger.info("rejected [%s] %s", r.code, r.path)
+    run.report.rejected.extend(rejections)
+    if rejections:
+        run.sink.reject(rejections)
+
+
+def _write(run: _Run, result: BatchResult) -> list[tuple[Path, str]]:
+    """Write one batch's images (catalog, then index, then cache); returns copies to try instead of rejected ones."""
+    if result.prepared:
+        run.sink.write(result.prepared, result.vectors)
+        run.report.ingested += len(result.prepared)
+        present = [str(p) for item in result.prepared for p in run.copies.decoded(run.uid_of.pop(item.path, ""))]
+        run.report.already_present += len(present)
+        run.done += len(result.prepared) + len(present)
+        run.sink.clear_rejections(present)
+    _rejected(run, result.rejected)
+    retry = []
+    for r in result.rejected:
+        run.done += 1
+        uid = run.uid_of.pop(r.path, None)
+        if uid is not None and (next_copy := run.copies.failed(uid)) is not None:
+            retry.append((next_copy, uid))
+    logger.debug("batch from %s: %d written, %d rejected", result.worker, len(result.prepared), len(result.rejected))
+    return retry

@@ -1,0 +1,131 @@
+"""Ingest on Dask: the same vectors as the local executor, one encoder per worker, batches of paths, and
+restart safety when a worker or the client is killed (nothing lost, nothing doubled)."""
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed")
+
+from mammo_retrieval.app.workspace import Workspace  # noqa: E402
+from mammo_retrieval.pipeline import distributed as dist  # noqa: E402
+from mammo_retrieval.pipeline.runner import PrepareJob  # noqa: E402
+from tests.conftest import REPO, make_config  # noqa: E402
+from tests.factory import make_file  # noqa: E402
+from tests.pipeline.test_runner import synthetic_archive  # noqa: E402
+
+TINY = {"name": "resnet18", "input_size": 64, "batch_size": 4}
+
+
+def _vectors(ws) -> dict[str, np.ndarray]:
+    from mammo_retrieval.analysis.vectors import load_embeddings
+    table = load_embeddings(ws.corpus())
+    return dict(zip(table.meta.sop_instance_uid, table.vectors))
+
+
+def _counts(cfg) -> tuple[int, int, int]:
+    ws = Workspace(cfg)
+    status = ws.status()
+    return status["counts"]["images"], status["counts"]["embeddings"], ws.searchable_index().ntotal
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  host="127.0.0.1") as cluster:
+        yield cluster
+
+
+def test_dask_gives_the_local_executors_vectors_rejections_and_copies(tmp_path, cluster):
+    synthetic_archive(tmp_path / "archive", 10)
+    (tmp_path / "archive" / "broken.dcm").write_bytes(b"DICM" + bytes(300))
+    copy = tmp_path / "archive" / "copy_of_img000.dcm"
+    copy.write_bytes((tmp_path / "archive" / "img000.dcm").read_bytes())
+    local = Workspace(make_config(tmp_path / "local", encoder=TINY))
+    local_report = local.ingest(tmp_path / "archive", workers=0)
+    remote = Workspace(make_config(tmp_path / "dask", encoder=TINY))
+    report = remote.ingest(tmp_path / "archive", executor="dask", scheduler=cluster.scheduler_address)
+    assert (report.ingested, report.already_present, len(report.rejected)) == \
+        (local_report.ingested, local_report.already_present, len(local_report.rejected)) == (10, 1, 1)
+    a, b = _vectors(local), _vectors(remote)
+    assert a.keys() == b.keys() and len(a) == 10
+    assert min(float(a[k] @ b[k]) for k in a) >= 0.9999
+    assert _counts(remote.config) == (10, 10, 10)
+    # each worker built the encoder once, whatever the number of batches it ran
+    with distributed.Client(cluster.scheduler_address) as client:
+        built = client.run(lambda: len(dist._encoders))
+    assert set(built.values()) <= {0, 1} and sum(built.values()) >= 1
+
+
+def test_a_batch_is_one_task_of_many_paths(tmp_path):
+    files = synthetic_archive(tmp_path / "archive", 5) + [make_file(tmp_path / "archive" / "ct.dcm", modality="CT")]
+    cfg = make_config(tmp_path / "state", encoder=TINY)
+    ws = Workspace(cfg)
+    job = dist.EmbedJob(PrepareJob(cfg.reader, ws.encoder.settings, ws.prepare_options()), cfg.encoder,
+                        cfg.preprocess, ws.encoder.identity.key)
+    result = dist.prepare_and_embed([str(f) for f in files], job)
+    assert len(result.prepared) == 5 and [r.code for r in result.rejected] == ["wrong_modality"]
+    assert result.vectors.shape == (5, ws.encoder.dim)
+    assert np.allclose(np.linalg.norm(result.vectors, axis=1), 1, atol=1e-5)
+    wrong = dist.EmbedJob(job.prepare, job.encoder, job.preprocess, "another-model")
+    from mammo_retrieval.core.errors import WeightsError
+    with pytest.raises(WeightsError, match="another-model"):
+        dist.prepare_and_embed([str(files[0])], wrong)
+
+
+def test_a_killed_worker_loses_and_doubles_nothing(tmp_path):
+    n = 48
+    synthetic_archive(tmp_path / "archive", n)
+    cfg = make_config(tmp_path / "state", encoder=TINY)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  host="127.0.0.1") as cluster, distributed.Client(cluster) as client:
+        pids = list(client.run(os.getpid).values())
+        killed = threading.Event()
+
+        def kill_one(done, total):
+            if done >= 8 and not killed.is_set():
+                killed.set()
+                os.kill(pids[0], signal.SIGKILL)  # the nanny restarts it; its tasks run elsewhere
+        report = Workspace(cfg).ingest(tmp_path / "archive", executor="dask", scheduler=cluster.scheduler_address,
+                                       on_progress=kill_one)
+    assert killed.is_set()
+    assert report.ingested == n and not report.rejected
+    assert _counts(cfg) == (n, n, n)
+
+
+def test_a_killed_client_then_a_rerun_loses_and_doubles_nothing(tmp_path):
+    n = 64
+    synthetic_archive(tmp_path / "archive", n)
+    home = tmp_path / "state"
+    (tmp_path / "config.yaml").write_text("encoder: {name: resnet18, input_size: 64, batch_size: 4}\n")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MRETRIEVE_")}, "MRETRIEVE_HOME": str(home),
+           "MRETRIEVE_CONFIG": str(tmp_path / "config.yaml")}
+    command = [sys.executable, "-c", "from mammo_retrieval.app.cli import main; main()", "ingest",
+               str(tmp_path / "archive"), "--executor", "dask", "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(command, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    db = home / "mretrieve.db"
+    deadline = time.monotonic() + 240
+    written = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with sqlite3.connect(db, timeout=1) as conn:
+                written = conn.execute("SELECT count(*) FROM embeddings").fetchone()[0]
+        except sqlite3.Error:
+            written = 0
+        if written >= 8:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # the client and the LocalCluster it started, mid-run
+    proc.wait()
+    assert 8 <= written < n
+    rerun = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert _counts(make_config(home, encoder=TINY)) == (n, n, n)
