@@ -86,3 +86,31 @@ def mias_workspace(tmp_path_factory, mias_dir):
     assert report.ingested == 204 and not report.rejected
     ws.planted = planted
     return ws
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server started for this session (Debian's binaries; see tests/pg.py)."""
+    from tests import pg
+    reason = pg.unavailable_reason()
+    if reason:
+        if pg.REQUIRED:
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    server = pg.PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty PostgreSQL database for one test (its schema comes from `upgrade head` on first use)."""
+    return postgres_server.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """The same test on SQLite and on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'catalog.db'}"
+    return request.getfixturevalue("postgres_url")

@@ -171,10 +171,11 @@ class Workspace:
     @contextmanager
     def write_lock(self, *, create_database: bool = True) -> Iterator[None]:
         """One writer at a time per index folder; readers are never blocked. A second writer fails at once
-        with BusyError naming the holder's pid (see ``storage.locks``); the same thread may nest. With
+        with BusyError naming the holder's pid (see ``storage.locks``), as does a second writer to the same
+        PostgreSQL database from elsewhere (``Database.writer_lock``); the same thread may nest. With
         ``create_database`` the database is set up under the lock if it does not exist yet."""
         from mammo_retrieval.storage.locks import write_lock
-        with write_lock(self.config.index_dir):
+        with write_lock(self.config.index_dir), self._db.writer_lock():
             if create_database:
                 self.ensure_database()
             yield

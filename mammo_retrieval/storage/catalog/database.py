@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import time
 from contextlib import contextmanager
 from importlib import resources
@@ -34,8 +35,9 @@ SETUP_LOCK_TIMEOUT_S = 120.0
 # the tables the migrations create; a database holding only these, all empty, and no alembic version is
 # one whose first-time setup was interrupted (by a release before setup became atomic)
 OWN_TABLES = {"model_versions", "studies", "images", "embeddings", "rejected_files", "qc_runs", "qc_scores"}
-# an arbitrary constant naming this package's setup lock on PostgreSQL ("mammo" in ASCII)
+# arbitrary constants naming this package's setup and writer locks on PostgreSQL ("mammo", "mretr" in ASCII)
 _PG_SETUP_LOCK = 0x6D616D6D6F
+_PG_WRITER_LOCK = 0x6D72657472
 
 
 def mask_url(url: str) -> str:
@@ -86,8 +88,11 @@ class Database:
         self.backend = parsed.get_backend_name()
         self.sqlite_path: Path | None = (Path(parsed.database) if self.backend == "sqlite"
                                          and parsed.database not in (None, "", ":memory:") else None)
+        connect_args = {}
+        if self.backend.startswith("postgres"):  # names this process in pg_stat_activity (a busy writer's holder)
+            connect_args["application_name"] = f"mretrieve pid {os.getpid()} on {socket.gethostname()}"[:63]
         try:
-            self.engine: Engine = create_engine(url, future=True)
+            self.engine: Engine = create_engine(url, future=True, connect_args=connect_args)
         except ImportError as exc:
             raise _driver_error(url, exc) from None
         except Exception as exc:
@@ -96,6 +101,7 @@ class Database:
         if self.backend == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._writer_depth = 0
 
     # --- existence and schema ---------------------------------------------------------------------
     def file_exists(self) -> bool:
@@ -264,6 +270,53 @@ class Database:
                 yield session
             finally:
                 session.rollback()
+
+    @contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """One writer per PostgreSQL database, whatever machine or index folder it writes from: a session
+        advisory lock, taken without waiting; a second writer gets BusyError naming the holder. Two writers
+        would otherwise race on the same (image, model) vectors. Released when the block ends or when the
+        process dies (its connection closes). Nests. SQLite: nothing here (the index folder's lock serves)."""
+        if not self.backend.startswith("postgres") or self._writer_depth:
+            self._writer_depth += 1
+            try:
+                yield
+            finally:
+                self._writer_depth -= 1
+            return
+        with self._wrap_errors():
+            conn = self.engine.connect()
+        try:
+            with self._wrap_errors():
+                got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _PG_WRITER_LOCK}).scalar()
+                conn.commit()
+            if not got:
+                raise BusyError(f"another mretrieve process is writing to {self.display_url}: "
+                                f"{self._writer_holder(conn)}",
+                                hint="wait for it to finish, then rerun (nothing is lost or doubled)")
+            self._writer_depth = 1
+            try:
+                yield
+            finally:
+                self._writer_depth = 0
+                with self._wrap_errors():
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_WRITER_LOCK})
+                    conn.commit()
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _writer_holder(conn: Connection) -> str:
+        row = conn.execute(text(
+            "SELECT a.application_name, host(a.client_addr), a.backend_start FROM pg_locks l "
+            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+            "AND l.classid = :hi AND l.objid = :lo"), {"hi": _PG_WRITER_LOCK >> 32,
+                                                       "lo": _PG_WRITER_LOCK & 0xFFFFFFFF}).first()
+        conn.rollback()
+        if row is None:
+            return "its holder has just finished"
+        name, address, since = row
+        return f"{name or 'an unnamed client'}" + (f" from {address}" if address else "") + f", since {since:%Y-%m-%d %H:%M:%S}"
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -8,12 +8,12 @@ from mammo_retrieval.storage.catalog.models import Base
 from mammo_retrieval.core.errors import DatabaseError
 
 
-def test_upgrade_head_builds_exactly_the_models(tmp_path):
-    db = Database(f"sqlite:///{tmp_path}/m.db")
+def test_upgrade_head_builds_exactly_the_models(database_url):
+    db = Database(database_url)
     assert db.upgrade() == db.head_revision()
     with db.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-    assert {"images", "studies", "embeddings", "rejected_files", "model_versions"} <= set(
+    assert {"images", "studies", "embeddings", "rejected_files", "model_versions", "qc_duplicates"} <= set(
         inspect(db.engine).get_table_names())
 
 
@@ -23,8 +23,8 @@ def test_empty_database_sets_itself_up(tmp_path):
     assert db.current_revision() == db.head_revision()
 
 
-def test_outdated_schema_is_refused_with_the_fix(tmp_path):
-    url = f"sqlite:///{tmp_path}/m.db"
+def test_outdated_schema_is_refused_with_the_fix(database_url):
+    url = database_url
     Database(url).upgrade()
     with Database(url).engine.begin() as conn:  # as if written by an older release
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0000'")
@@ -33,8 +33,8 @@ def test_outdated_schema_is_refused_with_the_fix(tmp_path):
     assert [r.action for r in info.value.remedies] == ["db_upgrade"]
 
 
-def test_foreign_database_is_refused(tmp_path):
-    url = f"sqlite:///{tmp_path}/other.db"
+def test_foreign_database_is_refused(database_url):
+    url = database_url
     db = Database(url)
     with db.engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE patients (id INTEGER)")

@@ -24,8 +24,8 @@ def item(sop: str, study: str, value: float) -> repo.NewImage:
     return repo.NewImage(header, f"/a/{sop}.dcm", "0" * 64, 0, np.full(4, value, np.float32))
 
 
-def test_bulk_write_reuses_images_and_keeps_the_order(tmp_path):
-    db = Database(f"sqlite:///{tmp_path}/m.db")
+def test_bulk_write_reuses_images_and_keeps_the_order(database_url):
+    db = Database(database_url)
     db.ensure_schema()
     identity = ModelIdentity("resnet18", "a" * 64, "b" * 16, 4, False, None)
     other = ModelIdentity("resnet18", "c" * 64, "b" * 16, 4, False, None)
