@@ -115,7 +115,7 @@ def connect(scheduler: str | None, workers: int):
         except (OSError, TimeoutError) as exc:
             raise ConfigError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
     cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
-                           dashboard_address=None, host="127.0.0.1")
+                           dashboard_address=":0", host="127.0.0.1")
     client = Client(cluster)
     client._mretrieve_cluster = cluster  # closed with the client (see close)
     return client

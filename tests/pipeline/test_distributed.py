@@ -37,7 +37,7 @@ def _counts(cfg) -> tuple[int, int, int]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                   host="127.0.0.1") as cluster:
         yield cluster
 
@@ -83,7 +83,7 @@ def test_a_killed_worker_loses_and_doubles_nothing(tmp_path):
     n = 48
     synthetic_archive(tmp_path / "archive", n)
     cfg = make_config(tmp_path / "state", encoder=TINY)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                   host="127.0.0.1") as cluster, distributed.Client(cluster) as client:
         pids = list(client.run(os.getpid).values())
         killed = threading.Event()
