@@ -76,6 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--copies", type=int, default=64, help="full-size CBIS-DDSM files (copies of the 8)")
     ap.add_argument("--rows", type=int, default=20000, help="rows for the bulk-write figure")
+    ap.add_argument("--only", default=None, help="run only the ingest runs whose name contains this")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     from tests import pg
@@ -90,12 +91,16 @@ def main() -> None:
         runs = [("local, 1 worker", ["--workers", "1"], None), ("dask, 1 worker", ["--executor", "dask", "--workers", "1"], None),
                 ("local, 2 workers", ["--workers", "2"], None), ("dask, 2 workers", ["--executor", "dask", "--workers", "2"], None),
                 ("local, 2 workers, PostgreSQL", ["--workers", "2"], "pg")]
+        runs = [r for r in runs if args.only is None or args.only in r[0]]
         for name, extra, db in runs:
             url = server.new_database() if db else None
             seconds = ingest(archive, work / "home", *extra, database_url=url)
             result["ingest_s"][name] = round(seconds, 1)
             print(f"{name}: {seconds:.1f} s ({args.copies / seconds:.2f} images/s)", flush=True)
         s = result["ingest_s"]
+        if args.only:
+            print(json.dumps(result, indent=2))
+            return
         result["dask_overhead"] = {w: round(s[f"dask, {w}"] / s[f"local, {w}"] - 1, 3)
                                    for w in ("1 worker", "2 workers")}
         result["postgres_vs_sqlite"] = round(s["local, 2 workers, PostgreSQL"] / s["local, 2 workers"], 3)

@@ -271,7 +271,8 @@ class Workspace:
             raise ConfigError("the Dask executor builds encoders from the default registry only: a custom "
                               "registry cannot be shipped to the workers", hint="use --executor local")
         embed_job = distributed.EmbedJob(job, serving_encoder_config(self.config.encoder, self.config.index_dir),
-                                         self.config.preprocess, self.encoder.identity.key)
+                                         self.config.preprocess, self.encoder.identity.key,
+                                         heap_reuse=self.config.ingest.heap_reuse)
         client = distributed.connect(scheduler, max(1, workers))
         try:
             distributed.run_distributed(files, embed_job, client, sink, report,
