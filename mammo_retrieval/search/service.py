@@ -24,7 +24,8 @@ from mammo_retrieval.core.errors import IndexCorruptError, NotFoundError, Remedy
 from mammo_retrieval.core.timing import Stopwatch
 from mammo_retrieval.dicom.reader import InMemoryDicom, read_header
 from mammo_retrieval.preprocess import normalise
-from mammo_retrieval.search.query import QueryFilters, QueryImage, QueryResult, search
+from mammo_retrieval.search.query import QueryFilters, QueryImage, QueryResult, records, search
+from mammo_retrieval.search.study import DEFAULT_RULE, Study, StudyImage, StudyResult, check_rule, rank_studies
 from mammo_retrieval.storage.catalog import Database
 from mammo_retrieval.storage.catalog import repository as repo
 from mammo_retrieval.storage.index.lifecycle import IndexLifecycle
@@ -221,6 +222,61 @@ class SearchService:
                                                  "StudyInstanceUID; the status lists what is indexed", "status")])
         return [search(self.db, index, vector, _as_query(record), k, filters)
                 for record, vector in zip(records, vectors)]
+
+    # --- studies ---------------------------------------------------------------------------------------
+    def similar_studies(self, key: str, k: int = 10, *, rule: str = DEFAULT_RULE,
+                        exclude_same_patient: bool = False) -> StudyResult:
+        """The k studies most like an indexed study (by study key or AccessionNumber), from stored vectors."""
+        check_rule(rule)
+        index = self.index()
+        studies = self._studies([key], index.manifest.dim)
+        if not studies:
+            raise NotFoundError(f"no indexed images for study '{key}'",
+                                remedies=[Remedy("studies without an AccessionNumber are keyed by "
+                                                 "StudyInstanceUID; the status lists what is indexed", "status")])
+        return self._rank(studies[0], index, k, rule, exclude_same_patient)
+
+    def query_study_files(self, sources: list[Source], k: int = 10, *, rule: str = DEFAULT_RULE,
+                          exclude_same_patient: bool = False) -> StudyResult:
+        """The k studies most like the study these DICOM files (its views) make up."""
+        check_rule(rule)
+        headers = [read_header(source, self.config.reader) for source in sources]  # refused before the model loads
+        index = self.index()
+        images = []
+        for source in sources:
+            query, vector, _ = self._embed(source, None)
+            images.append(StudyImage(query.sop_instance_uid, query.laterality, query.view, query.path, vector[0]))
+        first = headers[0]
+        study = Study(first.study_key, first.accession_number, first.study_instance_uid or None,
+                      first.patient_id or None, tuple(images))
+        return self._rank(study, index, k, rule, exclude_same_patient)
+
+    def _studies(self, keys: list[str], dim: int) -> list[Study]:
+        mv_id = self.model_version_id()
+        if mv_id is None:
+            return []
+        with self.db.session() as s:
+            rows = repo.studies_with_vectors(s, keys, mv_id, dim)
+        grouped: dict[str, list[tuple]] = {}
+        for row in rows:
+            grouped.setdefault(row[0], []).append(row)
+        return [Study(key, rs[0][1], rs[0][2], rs[0][3],
+                      tuple(StudyImage(r[4], r[5], r[6], r[7], r[8]) for r in rs)) for key, rs in grouped.items()]
+
+    def _rank(self, query: Study, index: "VectorIndex", k: int, rule: str, exclude_same_patient: bool) -> StudyResult:
+        """Shortlist the studies of every query image's nearest images, widening until k remain, then fuse."""
+        fetch = max(64, 16 * k)
+        while True:
+            keys: set[str] = set()
+            for image in query.images:
+                scores, ids = index.search(image.vector[None], fetch)
+                keys |= {r.study_key for r in records(self.db, [int(i) for i in ids[0] if i >= 0]).values()}
+            keys.discard(query.study_key)
+            result = rank_studies(query, self._studies(sorted(keys), index.manifest.dim), k, rule=rule,
+                                  exclude_same_patient=exclude_same_patient)
+            if len(result.hits) >= k or fetch >= index.ntotal:
+                return result
+            fetch = min(index.ntotal, fetch * 4)
 
 
 def _as_query(record: repo.ImageRecord) -> QueryImage:

@@ -10,8 +10,13 @@ SCORE_NOTE = "score: cosine similarity of the unit-length embeddings, -1..1 (1 =
 
 
 @click.command()
-@click.option("--dicom", "dicom_path", type=click.Path(exists=True, dir_okay=False), help="Query by a DICOM file.")
-@click.option("--accession", help="Query by an indexed study (one search per image of the study).")
+@click.option("--dicom", "dicom_paths", type=click.Path(exists=True, dir_okay=False), multiple=True,
+              help="Query by a DICOM file (repeat for several views of one study with --level study).")
+@click.option("--accession", help="Query by an indexed study (image level: one search per image of the study).")
+@click.option("--level", type=click.Choice(["image", "study"]), default="image", show_default=True,
+              help="study: the k most similar studies, fused view by view.")
+@click.option("--rule", type=click.Choice(["view_best_mean", "mean_pooled"]), default="view_best_mean",
+              show_default=True, help="With --level study: how image similarities make a study's score.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
 @click.option("--exclude-same-patient", is_flag=True, help="Drop the query patient's own images.")
@@ -19,19 +24,28 @@ SCORE_NOTE = "score: cosine similarity of the unit-length embeddings, -1..1 (1 =
 @click.option("--laterality", type=click.Choice(["L", "R"], case_sensitive=False))
 @click.option("--timings", is_flag=True, help="Print the time of each stage to stderr (JSON).")
 @click.pass_context
-def query(ctx: click.Context, dicom_path: str | None, accession: str | None, k: int, fmt: str,
-          exclude_same_patient: bool, view: str | None, laterality: str | None, timings: bool) -> None:
-    """Print the k most similar indexed images."""
+def query(ctx: click.Context, dicom_paths: tuple[str, ...], accession: str | None, level: str, rule: str, k: int,
+          fmt: str, exclude_same_patient: bool, view: str | None, laterality: str | None, timings: bool) -> None:
+    """Print the k most similar indexed images (or studies, with --level study)."""
     from mammo_retrieval.search.query import QueryFilters
     from mammo_retrieval.core.timing import Stopwatch
     watch = Stopwatch()
-    if bool(dicom_path) == bool(accession):
+    if bool(dicom_paths) == bool(accession):
         raise click.UsageError("give exactly one of --dicom or --accession")
+    if level == "study":
+        if view or laterality:
+            raise click.UsageError("--view and --laterality filter images; a study query matches every view")
+        ws = workspace(ctx)
+        result = (ws.search.query_study_files(list(dicom_paths), k, rule=rule,
+                                              exclude_same_patient=exclude_same_patient) if dicom_paths
+                  else ws.search.similar_studies(accession, k, rule=rule, exclude_same_patient=exclude_same_patient))
+        _print_studies(result, fmt)
+        return
     filters = QueryFilters(view=view.upper() if view else None, laterality=laterality.upper() if laterality else None,
                            exclude_same_patient=exclude_same_patient)
     with watch.stage("workspace_open"):
         ws = workspace(ctx)
-    results = ([ws.query_dicom(dicom_path, k, filters, watch)] if dicom_path
+    results = ([ws.query_dicom(path, k, filters, watch) for path in dicom_paths] if dicom_paths
                else ws.query_accession(accession, k, filters))
     if timings:
         click.echo(dumps({"stages_ms": watch.as_ms()}), err=True)
@@ -49,3 +63,30 @@ def query(ctx: click.Context, dicom_path: str | None, accession: str | None, k: 
         click.echo(format_table([h.__dict__ for h in r.hits], COLUMNS) if r.hits else "  (no hits)")
         click.echo("")
     click.echo(SCORE_NOTE)
+
+
+STUDY_COLUMNS = ["rank", "score", "accession_number", "patient_id", "views_matched", "images", "study_key"]
+
+
+def _print_studies(result, fmt: str) -> None:
+    if fmt == "json":
+        click.echo(dumps(result.as_dict()))
+        return
+    if fmt == "csv":
+        rows = [{"rank": h.rank, "score": h.score, "study_key": h.study_key, "accession_number": h.accession_number,
+                 "patient_id": h.patient_id, "views_matched": ";".join(h.views_matched),
+                 "sop_instance_uid": i.sop_instance_uid, "laterality": i.laterality, "view": i.view,
+                 "image_score": i.score, "path": i.path} for h in result.hits for i in h.images]
+        click.echo(format_csv(rows, ["rank", "score", "study_key", "accession_number", "patient_id", "views_matched",
+                                     "sop_instance_uid", "laterality", "view", "image_score", "path"]))
+        return
+    q = result.query
+    click.echo(f"query study {q['study_key']} ({q['accession_number'] or '-'}, {q['patient_id'] or '-'}): "
+               + ", ".join(f"{i['laterality'] or '?'} {i['view'] or '?'}" for i in q["images"]))
+    rows = [{"rank": h.rank, "score": h.score, "accession_number": h.accession_number, "patient_id": h.patient_id,
+             "views_matched": ", ".join(h.views_matched) or "none (scored over any view)",
+             "images": len(h.images), "study_key": h.study_key} for h in result.hits]
+    click.echo(format_table(rows, STUDY_COLUMNS) if rows else "  (no hits)")
+    click.echo(f"\nrule {result.rule}: " + ("mean over the shared views of each query view's best cosine"
+                                          if result.rule == "view_best_mean"
+                                          else "cosine of the mean-pooled study vectors"))

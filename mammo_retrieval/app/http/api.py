@@ -160,6 +160,13 @@ def api_router() -> APIRouter:
         state.metrics.observe_stages(watch.stages)
         return _result_body(result, watch)
 
+    @router.get("/studies/{study_key}/similar", summary="The k most similar studies, fused view by view")
+    def similar_studies(study_key: str, k: int = K, exclude_same_patient: bool = False,
+                        rule: Literal["view_best_mean", "mean_pooled"] = "view_best_mean",
+                        state: ServerState = Depends(get_state)) -> dict:
+        return state.workspace.search.similar_studies(study_key, k, rule=rule,
+                                                      exclude_same_patient=exclude_same_patient).as_dict()
+
     @router.get("/images/{sop_instance_uid}", summary="An indexed image's metadata")
     def image(sop_instance_uid: str, state: ServerState = Depends(get_state)) -> dict:
         record = state.workspace.search.record(sop_instance_uid)
@@ -282,6 +289,10 @@ def create_app(workspace: Workspace, *, token: str | None = None, max_upload: in
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def search_page() -> str:
         return _page("index.html")
+
+    @app.get("/study", response_class=HTMLResponse, include_in_schema=False)
+    def study_page() -> str:
+        return _page("study.html")
 
     @app.get("/qc", response_class=HTMLResponse, include_in_schema=False)
     def qc_page() -> str:

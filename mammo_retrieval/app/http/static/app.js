@@ -26,7 +26,9 @@ function renderQuery(query) {
   box.replaceChildren(
     el("img", {src: queryPicture, alt: `Query image: ${describe(query)}`, width: 256}),
     meta([["SOP UID", query.sop_instance_uid], ["Accession", query.accession_number],
-          ["Laterality", query.laterality], ["View", query.view], ["Source", query.path]]));
+          ["Laterality", query.laterality], ["View", query.view], ["Source", query.path]]),
+    query.accession_number && current && current.kind === "sop"
+      ? el("a", {href: `/study?key=${encodeURIComponent(query.accession_number)}`, text: "Similar studies"}) : null);
 }
 
 function renderHits(result) {
