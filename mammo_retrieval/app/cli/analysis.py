@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mammo_retrieval.app.cli._common import StepProgress, no_progress_option, workspace
+from mammo_retrieval.app.cli._common import dumps, StepProgress, no_progress_option, workspace
 
 
 @click.group()
@@ -65,10 +65,12 @@ def clusters(ctx: click.Context, out_dir: str, k: int | None, labels_csv: str | 
               help="Write evaluation.json and evaluation.md here (default: print Markdown).")
 @click.option("--heldout-from", "heldout_ckpt", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Only the women this `mretrieve train` checkpoint held out of training.")
+@click.option("--level", type=click.Choice(["image", "study"]), default="image", show_default=True,
+              help="study: study labels by study-level search (every fusion rule), beside the per-image baseline.")
 @no_progress_option
 @click.pass_context
 def evaluate(ctx: click.Context, labels_csv: str, ks: str, columns: tuple[str, ...], out_dir: str | None,
-             heldout_ckpt: str | None, no_progress: bool) -> None:
+             heldout_ckpt: str | None, level: str, no_progress: bool) -> None:
     """precision@k, mAP, contralateral hit rate and classifier scores, against two classical references."""
     from mammo_retrieval.analysis.evaluate import evaluate as run, heldout_patients, to_markdown, write_evaluation
     try:
@@ -77,6 +79,19 @@ def evaluate(ctx: click.Context, labels_csv: str, ks: str, columns: tuple[str, .
         raise click.UsageError(f"--k must be a comma list of integers, not '{ks}'") from None
     if min(k_values) < 1:
         raise click.UsageError(f"--k values must be at least 1, not '{ks}'")
+    if level == "study":
+        from mammo_retrieval.analysis.study_eval import evaluate_studies, to_markdown as study_markdown
+        if heldout_ckpt:
+            raise click.UsageError("--heldout-from applies to --level image only")
+        report = evaluate_studies(workspace(ctx).corpus(), labels_csv, columns=list(columns) or None, ks=k_values)
+        if out_dir:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "study_evaluation.json").write_text(dumps(report) + "\n")
+            (out / "study_evaluation.md").write_text(study_markdown(report) + "\n")
+            click.echo(f"wrote {out / 'study_evaluation.json'} and {out / 'study_evaluation.md'}")
+        click.echo(study_markdown(report))
+        return
     patients = heldout_patients(heldout_ckpt) if heldout_ckpt else None
     with StepProgress("evaluate", enabled=not no_progress) as progress:
         report = run(workspace(ctx).corpus(), labels_csv, columns=list(columns) or None, ks=k_values, patients=patients,
