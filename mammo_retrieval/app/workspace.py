@@ -151,6 +151,19 @@ class Workspace:
         cache.put_many([(sop_instance_uid, prepared.display)])
         return prepared.display
 
+    def model_input(self, sop_instance_uid: str, settings=None) -> "np.ndarray":
+        """What the encoder embeds for a stored image: its cached picture, or, for a volume whose frames
+        were pooled, those frames prepared again from its file (the cache keeps only one of them)."""
+        settings = settings or self.encoder.settings
+        with self.db.session() as s:
+            record = repo.image_by_sop(s, sop_instance_uid)
+            volume = record is not None and bool(record.frames_used)
+            path = record.path if record else None
+        if not volume:
+            return self.cached_image(sop_instance_uid, settings)
+        prepared = self.prepare(path, settings)
+        return prepared.model_input
+
     def model_version_id(self) -> int:
         """The database row of the serving model, created on first use (writers only)."""
         with self.ensure_database().session() as s:
@@ -317,7 +330,7 @@ class Workspace:
             old_key = live.key if live else self.encoder.identity.key
             with self.db.session() as s:
                 mv_id = repo.get_or_create_model_version(s, identity, encoder.settings.as_dict()).id
-            result = reembed(self.db, encoder, mv_id, self.cached_image, batch_size=self.config.encoder.batch_size,
+            result = reembed(self.db, encoder, mv_id, self.model_input, batch_size=self.config.encoder.batch_size,
                              on_progress=on_progress)
             if result.failures and not allow_missing:
                 # the vectors written so far stay stored, so a rerun (or --allow-missing) resumes from here

@@ -38,6 +38,7 @@ class ReaderConfig:
     skip_for_processing: bool
     multiframe: str
     max_pixels: int
+    aggregate_frames: int = 8
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ _SECTION_CLASSES = {
     "encoder": EncoderConfig, "index": IndexConfig, "ingest": IngestConfig,
 }
 _CHOICES = {
-    ("reader", "multiframe"): {"reject", "middle"},
+    ("reader", "multiframe"): {"reject", "middle", "aggregate"},
     ("preprocess", "flip_to_side"): {None, "L", "R"},
     ("encoder", "device"): {"cpu", "cuda", "auto"},
     ("encoder", "precision"): {"fp32", "bf16"},

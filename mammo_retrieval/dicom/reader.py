@@ -233,7 +233,7 @@ def _check_header_values(path: Path, ds: Dataset, f: HeaderFields, cfg: ReaderCo
         raise _reject(path, C.SIZE_MISMATCH, f"invalid NumberOfFrames {f.number_of_frames}")
     if f.number_of_frames > 1 and cfg.multiframe == "reject":
         raise _reject(path, C.MULTIFRAME, f"multi-frame image ({f.number_of_frames} frames, e.g. tomosynthesis)",
-                      hint="set reader.multiframe: middle to index the middle frame")
+                      hint="set reader.multiframe: aggregate (pool several frames) or middle (the middle one)")
     if f.rows * f.columns * f.number_of_frames > cfg.max_pixels:
         raise _reject(path, C.TOO_LARGE, f"header claims {f.rows} x {f.columns} x {f.number_of_frames} pixels, "
                       f"over reader.max_pixels={cfg.max_pixels}")
@@ -381,17 +381,35 @@ def _window(ds: Dataset) -> tuple[float, float, str] | None:
     return first(center), first(width), str(ds.get("VOILUTFunction") or "LINEAR").upper()
 
 
+def aggregate_frame_indices(n_frames: int, k: int) -> tuple[int, ...]:
+    """Up to ``k`` frames spread evenly over the central 80% of a volume of ``n_frames`` (the outer slices
+    of a tomosynthesis volume hold little breast)."""
+    if n_frames <= 1:
+        return (0,)
+    first, last = int(n_frames * 0.1), max(int(n_frames * 0.1), int(math.ceil(n_frames * 0.9)) - 1)
+    return tuple(sorted({int(round(x)) for x in np.linspace(first, last, max(1, min(k, last - first + 1)))}))
+
+
 def read_stored(path: "str | os.PathLike | InMemoryDicom", cfg: ReaderConfig, *,
                 reduce_to: int | None = None) -> StoredImage:
     """Validated decode of the stored values: header checks, size checks, decode (JPEG 2000 at reduced
     resolution when ``reduce_to`` allows it and glymur/libopenjp2 are present). ``path`` may be an
-    InMemoryDicom: nothing then touches the disk."""
+    InMemoryDicom: nothing then touches the disk. A multi-frame image gives its middle frame."""
     path = _as_source(path)
     with _quiet_pydicom():
-        return _read_stored(path, cfg, reduce_to)
+        return next(_read_stored(path, cfg, reduce_to, None))
 
 
-def _read_stored(path: Path, cfg: ReaderConfig, reduce_to: int | None) -> StoredImage:
+def read_stored_frames(path: "str | os.PathLike | InMemoryDicom", cfg: ReaderConfig, *,
+                       reduce_to: int | None = None) -> list[StoredImage]:
+    """As ``read_stored``, but a multi-frame image under ``reader.multiframe: aggregate`` gives the frames
+    of ``aggregate_frame_indices``, each decoded alone (never the whole volume at once)."""
+    path = _as_source(path)
+    with _quiet_pydicom():
+        return list(_read_stored(path, cfg, reduce_to, "aggregate"))
+
+
+def _read_stored(path: Path, cfg: ReaderConfig, reduce_to: int | None, mode: str | None):
     ds = _dcmread(path)
     fields = _fields(path, ds)
     _check_header(path, ds, fields, cfg)
@@ -402,14 +420,6 @@ def _read_stored(path: Path, cfg: ReaderConfig, reduce_to: int | None) -> Stored
     except Exception as exc:
         raise _reject(path, C.UNREADABLE_HEADER, f"pixel data element unreadable: {type(exc).__name__}: "
                       f"{exc}") from None
-    frame = fields.number_of_frames // 2 if fields.number_of_frames > 1 else 0
-    reduction = reduction_for(fields, reduce_to)
-    try:
-        stored = _decode(path, ds, fields, frame, reduction)
-    except DicomRejected:
-        if reduction == 1:
-            raise
-        reduction, stored = 1, _decode(path, ds, fields, frame)  # the reduced decoder failed: decode fully
     slope, intercept = _rescale(path, ds)
     try:
         window = _window(ds)
@@ -417,8 +427,21 @@ def _read_stored(path: Path, cfg: ReaderConfig, reduce_to: int | None) -> Stored
         raise _reject(path, C.UNREADABLE_HEADER, f"invalid window values: {exc}") from None
     if window is not None and not all(math.isfinite(v) and abs(v) < MAX_RESCALED for v in window[:2]):
         raise _reject(path, C.INVALID_PIXEL_MODULE, f"unusable WindowCenter/WindowWidth {window[0]!r}/{window[1]!r}")
-    return StoredImage(path=str(path), header=fields, stored=stored, sha256=_sha256(path), frame_index=frame,
-                       slope=slope, intercept=intercept, window=window, reduction=reduction)
+    if mode == "aggregate" and fields.number_of_frames > 1 and cfg.multiframe == "aggregate":
+        frames = aggregate_frame_indices(fields.number_of_frames, cfg.aggregate_frames)
+    else:
+        frames = (fields.number_of_frames // 2 if fields.number_of_frames > 1 else 0,)
+    sha256 = _sha256(path)
+    reduction = reduction_for(fields, reduce_to)
+    for frame in frames:
+        try:
+            stored = _decode(path, ds, fields, frame, reduction)
+        except DicomRejected:
+            if reduction == 1:
+                raise
+            reduction, stored = 1, _decode(path, ds, fields, frame)  # the reduced decoder failed: decode fully
+        yield StoredImage(path=str(path), header=fields, stored=stored, sha256=sha256, frame_index=frame,
+                          slope=slope, intercept=intercept, window=window, reduction=reduction)
 
 
 def read_image(path: str | os.PathLike, cfg: ReaderConfig, *, voi_window: bool = False) -> DicomImage:

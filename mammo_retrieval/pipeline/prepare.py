@@ -8,7 +8,7 @@ import numpy as np
 
 from mammo_retrieval.core.config import ReaderConfig
 from mammo_retrieval.dicom.header import HeaderFields
-from mammo_retrieval.dicom.reader import InMemoryDicom, read_image, read_stored
+from mammo_retrieval.dicom.reader import InMemoryDicom, read_stored_frames
 from mammo_retrieval.core.errors import FATAL_EXCEPTIONS, DicomRejected, RejectionCode, display_path
 from mammo_retrieval.preprocess import PreprocessSettings, to_display_uint8
 from mammo_retrieval.preprocess.fast import display_from_stored
@@ -23,7 +23,14 @@ class Prepared:
     header: HeaderFields
     sha256: str
     frame_index: int
-    display: np.ndarray
+    display: np.ndarray  # (H, W): the picture cached and shown (a volume's most central pooled frame)
+    frames: tuple[int, ...] = ()  # a volume's frames pooled into its vector
+    inputs: np.ndarray | None = None  # (K, H, W) model inputs of those frames; None: ``display`` alone
+
+    @property
+    def model_input(self) -> np.ndarray:
+        """What the encoder embeds: (H, W), or (K, H, W) frames to mean-pool."""
+        return self.display if self.inputs is None else self.inputs
 
 
 @dataclass(frozen=True)
@@ -52,17 +59,24 @@ def prepare_file(path: "str | InMemoryDicom", reader_cfg: ReaderConfig, settings
     path (on MIAS they miss the agreement bar: bench/bench_ingest.py, README), hence off by default.
     """
     try:
-        if fast:
-            target = max(settings.size)
-            image = read_stored(path, reader_cfg, reduce_to=target if reduced_j2k else None)
+        target = max(settings.size)
+        frames = read_stored_frames(path, reader_cfg, reduce_to=target if (fast and reduced_j2k) else None)
+        displays = []
+        for image in frames:  # one frame at a time; a 2-D image is one "frame"
+            if not fast:
+                displays.append(to_display_uint8(image.presentation(settings.voi_window), settings))
+                continue
             if downscale_early:
                 image = early_downscale(image, target)
-            display = display_from_stored(image, settings, sampled=sampled)
-        else:
-            image = read_image(path, reader_cfg, voi_window=settings.voi_window)
-            display = to_display_uint8(image.pixels, settings)
-        return Prepared(path=str(path), header=image.header, sha256=image.sha256, frame_index=image.frame_index,
-                        display=display)
+            displays.append(display_from_stored(image, settings, sampled=sampled))
+        middle = len(frames) // 2
+        first = frames[middle]
+        if len(frames) == 1:
+            return Prepared(path=str(path), header=first.header, sha256=first.sha256, frame_index=first.frame_index,
+                            display=displays[0])
+        return Prepared(path=str(path), header=first.header, sha256=first.sha256, frame_index=first.frame_index,
+                        display=displays[middle], frames=tuple(f.frame_index for f in frames),
+                        inputs=np.stack(displays))
     except DicomRejected as exc:
         return Rejected(exc.path, exc.code, exc.reason)
     except MemoryError:

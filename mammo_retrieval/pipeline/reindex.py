@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from mammo_retrieval.core.errors import MammoRetrievalError
-from mammo_retrieval.preprocess import normalise
+from mammo_retrieval.encoders.pooling import embed_pictures
 from mammo_retrieval.storage.catalog import repository as repo
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def reembed(db: "Database", encoder: "Encoder", model_version_id: int, picture: 
                 result.failures.append({"sop_instance_uid": sop, "path": path,
                                         "reason": getattr(exc, "reason", None) or exc.message})
         if ids:
-            vectors = encoder.embed(normalise(np.stack(pictures), encoder.settings))
+            vectors = embed_pictures(encoder, pictures)
             with db.session() as s:
                 repo.add_embeddings(s, zip(ids, vectors), model_version_id)
             result.embedded += len(ids)

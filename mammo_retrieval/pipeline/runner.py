@@ -24,7 +24,7 @@ import numpy as np
 from mammo_retrieval.core.config import ReaderConfig
 from mammo_retrieval.pipeline.prepare import Prepared, Rejected, prepare_file
 from mammo_retrieval.pipeline.screen import Copies, screen
-from mammo_retrieval.preprocess import PreprocessSettings, normalise
+from mammo_retrieval.preprocess import PreprocessSettings
 from mammo_retrieval.storage.catalog import repository as repo
 
 logger = logging.getLogger(__name__)
@@ -77,8 +77,9 @@ class PrepareJob:
 
 
 def embed_batch(encoder: "Encoder", batch: list[Prepared]) -> np.ndarray:
-    """The embed stage: uint8 model-size images -> unit vectors."""
-    return encoder.embed(normalise(np.stack([p.display for p in batch]), encoder.settings))
+    """The embed stage: uint8 model-size images (a volume's frames mean-pooled) -> unit vectors."""
+    from mammo_retrieval.encoders.pooling import embed_pictures
+    return embed_pictures(encoder, [p.model_input for p in batch])
 
 
 class CatalogSink:
@@ -93,7 +94,7 @@ class CatalogSink:
         self._unsaved_batches = 0
 
     def write(self, batch: list[Prepared], vectors: np.ndarray) -> None:
-        items = [repo.NewImage(p.header, p.path, p.sha256, p.frame_index, v) for p, v in zip(batch, vectors)]
+        items = [repo.NewImage(p.header, p.path, p.sha256, p.frame_index, v, p.frames) for p, v in zip(batch, vectors)]
         # the cache before the catalog: if the disk fills, the batch is not committed and a rerun redoes it
         # (its cache slots are reused), so no image ends up in the catalog but not in the cache
         self.cache.put_many((p.header.sop_instance_uid, p.display) for p in batch)

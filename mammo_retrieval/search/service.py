@@ -23,7 +23,7 @@ from mammo_retrieval.core.config import Config, EncoderConfig
 from mammo_retrieval.core.errors import IndexCorruptError, NotFoundError, Remedy
 from mammo_retrieval.core.timing import Stopwatch
 from mammo_retrieval.dicom.reader import InMemoryDicom, read_header
-from mammo_retrieval.preprocess import normalise
+from mammo_retrieval.encoders.pooling import embed_pictures
 from mammo_retrieval.search.query import QueryFilters, QueryImage, QueryResult, records, search
 from mammo_retrieval.search.study import DEFAULT_RULE, Study, StudyImage, StudyResult, check_rule, rank_studies
 from mammo_retrieval.storage.catalog import Database
@@ -159,9 +159,8 @@ class SearchService:
         with watch.stage("decode_preprocess"):
             prepared = self._prepare(source, encoder.settings)
         with watch.stage("embed"):
-            batch = normalise(prepared.display, encoder.settings)[None]
             with self._inference:
-                vector = encoder.embed(batch)
+                vector = embed_pictures(encoder, [prepared.model_input])
         h = prepared.header
         path = source.name if isinstance(source, InMemoryDicom) else str(source)
         query = QueryImage(h.sop_instance_uid, h.accession_number, h.patient_id, h.laterality, h.view, path)

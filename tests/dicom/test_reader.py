@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -147,12 +148,30 @@ def test_for_processing_skipped_by_default(tmp_path):
     read_image(tmp_path / "fp.dcm", READER.__class__(("MG",), False, "reject", 10**8))
 
 
-def test_multiframe_rejected_by_default_or_middle_frame(tmp_path):
+def test_multiframe_aggregated_by_default_or_middle_frame_or_rejected(tmp_path):
+    from mammo_retrieval.dicom.reader import aggregate_frame_indices, read_stored_frames
     frames = np.stack([np.full((32, 32), i * 100, np.uint16) for i in range(5)])
     path = make_file(tmp_path / "tomo.dcm", frames, frames=5, syntax="rle")
-    expect_rejection(path, "multiframe", "5 frames")
-    image = read_image(path, READER.__class__(("MG",), True, "middle", 10**8))
+    rejecting = dataclasses.replace(READER, multiframe="reject")
+    with pytest.raises(DicomRejected, match="5 frames") as info:
+        read_image(path, rejecting)
+    assert info.value.code == "multiframe"
+    image = read_image(path, dataclasses.replace(READER, multiframe="middle"))
     assert image.frame_index == 2 and image.pixels.max() == 200.0
+    assert READER.multiframe == "aggregate"  # the default
+    decoded = read_stored_frames(path, READER)
+    assert [d.frame_index for d in decoded] == [0, 1, 2, 3, 4] == list(aggregate_frame_indices(5, 8))
+    assert [int(d.stored.max()) for d in decoded] == [0, 100, 200, 300, 400]  # each frame decoded alone
+
+
+def test_aggregate_frames_cover_the_central_80_percent():
+    from mammo_retrieval.dicom.reader import aggregate_frame_indices
+    assert aggregate_frame_indices(1, 8) == (0,)
+    picked = aggregate_frame_indices(60, 8)  # central 80%: frames 6 to 53
+    assert len(picked) == 8 and picked[0] == 6 and picked[-1] == 53
+    assert set(np.diff(picked)) <= {6, 7}  # evenly spread
+    assert aggregate_frame_indices(100, 4) == (10, 36, 63, 89)
+    assert aggregate_frame_indices(3, 8) == (0, 1, 2)
 
 
 def test_too_large_header(tmp_path):

@@ -80,13 +80,13 @@ def test_prepare_file_turns_any_base_exception_into_a_rejection(tmp_path, cfg, m
 
     def panic(*args, **kwargs):
         raise FakePanic("boom")
-    monkeypatch.setattr("mammo_retrieval.pipeline.prepare.read_stored", panic)
+    monkeypatch.setattr("mammo_retrieval.pipeline.prepare.read_stored_frames", panic)
     result = prepare_file(str(path), cfg, PreprocessSettings(size=(64, 64)))
     assert isinstance(result, Rejected) and result.code == "undecodable_pixel_data" and "FakePanic" in result.reason
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr("mammo_retrieval.pipeline.prepare.read_stored", interrupt)
+    monkeypatch.setattr("mammo_retrieval.pipeline.prepare.read_stored_frames", interrupt)
     with pytest.raises(KeyboardInterrupt):  # the user's Ctrl-C is never swallowed
         prepare_file(str(path), cfg, PreprocessSettings(size=(64, 64)))
 

@@ -40,7 +40,12 @@ def broken_and_foreign(folder: Path, mias_file: Path) -> dict[str, str]:
     del ds.PixelData
     write(ds, add("header_only.dcm", "no_pixel_data"))
     make_file(add("raw.dcm", "for_processing"), sop_class=MG_FOR_PROCESSING)
-    make_file(add("tomo.dcm", "multiframe"), np.zeros((3, 32, 32), np.uint16), frames=3, syntax="rle")
+    ds = make_dataset(np.zeros((3, 32, 32), np.uint16), frames=3)
+    ds.NumberOfFrames = 100000  # an absurd frame count: the pixel data holds 3
+    write(ds, add("tomo_absurd.dcm", "size_mismatch"))
+    ds = make_dataset(np.zeros((3, 32, 32), np.uint16), frames=3, syntax="rle")
+    ds.NumberOfFrames = 5  # frames missing from the encapsulated data
+    write(ds, add("tomo_truncated.dcm", "undecodable_pixel_data"))
     ds = make_dataset()
     ds.Rows = 500
     write(ds, add("lying_header.dcm", "size_mismatch"))

@@ -72,6 +72,7 @@ class Image(Base):
     columns: Mapped[int] = mapped_column(Integer)
     number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
     frame_index: Mapped[int] = mapped_column(Integer, default=0)
+    frames_used: Mapped[str | None] = mapped_column(Text)  # JSON list, for a volume whose frames were pooled
     photometric: Mapped[str | None] = mapped_column(String(16))
     transfer_syntax: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

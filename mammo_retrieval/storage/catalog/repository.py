@@ -36,6 +36,7 @@ class NewImage:
     sha256: str
     frame_index: int
     vector: np.ndarray
+    frames: tuple[int, ...] = ()  # the frames pooled into the vector (a tomosynthesis volume)
 
 
 def get_or_create_model_version(session: Session, identity, preprocess_json: dict) -> ModelVersion:
@@ -115,6 +116,7 @@ def write_images(session: Session, items: Sequence[NewImage], model_version_id: 
             "laterality_source": h.laterality_source, "view": h.view, "view_source": h.view_source,
             "manufacturer": h.manufacturer, "path": item.path, "sha256": item.sha256, "rows": h.rows,
             "columns": h.columns, "number_of_frames": h.number_of_frames, "frame_index": item.frame_index,
+            "frames_used": json.dumps(list(item.frames)) if len(item.frames) > 1 else None,
             "photometric": h.photometric, "transfer_syntax": h.transfer_syntax})
     _insert_missing(session, Image, list(images.values()), "sop_instance_uid")
     image_ids = _ids_by(session, Image, "sop_instance_uid", list(images))
