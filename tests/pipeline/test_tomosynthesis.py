@@ -69,7 +69,7 @@ def archive(tmp_path_factory):
 def test_a_volume_of_shifted_copies_is_found_first_by_its_image(archive):
     ws, volume, query = archive
     hits = ws.query_dicom(query, k=3).hits
-    assert Path(hits[0].path) == volume and hits[0].score > hits[1].score + 0.02
+    assert Path(hits[0].path) == volume and hits[0].score > max(0.99, hits[1].score)
 
 
 def test_the_volume_records_the_frames_it_pooled(archive):
