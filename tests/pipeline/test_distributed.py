@@ -84,8 +84,9 @@ def test_a_killed_worker_loses_and_doubles_nothing(tmp_path):
     synthetic_archive(tmp_path / "archive", n)
     cfg = make_config(tmp_path / "state", encoder=TINY)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                  host="127.0.0.1") as cluster, distributed.Client(cluster) as client:
-        pids = list(client.run(os.getpid).values())
+                                  host="127.0.0.1") as cluster:
+        with distributed.Client(cluster) as client:  # closed before the ingest opens its own: one client a time
+            pids = list(client.run(os.getpid).values())
         killed = threading.Event()
 
         def kill_one(done, total):
