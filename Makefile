@@ -11,12 +11,15 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 	@# Debian's libopenjp2 lets glymur decode JPEG 2000 at reduced resolution (optional: full decode otherwise)
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ldconfig -p | grep -q libopenjp2; then \
 		(apt-get update -qq && apt-get install -y -qq libopenjp2-7 >/dev/null) || echo "libopenjp2 not installed"; fi
-	@# Chromium (the web page's real-browser test) and PostgreSQL (the tests start their own server): the tests
-	@# that need them skip, with the reason, where they cannot be installed; CI (.ci/run) makes that a failure
+	@# Chromium (the web page's real-browser test), PostgreSQL and Orthanc with DICOMweb (the tests start their
+	@# own servers): the tests that need them skip, with the reason, where they cannot be installed; CI
+	@# (.ci/run) makes that a failure
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-		{ ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; }; then \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium postgresql >/dev/null) \
-		|| echo "chromium/postgresql not installed: their tests will skip"; fi
+		{ ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
+		  ! command -v Orthanc >/dev/null || ! [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; }; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium postgresql \
+		 orthanc orthanc-dicomweb >/dev/null) \
+		|| echo "chromium/postgresql/orthanc not installed: their tests will skip"; fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch torchvision

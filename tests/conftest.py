@@ -114,3 +114,24 @@ def database_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'catalog.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture(scope="session")
+def orthanc_server():
+    """A real Orthanc PACS with DICOMweb, started for this session (Debian's packages; see tests/orthanc.py)."""
+    from tests import orthanc
+    reason = orthanc.unavailable_reason()
+    if reason:
+        if orthanc.REQUIRED:
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    server = orthanc.OrthancServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def orthanc(orthanc_server):
+    """The session's Orthanc, emptied for this test."""
+    orthanc_server.reset()
+    return orthanc_server

@@ -1,7 +1,7 @@
 """The package's imports run one way, top to bottom, with no cycles (issue #10).
 
 Layers, lowest first: ``core`` -> ``dicom``, ``preprocess``, ``encoders``, ``storage`` -> ``pipeline``,
-``search``, ``analysis``, ``train`` -> ``app``. A module may import its own layer's packages or lower ones,
+``search``, ``analysis``, ``train``, ``pacs`` -> ``app``. A module may import its own layer's packages or lower ones,
 never a higher one, not even under ``TYPE_CHECKING`` or inside a function; and no two subpackages may
 import each other (directly or through others).
 """
@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mammo_retrieval"
 LAYERS = {
     "core": 0,
     "dicom": 1, "preprocess": 1, "encoders": 1, "storage": 1,
-    "pipeline": 2, "search": 2, "analysis": 2, "train": 2,
+    "pipeline": 2, "search": 2, "analysis": 2, "train": 2, "pacs": 2,
     "app": 3,
 }
 NOT_CODE = {"weights"}  # data folders shipped inside the package

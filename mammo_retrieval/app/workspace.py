@@ -122,7 +122,10 @@ class Workspace:
         from mammo_retrieval.core.errors import DicomRejected
         from mammo_retrieval.dicom.reader import InMemoryDicom
         from mammo_retrieval.pipeline.prepare import Rejected, prepare_file
+        from mammo_retrieval.pacs.dicomweb import is_dicomweb_url, retrieve_url
         source = path if isinstance(path, InMemoryDicom) else str(path)  # an upload stays in memory
+        if isinstance(source, str) and is_dicomweb_url(source):  # pulled from a PACS: its WADO-RS URL
+            source = retrieve_url(source, self.config.pacs)
         prepared = prepare_file(source, self.config.reader, settings, **self.prepare_options())
         if isinstance(prepared, Rejected):
             raise DicomRejected(prepared.path, prepared.code, prepared.reason)
@@ -215,24 +218,46 @@ class Workspace:
         return result
 
     # --- the verbs ------------------------------------------------------------------------------
-    def ingest(self, root: str | os.PathLike, *, workers: int | None = None, executor: str = "local",
-               scheduler: str | None = None,
-               on_progress: Callable[[int, int], None] | None = None) -> "IngestReport":
-        """Walk the archive, then (under the write lock, before the model loads, so a second writer hears
-        "busy" at once) screen, prepare, embed and write every file. Paths are stored absolute, symlinks
-        kept as typed. An archive without a single candidate file raises NotFoundError and touches nothing.
+    def ingest(self, source: str | os.PathLike, *, workers: int | None = None, executor: str = "local",
+               scheduler: str | None = None, studies: tuple[str, ...] = (), since: str | None = None,
+               modality: str | None = "MG", on_progress: Callable[[int, int], None] | None = None) -> "IngestReport":
+        """Ingest a folder (any file name, any depth) or a DICOMweb PACS (an http(s):// base URL).
 
+        Folder: walk it, then (under the write lock, before the model loads, so a second writer hears
+        "busy" at once) screen, prepare, embed and write every file. Paths are stored absolute, symlinks
+        kept as typed. A folder without a single candidate file raises NotFoundError and touches nothing.
         ``executor``: "local" (forked prepare workers here, embedding in this process) or "dask" (workers of
         the cluster at ``scheduler``, or of a new LocalCluster of ``workers`` processes, prepare and embed;
-        this process writes)."""
+        this process writes).
+
+        DICOMweb: QIDO-RS finds ``studies`` (default: every study with ``modality``, from ``since``
+        YYYYMMDD on); instances already embedded are skipped before retrieval; the rest are retrieved by
+        WADO-RS and stored with their URL as path (see ``pacs.pull``)."""
         import time
 
+        from mammo_retrieval.pacs.dicomweb import is_dicomweb_url
+        started = time.perf_counter()
+        if is_dicomweb_url(str(source)):
+            report = self._ingest_dicomweb(str(source), workers=workers, executor=executor, studies=studies,
+                                           since=since, modality=modality, on_progress=on_progress)
+        elif studies or since:
+            raise ConfigError("--study and --since select studies of a DICOMweb PACS, not of a folder",
+                              hint="give an http(s):// DICOMweb URL, or leave them out")
+        else:
+            report = self._ingest_folder(source, workers=workers, executor=executor, scheduler=scheduler,
+                                         on_progress=on_progress)
+        report.seconds = time.perf_counter() - started
+        logger.info("ingested %d, already present %d, rejected %d of %d files in %.1f s (model %s, %s index of %d)",
+                    report.ingested, report.already_present, len(report.rejected), report.files_seen,
+                    report.seconds, report.model_key, report.index_type, report.index_ntotal)
+        return report
+
+    def _ingest_folder(self, root, *, workers, executor, scheduler, on_progress) -> "IngestReport":
         from mammo_retrieval.pipeline.executors import local_executor
         from mammo_retrieval.pipeline.prepare import Rejected
-        from mammo_retrieval.pipeline.runner import CatalogSink, IngestReport, PrepareJob, run_pipeline
+        from mammo_retrieval.pipeline.runner import IngestReport, run_pipeline
         from mammo_retrieval.pipeline.source import absolute_root, nothing_to_ingest, state_paths, walk
         from mammo_retrieval.pipeline.threads import EncoderThreads
-        started = time.perf_counter()
         root = absolute_root(root)
         cfg = self.config
         found = walk(root, exclude=state_paths(cfg.database_url, cfg.index_dir, cfg.cache_dir))
@@ -242,25 +267,62 @@ class Workspace:
         folder_rejections = [Rejected(e.path, e.code, e.reason) for e in found.errors]
         report.rejected.extend(folder_rejections)
         workers = cfg.workers() if workers is None else workers
+        if executor not in ("local", "dask"):
+            raise ConfigError(f"unknown executor '{executor}'", hint="choose local or dask")
+        with self._writing(report) as (encoder, sink, job):
+            sink.clear_rejections([str(f) for f in found.folders])  # a folder that lists again is fine now
+            if executor == "dask":
+                self._run_on_dask(found.files, job, sink, report, folder_rejections, workers, scheduler,
+                                  on_progress)
+            else:
+                threads = EncoderThreads(encoder, cfg.ingest.encoder_threads, workers)
+                with local_executor(workers, cfg.ingest) as pool, threads:
+                    run_pipeline(found.files, job, pool, encoder, sink, threads, report,
+                                 batch_size=cfg.encoder.batch_size, workers=workers, preceding=folder_rejections,
+                                 on_progress=on_progress)
+        return report
+
+    def _ingest_dicomweb(self, url: str, *, workers, executor, studies, since, modality,
+                         on_progress) -> "IngestReport":
+        from mammo_retrieval.pacs.dicomweb import DicomWebClient, redact
+        from mammo_retrieval.pacs.pull import pull
+        from mammo_retrieval.pipeline.executors import local_executor
+        from mammo_retrieval.pipeline.runner import IngestReport
+        from mammo_retrieval.pipeline.threads import EncoderThreads
+        if executor != "local":
+            raise ConfigError("a DICOMweb pull runs with the local executor",
+                              hint="leave out --executor (the PACS, not the decoding, is the limit)")
+        cfg = self.config
+        client = DicomWebClient(url, cfg.pacs)
+        found = client.search_studies(studies=studies, since=since, modality=modality)
+        report = IngestReport(root=redact(client.base_url))
+        if not found:
+            raise NotFoundError(f"no study found at {redact(client.base_url)}"
+                                + (f" with modality {modality}" if modality else "")
+                                + (f" since {since}" if since else "") + (f" among {len(studies)} asked" if studies else ""),
+                                hint="check --study/--since/--modality (ModalitiesInStudy must be filled by the PACS)")
+        workers = cfg.workers() if workers is None else workers
+        with self._writing(report) as (encoder, sink, job):
+            threads = EncoderThreads(encoder, cfg.ingest.encoder_threads, workers)
+            with local_executor(workers, cfg.ingest) as pool, threads:
+                pull(client, found, job, pool, encoder, sink, threads, report, batch_size=cfg.encoder.batch_size,
+                     workers=workers, on_progress=on_progress)
+        return report
+
+    @contextmanager
+    def _writing(self, report: "IngestReport") -> Iterator[tuple]:
+        """The write side of an ingest: the lock (taken before the model loads, so a second writer hears
+        "busy" at once), the encoder, the index caught up with the catalog and a sink; afterwards the
+        index's layout checked, the index saved, and the report completed."""
+        from mammo_retrieval.pipeline.runner import CatalogSink, PrepareJob
+        cfg = self.config
         with self.write_lock():
             encoder = self.encoder
             mv_id = self.model_version_id()
             index = self.open_index(create=True)
             self.lifecycle.sync(index, mv_id)
             sink = CatalogSink(self.db, index, self.image_cache, mv_id, cfg.index.save_every_batches)
-            sink.clear_rejections([str(f) for f in found.folders])  # a folder that lists again is fine now
-            job = PrepareJob(cfg.reader, encoder.settings, self.prepare_options())
-            if executor == "dask":
-                self._run_on_dask(found.files, job, sink, report, folder_rejections, workers, scheduler,
-                                  on_progress)
-            elif executor == "local":
-                threads = EncoderThreads(encoder, cfg.ingest.encoder_threads, workers)
-                with local_executor(workers, cfg.ingest) as pool, threads:
-                    run_pipeline(found.files, job, pool, encoder, sink, threads, report,
-                                 batch_size=cfg.encoder.batch_size, workers=workers, preceding=folder_rejections,
-                                 on_progress=on_progress)
-            else:
-                raise ConfigError(f"unknown executor '{executor}'", hint="choose local or dask")
+            yield encoder, sink, PrepareJob(cfg.reader, encoder.settings, self.prepare_options())
             self.lifecycle.maybe_relayout(index, mv_id)
             index.save()
             self._record_first_live_model()
@@ -269,11 +331,6 @@ class Workspace:
             report.index_type = index.manifest.index_type
             report.index_ntotal = index.ntotal
         self.search.forget_index()
-        report.seconds = time.perf_counter() - started
-        logger.info("ingested %d, already present %d, rejected %d of %d files in %.1f s (model %s, %s index of %d)",
-                    report.ingested, report.already_present, len(report.rejected), report.files_seen,
-                    report.seconds, report.model_key, report.index_type, report.index_ntotal)
-        return report
 
     def _run_on_dask(self, files, job, sink, report, preceding, workers: int, scheduler: str | None,
                      on_progress) -> None:

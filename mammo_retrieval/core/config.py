@@ -22,7 +22,11 @@ ENV_OVERRIDES = {
     "MRETRIEVE_INDEX_DIR": ("paths", "index_dir"),
     "MRETRIEVE_CACHE_DIR": ("paths", "cache_dir"),
     "MRETRIEVE_WEIGHTS": ("encoder", "weights"),
+    "MRETRIEVE_DICOMWEB_USERNAME": ("pacs", "dicomweb_username"),
+    "MRETRIEVE_DICOMWEB_PASSWORD": ("pacs", "dicomweb_password"),
+    "MRETRIEVE_DICOMWEB_TOKEN": ("pacs", "dicomweb_token"),
 }
+SECRET_KEYS = {("pacs", "dicomweb_password"), ("pacs", "dicomweb_token")}  # masked by `config show`
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,22 @@ class IngestConfig:
 
 
 @dataclass(frozen=True)
+class PacsConfig:
+    dicomweb_username: str | None
+    dicomweb_password: str | None = field(repr=False)
+    dicomweb_token: str | None = field(repr=False)
+    timeout_s: float
+    retries: int
+    backoff_s: float
+    fetch_batch: int
+    fetch_connections: int
+    spool_dir: str
+    listen_ae_title: str
+    listen_batch_images: int
+    listen_batch_seconds: float
+
+
+@dataclass(frozen=True)
 class Config:
     paths: PathsConfig
     reader: ReaderConfig
@@ -92,6 +112,7 @@ class Config:
     encoder: EncoderConfig
     index: IndexConfig
     ingest: IngestConfig
+    pacs: PacsConfig
     source: tuple[str, ...] = field(default=(), compare=False)
 
     def replace(self, section: str, **changes: Any) -> "Config":
@@ -122,6 +143,7 @@ _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "so
 _SECTION_CLASSES = {
     "paths": PathsConfig, "reader": ReaderConfig, "preprocess": PreprocessConfig,
     "encoder": EncoderConfig, "index": IndexConfig, "ingest": IngestConfig,
+    "pacs": PacsConfig,
 }
 _CHOICES = {
     ("reader", "multiframe"): {"reject", "middle", "aggregate"},
@@ -174,7 +196,7 @@ def _build(raw: dict, home: Path, origin: tuple[str, ...]) -> Config:
                 raise ConfigError(f"{name}.{f.name}: '{v}' is not one of {allowed}")
             if isinstance(v, list):
                 v = tuple(v)
-            if name == "paths":
+            if name == "paths" or (name, f.name) == ("pacs", "spool_dir"):
                 v = str(v).replace("{home}", str(home))
             values[f.name] = v
         sections[name] = cls(**values)

@@ -70,6 +70,7 @@ class RejectionCode(StrEnum):
     TRUNCATED_PIXEL_DATA = "truncated_pixel_data"
     UNDECODABLE_PIXEL_DATA = "undecodable_pixel_data"
     UNREADABLE_FOLDER = "unreadable_folder"  # a folder the walk cannot list
+    TRANSFER_FAILED = "transfer_failed"  # a PACS kept failing to list or send it (after retries)
 
 
 # Never swallowed by a "one bad file" catch: the user or the interpreter asked to stop.
@@ -150,6 +151,14 @@ class StorageFullError(MammoRetrievalError):
     free space and rerun the command, which picks up where it stopped."""
 
     exit_code = 11
+
+
+class PacsError(MammoRetrievalError):
+    """A PACS (DICOMweb or DIMSE peer) refused or kept failing a request that the whole operation needs:
+    the search of an ingest, a STOW-RS, the listener's port. One instance that fails is a rejection instead."""
+
+    code = "pacs_error"
+    exit_code = 12
 
 
 _SQLITE_FULL, _SQLITE_CORRUPT, _SQLITE_NOTADB = 13, 11, 26

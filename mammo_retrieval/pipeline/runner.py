@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from mammo_retrieval.core.config import ReaderConfig
+from mammo_retrieval.dicom.reader import InMemoryDicom
 from mammo_retrieval.pipeline.prepare import Prepared, Rejected, prepare_file
 from mammo_retrieval.pipeline.screen import Copies, screen
 from mammo_retrieval.preprocess import PreprocessSettings
@@ -46,6 +47,7 @@ class IngestReport:
     files_seen: int = 0
     ingested: int = 0
     already_present: int = 0
+    fetched: int = 0  # instances retrieved from a PACS (WADO-RS); 0 for a folder
     skipped: int = 0  # plainly not DICOM by extension (sidecars), never read
     rejected: list[Rejected] = field(default_factory=list)
     model_key: str = ""
@@ -57,7 +59,7 @@ class IngestReport:
     def as_dict(self) -> dict:
         return {
             "root": self.root, "files_seen": self.files_seen, "ingested": self.ingested,
-            "already_present": self.already_present, "skipped": self.skipped, "rejected": len(self.rejected),
+            "already_present": self.already_present, "fetched": self.fetched, "skipped": self.skipped, "rejected": len(self.rejected),
             "rejections": [{"path": r.path, "code": r.code, "reason": r.reason} for r in self.rejected],
             "model_version": self.model_key, "random_weights": self.random_weights,
             "index_type": self.index_type, "index_ntotal": self.index_ntotal, "seconds": round(self.seconds, 2),
@@ -72,8 +74,9 @@ class PrepareJob:
     settings: PreprocessSettings
     options: dict  # fast / sampled / reduced_j2k / downscale_early (Workspace.prepare_options)
 
-    def submit(self, executor: Executor, path: Path) -> Future:
-        return executor.submit(prepare_file, str(path), self.reader, self.settings, **self.options)
+    def submit(self, executor: Executor, path: "Path | InMemoryDicom") -> Future:
+        source = path if isinstance(path, InMemoryDicom) else str(path)  # a retrieved instance stays in memory
+        return executor.submit(prepare_file, source, self.reader, self.settings, **self.options)
 
 
 def embed_batch(encoder: "Encoder", batch: list[Prepared]) -> np.ndarray:

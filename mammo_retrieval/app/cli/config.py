@@ -53,6 +53,10 @@ def render(config, env: Mapping[str, str]) -> str:
             effective[field.name] = {k: _plain(v) for k, v in dataclasses.asdict(getattr(config, field.name)).items()}
     from mammo_retrieval.storage.catalog.database import mask_url  # the one masking rule, loaded lazily
     effective["paths"]["database_url"] = mask_url(effective["paths"]["database_url"])
+    from mammo_retrieval.core.config import SECRET_KEYS
+    for section, key in SECRET_KEYS:  # a secret never shows; only whether one is set
+        if effective[section][key]:
+            effective[section][key] = "***"
     # block sections, one line per key (leaf lists in flow style), so each line can carry its origin
     text = yaml.dump(effective, Dumper=_Dumper, default_flow_style=False, sort_keys=False, width=10**6)
     set_by, section = origins(config), None

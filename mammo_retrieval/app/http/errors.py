@@ -17,6 +17,7 @@ STATUS: list[tuple[type[e.MammoRetrievalError], int]] = [
     (CacheCorruptError, 503),
     (e.DatabaseError, 503),
     (e.ReindexIncompleteError, 409),
+    (e.PacsError, 502),              # the PACS behind us failed
 ]
 
 
