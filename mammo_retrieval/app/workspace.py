@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from mammo_retrieval.core.timing import Stopwatch
     from mammo_retrieval.dicom.reader import InMemoryDicom
     from mammo_retrieval.encoders import Encoder, EncoderRegistry
-    from mammo_retrieval.pipeline.prepare import Prepared
+    from mammo_retrieval.pacs.listener import Listener
+    from mammo_retrieval.pipeline.prepare import Prepared, Rejected
     from mammo_retrieval.pipeline.runner import IngestReport
     from mammo_retrieval.storage.cache import ImageCache
     from mammo_retrieval.storage.catalog.corpus import Corpus
@@ -331,6 +332,62 @@ class Workspace:
             report.index_type = index.manifest.index_type
             report.index_ntotal = index.ntotal
         self.search.forget_index()
+
+    # --- the C-STORE listener ---------------------------------------------------------------------------
+    def listener(self, *, host: str = "127.0.0.1", port: int = 11112, ae_title: str | None = None,
+                 allowed: tuple[str, ...] = (), batch_images: int | None = None,
+                 batch_seconds: float | None = None) -> "Listener":
+        """A C-STORE listener wired to this workspace (see ``pacs.listener``). Off loopback, calling AE
+        titles must be restricted with ``allowed``: DIMSE has no token."""
+        from mammo_retrieval.core.netaddr import is_loopback
+        from mammo_retrieval.pacs.listener import Listener, ListenSettings
+        if not is_loopback(host) and not allowed:
+            raise ConfigError(f"listening on {host} (off loopback) needs --allow AE ...",
+                              hint="name the AE titles that may send, or listen on 127.0.0.1")
+        cfg = self.config.pacs
+        settings = ListenSettings(host, port, ae_title or cfg.listen_ae_title, tuple(allowed),
+                                  batch_images or cfg.listen_batch_images,
+                                  cfg.listen_batch_seconds if batch_seconds is None else batch_seconds,
+                                  Path(cfg.spool_dir))
+        return Listener(settings, self._prepare_received, self.index_prepared, self.record_rejection)
+
+    def recover_spool(self, *, workers: int | None = None) -> "IngestReport | None":
+        """Ingest what the listener received but had not indexed when it stopped (a crash, a kill -9):
+        files already indexed are skipped by their UID. None when the spool holds nothing."""
+        spool = Path(self.config.pacs.spool_dir)
+        if not spool.is_dir() or not any(p.is_file() for p in spool.rglob("*.dcm")):
+            return None
+        return self.ingest(spool, workers=workers)
+
+    def _prepare_received(self, source: "InMemoryDicom") -> "Prepared | Rejected":
+        from mammo_retrieval.pipeline.prepare import prepare_file
+        return prepare_file(source, self.config.reader, self.encoder.settings, **self.prepare_options())
+
+    def record_rejection(self, rejected: "Rejected") -> None:
+        with self.ensure_database().session() as s:
+            repo.record_rejections(s, [(rejected.path, rejected.code, rejected.reason)])
+
+    def index_prepared(self, batch: list["Prepared"]) -> int:
+        """Embed and index prepared images (the listener's batches) under the write lock; an image whose
+        SOPInstanceUID is embedded already (sent twice) is skipped. Returns how many were new."""
+        from mammo_retrieval.pipeline.runner import CatalogSink, embed_batch
+        unique = {p.header.sop_instance_uid: p for p in batch}  # the last copy of a UID sent twice wins
+        with self.write_lock():
+            encoder = self.encoder
+            mv_id = self.model_version_id()
+            with self.db.session() as s:
+                known = repo.embedded_sops(s, list(unique), mv_id)
+            todo = [p for sop, p in unique.items() if sop not in known]
+            if todo:
+                index = self.open_index(create=True)
+                self.lifecycle.sync(index, mv_id)
+                sink = CatalogSink(self.db, index, self.image_cache, mv_id, self.config.index.save_every_batches)
+                sink.write(todo, embed_batch(encoder, todo))
+                self.lifecycle.maybe_relayout(index, mv_id)
+                index.save()
+                self._record_first_live_model()
+        self.search.forget_index()
+        return len(todo)
 
     def _run_on_dask(self, files, job, sink, report, preceding, workers: int, scheduler: str | None,
                      on_progress) -> None:

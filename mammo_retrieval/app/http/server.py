@@ -2,7 +2,6 @@
 listens (the model warms up behind /healthz), and log no request line (a URL may carry a token)."""
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import threading
@@ -11,20 +10,12 @@ from pathlib import Path
 from typing import Callable
 
 from mammo_retrieval.core.errors import ConfigError
+from mammo_retrieval.core.netaddr import is_loopback
 
 logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "MRETRIEVE_TOKEN"
 MIN_TOKEN_LENGTH = 16
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def resolve_token(token_file: str | os.PathLike | None, environ: dict | None = None) -> str | None:
