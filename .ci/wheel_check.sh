@@ -136,7 +136,7 @@ QUERY=$(find "$WORK/archive/cbis" -name '*.dcm' | sort | head -n 1)
 # --- every command ---------------------------------------------------------------------------------
 step "mretrieve --version" "$M" --version
 step "mretrieve --help" "$M" --help
-for cmd in ingest query status qc evaluate export train reindex serve config "config show" db "db upgrade" \
+for cmd in ingest query status qc evaluate export train reindex serve listen config "config show" db "db upgrade" \
         index "index rebuild" "index tune" report "report clusters"; do
     # shellcheck disable=SC2086
     step "mretrieve $cmd --help" "$M" $cmd --help
@@ -205,4 +205,28 @@ finally:
 ' "$M" "$QUERY"
 step "reindex --rollback" "$M" reindex --rollback
 step "query after rollback" "$M" query --dicom "$QUERY" -k 3
+step "query --kos (a Key Object Selection document)" "$M" query --dicom "$QUERY" -k 3 --kos "$WORK/out/similar.kos.dcm"
+step "qc --kos" "$M" qc --out "$WORK/out/qc2" --top 3 --no-progress --kos "$WORK/out/kos"
+step "KOS documents read back" "$PY" -c '
+import pathlib, sys, pydicom
+docs = [pydicom.dcmread(sys.argv[1])] + [pydicom.dcmread(p) for p in pathlib.Path(sys.argv[2]).glob("kos-*.dcm")]
+assert len(docs) > 1 and all(d.Modality == "KO" and d.ContentSequence for d in docs)
+print(len(docs), "KOS documents")
+' "$WORK/out/similar.kos.dcm" "$WORK/out/kos"
+step "listen (C-STORE in, indexed, searchable)" "$PY" -c '
+import re, signal, subprocess, sys, time, json, pydicom
+from pynetdicom import AE
+proc = subprocess.Popen([sys.argv[1], "listen", "--port", "0", "--batch-seconds", "0.2"], stdout=subprocess.PIPE, text=True)
+try:
+    port = int(re.search(r"127\.0\.0\.1:(\d+)", proc.stdout.readline()).group(1))
+    ds = pydicom.dcmread(sys.argv[2])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ae = AE(ae_title="WHEELCHECK"); ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MRETRIEVE")
+    assert assoc.send_c_store(ds).Status == 0; assoc.release()
+finally:
+    proc.send_signal(signal.SIGINT); out = proc.communicate(timeout=120)[0]
+assert "received 1, refused 0, indexed 1" in out, out
+print(out.strip().splitlines()[-1])
+' "$M" "$QUERY"
 echo "== wheel check passed: $(basename "$WHEEL"), $NIMG images, every command, in $((SECONDS - STARTED))s"

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import numpy as np
+    import pydicom
 
     from mammo_retrieval.core.timing import Stopwatch
     from mammo_retrieval.dicom.reader import InMemoryDicom
@@ -332,6 +333,58 @@ class Workspace:
             report.index_type = index.manifest.index_type
             report.index_ntotal = index.ntotal
         self.search.forget_index()
+
+    # --- results as DICOM -------------------------------------------------------------------------------
+    def header_of(self, sop_instance_uid: str) -> "pydicom.Dataset":
+        """An indexed image's DICOM header, read from its stored path (a file, or its WADO-RS URL)."""
+        with self.db.session() as s:
+            record = repo.image_by_sop(s, sop_instance_uid)
+            path = record.path if record else None
+        if path is None:
+            raise NotFoundError(f"no indexed image with SOPInstanceUID {sop_instance_uid}")
+        return self._header(path)
+
+    def _header(self, source: "str | os.PathLike | InMemoryDicom") -> "pydicom.Dataset":
+        import io
+
+        import pydicom
+
+        from mammo_retrieval.dicom.reader import InMemoryDicom
+        from mammo_retrieval.pacs.dicomweb import is_dicomweb_url, retrieve_url
+        if isinstance(source, str) and is_dicomweb_url(source):
+            source = retrieve_url(source, self.config.pacs)
+        try:
+            if isinstance(source, InMemoryDicom):
+                return pydicom.dcmread(io.BytesIO(source.data), stop_before_pixels=True)
+            return pydicom.dcmread(source, stop_before_pixels=True)
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            raise NotFoundError(f"{source}: cannot read its DICOM header ({exc})",
+                                hint="was the file moved? re-ingest it") from None
+
+    def similar_kos(self, source: "str | os.PathLike | InMemoryDicom | None" = None, k: int = 10, *,
+                    sop_instance_uid: str | None = None, filters: QueryFilters = QueryFilters()
+                    ) -> tuple[QueryResult, "pydicom.Dataset"]:
+        """A query (a DICOM file or upload, or an indexed image by SOPInstanceUID) and its results as a
+        Key Object Selection document in the query image's study (see ``pacs.results``)."""
+        from mammo_retrieval.pacs.results import similar_cases_document
+        if (source is None) == (sop_instance_uid is None):
+            raise ConfigError("give a DICOM file or an indexed image's SOPInstanceUID, not both")
+        if sop_instance_uid is not None:
+            result, header = self.search.similar(sop_instance_uid, k, filters), self.header_of(sop_instance_uid)
+        else:
+            result, header = self.query_dicom(source, k, filters), self._header(source)
+        model_key = self.search.info().model_key
+        return result, similar_cases_document(self.db, header, result, model_key, self.header_of)
+
+    def qc_kos(self, top: int = 50) -> list["pydicom.Dataset"]:
+        """The latest QC sweep's flagged images as Key Object Selection documents, one per study."""
+        from mammo_retrieval.pacs.results import qc_documents
+        return qc_documents(self.db, self.header_of, top=top)
+
+    def stow(self, url: str, documents: list["pydicom.Dataset"]) -> None:
+        """Send documents to a PACS by STOW-RS (credentials as for a DICOMweb ingest)."""
+        from mammo_retrieval.pacs.dicomweb import DicomWebClient
+        DicomWebClient(url, self.config.pacs).store(documents)
 
     # --- the C-STORE listener ---------------------------------------------------------------------------
     def listener(self, *, host: str = "127.0.0.1", port: int = 11112, ae_title: str | None = None,

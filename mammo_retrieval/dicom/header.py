@@ -47,6 +47,7 @@ class HeaderFields:
     number_of_frames: int
     photometric: str
     transfer_syntax: str
+    sop_class_uid: str = ""
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -148,4 +149,5 @@ def read_header_fields(ds: Dataset) -> HeaderFields:
         number_of_frames=int(ds.get("NumberOfFrames") or 1),
         photometric=_text(ds, "PhotometricInterpretation").upper(),
         transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
+        sop_class_uid=_text(ds, "SOPClassUID"),
     )

@@ -120,3 +120,22 @@ def render_error(exc) -> str:
         command = COMMANDS.get(remedy.action or "")
         lines.append(f"  hint: {remedy.text}" + (f": run `{command}`" if command else ""))
     return "\n".join(lines)
+
+
+def write_or_send_kos(documents, path: str | None, stow_url: str | None, ws, *, folder: bool) -> None:
+    """Write Key Object Selection documents (one to a file, or each to ``kos-<StudyInstanceUID>.dcm`` in a
+    folder) and/or STOW them; says where on stderr, so that --format json stays clean."""
+    from pathlib import Path
+
+    from mammo_retrieval.core.fileio import write_atomic
+    if path:
+        target = Path(path)
+        if folder:
+            target.mkdir(parents=True, exist_ok=True)
+        for document in documents[:1] if not folder else documents:
+            out = target / f"kos-{document.StudyInstanceUID}.dcm" if folder else target
+            write_atomic(out, lambda fh, d=document: d.save_as(fh, enforce_file_format=True))
+            click.echo(f"kos: {out}", err=True)
+    if stow_url:
+        ws.stow(stow_url, documents)
+        click.echo(f"kos: {len(documents)} document(s) stored at {stow_url} by STOW-RS", err=True)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from mammo_retrieval.app.cli._common import StepProgress, no_progress_option, workspace
+from mammo_retrieval.app.cli._common import StepProgress, no_progress_option, workspace, write_or_send_kos
 
 
 @click.command()
@@ -18,10 +18,16 @@ from mammo_retrieval.app.cli._common import StepProgress, no_progress_option, wo
               help="Also require this correlation of the cached images for a duplicate pair.")
 @click.option("--no-pixel-checks", is_flag=True,
               help="Vectors only: skip the header checks and the duplicate pixel gate (no cached images needed).")
+@click.option("--kos", "kos_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write the flagged images (the --top outliers and header-check flags) as DICOM Key Object "
+                   "Selection documents, one per study, into this folder.")
+@click.option("--stow", "stow_url", metavar="URL", default=None,
+              help="Send those documents to a PACS by STOW-RS (a DICOMweb base URL).")
 @no_progress_option
 @click.pass_context
 def qc(ctx: click.Context, out_dir: str, method: str, top: int, k: int, dup_threshold: float,
-       min_pixel_correlation: float, no_pixel_checks: bool, no_progress: bool) -> None:
+       min_pixel_correlation: float, no_pixel_checks: bool, kos_dir: str | None, stow_url: str | None,
+       no_progress: bool) -> None:
     """Outlier sweep: scores.csv, duplicates.csv and report.html (thumbnails) in --out."""
     from mammo_retrieval.analysis.qc import run_qc, write_outputs
     ws = workspace(ctx)
@@ -37,3 +43,5 @@ def qc(ctx: click.Context, out_dir: str, method: str, top: int, k: int, dup_thre
         click.echo(f"  #{r.rank} {r.score:.4f} {r.path}{'  [' + r.flags + ']' if r.flags else ''}")
     for name, path in paths.items():
         click.echo(f"{name}: {path}")
+    if kos_dir or stow_url:
+        write_or_send_kos(ws.qc_kos(top), kos_dir, stow_url, ws, folder=True)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from mammo_retrieval.app.cli._common import dumps, format_csv, format_table, workspace
+from mammo_retrieval.app.cli._common import dumps, format_csv, format_table, workspace, write_or_send_kos
 
 COLUMNS = ["rank", "score", "accession_number", "patient_id", "laterality", "view", "path"]
 # what "score" means, printed under the table (the index is inner product on unit vectors)
@@ -22,16 +22,26 @@ SCORE_NOTE = "score: cosine similarity of the unit-length embeddings, -1..1 (1 =
 @click.option("--exclude-same-patient", is_flag=True, help="Drop the query patient's own images.")
 @click.option("--view", type=click.Choice(["CC", "MLO", "ML", "LM", "XCCL"], case_sensitive=False))
 @click.option("--laterality", type=click.Choice(["L", "R"], case_sensitive=False))
+@click.option("--kos", "kos_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the query and its hits as a DICOM Key Object Selection document (image level, one query).")
+@click.option("--stow", "stow_url", metavar="URL", default=None,
+              help="Send that document to a PACS by STOW-RS (a DICOMweb base URL; credentials as for ingest).")
 @click.option("--timings", is_flag=True, help="Print the time of each stage to stderr (JSON).")
 @click.pass_context
 def query(ctx: click.Context, dicom_paths: tuple[str, ...], accession: str | None, level: str, rule: str, k: int,
-          fmt: str, exclude_same_patient: bool, view: str | None, laterality: str | None, timings: bool) -> None:
-    """Print the k most similar indexed images (or studies, with --level study)."""
+          fmt: str, exclude_same_patient: bool, view: str | None, laterality: str | None, kos_path: str | None,
+          stow_url: str | None, timings: bool) -> None:
+    """Print the k most similar indexed images (or studies, with --level study).
+
+    --kos FILE writes the result as a DICOM Key Object Selection document (title "Of Interest"; ranks and
+    scores in its text) in the query image's study; --stow URL sends it to a PACS."""
     from mammo_retrieval.search.query import QueryFilters
     from mammo_retrieval.core.timing import Stopwatch
     watch = Stopwatch()
     if bool(dicom_paths) == bool(accession):
         raise click.UsageError("give exactly one of --dicom or --accession")
+    if (kos_path or stow_url) and (level == "study" or len(dicom_paths) > 1 or accession):
+        raise click.UsageError("--kos and --stow take one image query: a single --dicom, at image level")
     if level == "study":
         if view or laterality:
             raise click.UsageError("--view and --laterality filter images; a study query matches every view")
@@ -45,8 +55,13 @@ def query(ctx: click.Context, dicom_paths: tuple[str, ...], accession: str | Non
                            exclude_same_patient=exclude_same_patient)
     with watch.stage("workspace_open"):
         ws = workspace(ctx)
-    results = ([ws.query_dicom(path, k, filters, watch) for path in dicom_paths] if dicom_paths
-               else ws.query_accession(accession, k, filters))
+    if kos_path or stow_url:
+        result, document = ws.similar_kos(dicom_paths[0], k, filters=filters)
+        results = [result]
+        write_or_send_kos([document], kos_path, stow_url, ws, folder=False)
+    else:
+        results = ([ws.query_dicom(path, k, filters, watch) for path in dicom_paths] if dicom_paths
+                   else ws.query_accession(accession, k, filters))
     if timings:
         click.echo(dumps({"stages_ms": watch.as_ms()}), err=True)
     if fmt == "json":

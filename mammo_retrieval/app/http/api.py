@@ -195,6 +195,30 @@ def api_router() -> APIRouter:
     def status(state: ServerState = Depends(get_state)) -> dict:
         return state.workspace.status()
 
+    @router.get("/images/{sop_instance_uid}/similar.kos", response_class=Response,
+                summary="Neighbours of an indexed image as a DICOM Key Object Selection document",
+                responses={200: {"content": {"application/dicom": {}}}})
+    def similar_kos(sop_instance_uid: str, k: int = K, filters: QueryFilters = Depends(query_filters),
+                    state: ServerState = Depends(get_state)) -> Response:
+        _, document = state.workspace.similar_kos(k=k, sop_instance_uid=sop_instance_uid, filters=filters)
+        return _dicom(document, f"similar-{sop_instance_uid}.dcm")
+
+    @router.get("/qc/kos", summary="Studies with flagged images in the latest QC sweep, each with its KOS link")
+    def qc_kos_list(top: int = Query(50, ge=1, le=10000), state: ServerState = Depends(get_state)) -> dict:
+        documents = state.workspace.qc_kos(top)
+        return {"documents": [{"study_instance_uid": d.StudyInstanceUID, "images": len(_referenced(d)),
+                               "url": f"/api/v1/qc/kos/{d.StudyInstanceUID}?top={top}"} for d in documents]}
+
+    @router.get("/qc/kos/{study_instance_uid}", response_class=Response,
+                summary="One study's flagged images of the latest QC sweep as a Key Object Selection document",
+                responses={200: {"content": {"application/dicom": {}}}})
+    def qc_kos(study_instance_uid: str, top: int = Query(50, ge=1, le=10000),
+               state: ServerState = Depends(get_state)) -> Response:
+        for document in state.workspace.qc_kos(top):
+            if document.StudyInstanceUID == study_instance_uid:
+                return _dicom(document, f"qc-{study_instance_uid}.dcm")
+        raise NotFoundError(f"no flagged image of study {study_instance_uid} among the latest sweep's top {top}")
+
     @router.get("/qc/latest", summary="The latest QC sweep: outliers, duplicate pairs, header flags, what is new")
     def qc_latest(top: int = Query(50, ge=1, le=10000), state: ServerState = Depends(get_state)) -> dict:
         with state.workspace.db.session() as s:
@@ -210,6 +234,21 @@ def api_router() -> APIRouter:
         return body
 
     return router
+
+
+def _dicom(document, filename: str) -> Response:
+    import io
+    import re
+    filename = re.sub(r"[^0-9A-Za-z.-]", "_", filename)  # a path parameter never shapes a header
+    buffer = io.BytesIO()
+    document.save_as(buffer, enforce_file_format=True)
+    return Response(buffer.getvalue(), media_type="application/dicom",
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"', "Cache-Control": "no-store"})
+
+
+def _referenced(document) -> list[str]:
+    from mammo_retrieval.pacs.kos import referenced_sops
+    return referenced_sops(document)
 
 
 def _page(name: str) -> str:

@@ -57,6 +57,7 @@ class Image(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))  # None: ingested before migration 0005
     series_instance_uid: Mapped[str | None] = mapped_column(String(64))
     study_instance_uid: Mapped[str | None] = mapped_column(String(64))
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)

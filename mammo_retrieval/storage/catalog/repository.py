@@ -110,7 +110,8 @@ def write_images(session: Session, items: Sequence[NewImage], model_version_id: 
     for item in items:
         h = item.header
         images.setdefault(h.sop_instance_uid, {
-            "sop_instance_uid": h.sop_instance_uid, "series_instance_uid": h.series_instance_uid or None,
+            "sop_instance_uid": h.sop_instance_uid, "sop_class_uid": h.sop_class_uid or None,
+            "series_instance_uid": h.series_instance_uid or None,
             "study_instance_uid": h.study_instance_uid or None, "study_id": study_ids[h.study_key],
             "patient_id": h.patient_id or None, "laterality": h.laterality,
             "laterality_source": h.laterality_source, "view": h.view, "view_source": h.view_source,

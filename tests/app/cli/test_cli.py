@@ -60,7 +60,7 @@ def test_usage_errors(run, tmp_path):
 
 
 def test_db_upgrade(run):
-    assert "database at revision 0004 (was empty)" in run("db", "upgrade").output
+    assert "database at revision 0005 (was empty)" in run("db", "upgrade").output
     assert "(was 0004)" in run("db", "upgrade").output
 
 

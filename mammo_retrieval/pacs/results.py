@@ -1,0 +1,79 @@
+"""Search and QC results as Key Object Selection documents (see ``pacs.kos``): what each references, and
+the text that carries ranks and scores."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from mammo_retrieval.core.errors import NotFoundError
+from mammo_retrieval.pacs.kos import Reference, key_object_selection
+from mammo_retrieval.storage.catalog import repository as repo
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
+    from mammo_retrieval.search.query import QueryResult
+    from mammo_retrieval.storage.catalog import Database
+
+HeaderOf = Callable[[str], "Dataset"]  # SOPInstanceUID -> its DICOM header (read from its stored path)
+
+
+def reference_of_header(header: "Dataset") -> Reference:
+    return Reference(str(header.SOPClassUID), str(header.SOPInstanceUID), str(header.SeriesInstanceUID),
+                     str(header.StudyInstanceUID), int(header.get("Rows") or 0), int(header.get("Columns") or 0))
+
+
+def stored_references(db: "Database", sops: list[str], header_of: HeaderOf) -> list[Reference]:
+    """References of indexed images from the catalog; an image stored before its SOP class was recorded
+    (migration 0005) has its header read once from its stored path instead."""
+    out = []
+    with db.session() as s:
+        rows = {sop: repo.image_by_sop(s, sop) for sop in sops}
+    for sop in sops:
+        row = rows[sop]
+        if row is None:
+            raise NotFoundError(f"no indexed image with SOPInstanceUID {sop}")
+        if row.sop_class_uid and row.series_instance_uid and row.study_instance_uid:
+            out.append(Reference(row.sop_class_uid, sop, row.series_instance_uid, row.study_instance_uid,
+                                 row.rows, row.columns))
+        else:
+            out.append(reference_of_header(header_of(sop)))
+    return out
+
+
+def similar_cases_document(db: "Database", query_header: "Dataset", result: "QueryResult", model_key: str,
+                           header_of: HeaderOf) -> "Dataset":
+    """One KOS in the query image's study: the query image, then its hits in rank order; the text lists
+    rank, score, SOPInstanceUID, laterality and view of each."""
+    hits = result.hits
+    references = [reference_of_header(query_header)] + stored_references(
+        db, [h.sop_instance_uid for h in hits], header_of)
+    lines = [f"mammo_retrieval similar cases (model {model_key}): the {len(hits)} indexed images most similar "
+             f"to {query_header.SOPInstanceUID}; score is the cosine similarity of the embeddings (1 = identical)."]
+    lines += [f"{h.rank}. score {h.score:.4f} {h.sop_instance_uid} {h.laterality or '?'} {h.view or '?'}"
+              for h in hits]
+    return key_object_selection(query_header, references, "\n".join(lines))
+
+
+def qc_documents(db: "Database", header_of: HeaderOf, *, top: int) -> list["Dataset"]:
+    """One KOS per study with flagged images in the latest sweep (its ``top`` outliers and any image with a
+    header-check flag): a document belongs to one patient, so a sweep across patients is never one."""
+    with db.session() as s:
+        sweep = repo.latest_qc_sweep(s, top)
+    if sweep is None:
+        raise NotFoundError("no QC sweep yet", hint="run `mretrieve qc` first")
+    flagged = [row for row in sweep.scores if row["rank"] <= top or row["flags"]]
+    by_study: dict[str, list[dict]] = {}
+    references = dict(zip((r["sop_instance_uid"] for r in flagged),
+                          stored_references(db, [r["sop_instance_uid"] for r in flagged], header_of)))
+    for row in flagged:
+        by_study.setdefault(references[row["sop_instance_uid"]].study_instance_uid, []).append(row)
+    documents = []
+    for rows in by_study.values():
+        refs = [references[r["sop_instance_uid"]] for r in rows]
+        lines = [f"mammo_retrieval QC sweep {sweep.run_id} ({sweep.method}, model {sweep.model_key}, "
+                 f"{sweep.created_at}): images of this study among the {top} most outlying of {sweep.n_images}, "
+                 f"or flagged by a header check. Rank 1 is the most outlying."]
+        lines += [f"rank {r['rank']} score {r['score']:.4f} {r['sop_instance_uid']}"
+                  + (f" flags {';'.join(r['flags'])}" if r["flags"] else "") for r in rows]
+        documents.append(key_object_selection(header_of(refs[0].sop_instance_uid), refs, "\n".join(lines)))
+    return documents
