@@ -61,7 +61,7 @@ def test_usage_errors(run, tmp_path):
 
 def test_db_upgrade(run):
     assert "database at revision 0005 (was empty)" in run("db", "upgrade").output
-    assert "(was 0004)" in run("db", "upgrade").output
+    assert "(was 0005)" in run("db", "upgrade").output
 
 
 def test_errors_render_remedies_as_commands():
