@@ -88,18 +88,23 @@ def mias_workspace(tmp_path_factory, mias_dir):
     return ws
 
 
+def _real_server(module, make):
+    """Start a real server for the session, or skip saying why it cannot run here (fail where CI requires it)."""
+    reason = module.unavailable_reason()
+    if reason:
+        if module.REQUIRED:
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    server = make().start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
     """A real PostgreSQL server started for this session (Debian's binaries; see tests/pg.py)."""
     from tests import pg
-    reason = pg.unavailable_reason()
-    if reason:
-        if pg.REQUIRED:
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
-    server = pg.PostgresServer().start()
-    yield server
-    server.stop()
+    yield from _real_server(pg, pg.PostgresServer)
 
 
 @pytest.fixture
@@ -120,14 +125,7 @@ def database_url(request, tmp_path) -> str:
 def orthanc_server():
     """A real Orthanc PACS with DICOMweb, started for this session (Debian's packages; see tests/orthanc.py)."""
     from tests import orthanc
-    reason = orthanc.unavailable_reason()
-    if reason:
-        if orthanc.REQUIRED:
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
-    server = orthanc.OrthancServer().start()
-    yield server
-    server.stop()
+    yield from _real_server(orthanc, orthanc.OrthancServer)
 
 
 @pytest.fixture

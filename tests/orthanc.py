@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from tests.pg import _free_port as free_port
 
 REQUIRED = os.environ.get("MRETRIEVE_REQUIRE_ORTHANC") == "1"  # .ci/run sets it: CI must run these tests
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -23,12 +24,6 @@ def unavailable_reason() -> str | None:
     if not PLUGIN.exists():
         return f"Orthanc's DICOMweb plugin is missing ({PLUGIN}): install Debian's `orthanc-dicomweb`"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class OrthancServer:
