@@ -298,6 +298,11 @@ class Workspace:
         client = DicomWebClient(url, cfg.pacs)
         found = client.search_studies(studies=studies, since=since, modality=modality)
         report = IngestReport(root=redact(client.base_url))
+        from mammo_retrieval.core.errors import RejectionCode
+        from mammo_retrieval.pipeline.prepare import Rejected
+        missing = [Rejected.of(client.study_url(uid), RejectionCode.TRANSFER_FAILED,  # named, not listed: said
+                               "the PACS does not list this study (QIDO-RS)") for uid in sorted(set(studies) - set(found))]
+        report.rejected.extend(missing)
         if not found:
             raise NotFoundError(f"no study found at {redact(client.base_url)}"
                                 + (f" with modality {modality}" if modality else "")
@@ -305,6 +310,7 @@ class Workspace:
                                 hint="check --study/--since/--modality (ModalitiesInStudy must be filled by the PACS)")
         workers = cfg.workers() if workers is None else workers
         with self._writing(report) as (encoder, sink, job):
+            sink.reject(missing)
             threads = EncoderThreads(encoder, cfg.ingest.encoder_threads, workers)
             with local_executor(workers, cfg.ingest) as pool, threads:
                 pull(client, found, job, pool, encoder, sink, threads, report, batch_size=cfg.encoder.batch_size,
@@ -351,8 +357,8 @@ class Workspace:
 
         from mammo_retrieval.dicom.reader import InMemoryDicom
         from mammo_retrieval.pacs.dicomweb import is_dicomweb_url, retrieve_url
-        if isinstance(source, str) and is_dicomweb_url(source):
-            source = retrieve_url(source, self.config.pacs)
+        if isinstance(source, str) and is_dicomweb_url(source):  # its metadata: no pixels cross the network
+            return retrieve_url(source, self.config.pacs, header_only=True)
         try:
             if isinstance(source, InMemoryDicom):
                 return pydicom.dcmread(io.BytesIO(source.data), stop_before_pixels=True)
@@ -376,10 +382,11 @@ class Workspace:
         model_key = self.search.info().model_key
         return result, similar_cases_document(self.db, header, result, model_key, self.header_of)
 
-    def qc_kos(self, top: int = 50) -> list["pydicom.Dataset"]:
-        """The latest QC sweep's flagged images as Key Object Selection documents, one per study."""
+    def qc_kos(self, top: int = 50, study: str | None = None) -> list["pydicom.Dataset"]:
+        """The latest QC sweep's flagged images as Key Object Selection documents, one per study (or only
+        ``study``'s, by StudyInstanceUID)."""
         from mammo_retrieval.pacs.results import qc_documents
-        return qc_documents(self.db, self.header_of, top=top)
+        return qc_documents(self.db, self.header_of, top=top, study=study)
 
     def stow(self, url: str, documents: list["pydicom.Dataset"]) -> None:
         """Send documents to a PACS by STOW-RS (credentials as for a DICOMweb ingest)."""
@@ -397,6 +404,7 @@ class Workspace:
         if not is_loopback(host) and not allowed:
             raise ConfigError(f"listening on {host} (off loopback) needs --allow AE ...",
                               hint="name the AE titles that may send, or listen on 127.0.0.1")
+        self.ensure_database()  # set up now, before handler threads and the batcher may race to do it
         cfg = self.config.pacs
         settings = ListenSettings(host, port, ae_title or cfg.listen_ae_title, tuple(allowed),
                                   batch_images or cfg.listen_batch_images,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -29,9 +30,11 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write through ``write`` into a temp file beside ``path``, fsync, rename over it: all or nothing.
     A crash leaves either the old file or the new one, never a torn one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # a temp name of its own (not just the pid): two threads writing one path never share a temp file
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as fh:
+        with open(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

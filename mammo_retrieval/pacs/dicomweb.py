@@ -32,7 +32,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 QIDO_PAGE = 1000  # results asked for per QIDO-RS request
 RETRIABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
-_UIDS = {"study": "0020000D", "series": "0020000E", "sop": "00080018"}
+_UIDS = {"study": "0020000D", "series": "0020000E", "sop": "00080018", "sop_class": "00080016"}
+# SOP classes that are never an image to embed: structured reports and key object selections (ours among
+# them, once STOWed back), presentation states, encapsulated documents. Skipped before any retrieval.
+NOT_IMAGE_CLASS_PREFIXES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.11.",
+                            "1.2.840.10008.5.1.4.1.1.104.")
 
 
 def is_dicomweb_url(source: str) -> bool:
@@ -43,9 +47,9 @@ def is_dicomweb_url(source: str) -> bool:
 def redact(url: str) -> str:
     """A URL without any user:password part, for messages and logs."""
     parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
+    if "@" not in parts.netloc:
         return url
-    return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 class TransferFailed(Exception):
@@ -64,6 +68,11 @@ class RemoteInstance:
     study_uid: str
     series_uid: str
     sop_uid: str
+    sop_class_uid: str = ""  # "" where the server did not say
+
+    @property
+    def is_image(self) -> bool:
+        return not self.sop_class_uid.startswith(NOT_IMAGE_CLASS_PREFIXES)
 
     @property
     def url(self) -> str:
@@ -101,9 +110,10 @@ def _describe(exc: BaseException) -> str:
 
 
 def with_retries(call: Callable[[], T], what: str, *, retries: int, backoff_s: float,
-                 sleep: Callable[[float], None] = time.sleep) -> T:
+                 sleep: Callable[[float], None] = time.sleep, refusal_is_fatal: bool = True) -> T:
     """``call()``, retried ``retries`` more times with backoff doubling from ``backoff_s``; raises
-    TransferFailed naming ``what`` and the last failure."""
+    TransferFailed naming ``what`` and the last failure. A 401/403 is a PacsError (wrong credentials stop
+    everything) where ``refusal_is_fatal``, else one more TransferFailed (one instance we may not read)."""
     delay = backoff_s
     for attempt in range(retries + 1):
         try:
@@ -115,7 +125,7 @@ def with_retries(call: Callable[[], T], what: str, *, retries: int, backoff_s: f
             logger.log(logging.WARNING if final else logging.INFO, "%s failed (attempt %d of %d): %s",
                        what, attempt + 1, retries + 1, _describe(exc))
             if final:
-                if _status_of(exc) in (401, 403):
+                if refusal_is_fatal and _status_of(exc) in (401, 403):
                     raise PacsError(f"{what}: the PACS refused our credentials ({_describe(exc)})",
                                     hint="set pacs.dicomweb_username/password or dicomweb_token "
                                          "($MRETRIEVE_DICOMWEB_*)") from None
@@ -147,34 +157,47 @@ class DicomWebClient:
         from dicomweb_client.api import DICOMwebClient
         if not is_dicomweb_url(base_url):
             raise ConfigError(f"not a DICOMweb URL: {base_url}", hint="it starts with http:// or https://")
+        if "@" in urlsplit(base_url).netloc:
+            raise ConfigError(f"credentials in the URL {redact(base_url)}: they would be stored with every image and "
+                              "shown in logs", hint="give them as $MRETRIEVE_DICOMWEB_USERNAME/_PASSWORD or "
+                                                    "_TOKEN (or pacs.* in the config)")
         self.base_url = base_url.rstrip("/")
         self.cfg = cfg
         self._client = DICOMwebClient(self.base_url, session=_session(cfg), timeout=cfg.timeout_s)
         self._client.set_http_retry_params(retry=False)  # one retry policy, ours, for statuses and exceptions
 
-    def _retrying(self, call: Callable[[], T], what: str) -> T:
-        return with_retries(call, what, retries=self.cfg.retries, backoff_s=self.cfg.backoff_s)
+    def _retrying(self, call: Callable[[], T], what: str, *, refusal_is_fatal: bool = True) -> T:
+        return with_retries(call, what, retries=self.cfg.retries, backoff_s=self.cfg.backoff_s,
+                            refusal_is_fatal=refusal_is_fatal)
 
     def _paged(self, search: Callable[[int, int], list[dict]], key: str, what: str) -> list[dict]:
-        """Every result of a QIDO-RS search, a page at a time. dicomweb-client's ``get_remaining`` loops
-        for ever on a server that ignores ``offset`` (Orthanc 1.10 does); here a page that brings nothing
-        new ends the search as surely as a short one."""
+        """Every result of a QIDO-RS search, a page at a time, until a page comes back empty (a server may
+        cap pages below the limit asked for). dicomweb-client's ``get_remaining`` loops for ever on a
+        server that ignores ``offset`` (Orthanc 1.10 does: it answers everything at once); here a page
+        that brings nothing new ends the search, unless it was full, which means results we cannot
+        reach: that is a PacsError, never a silent truncation."""
         results: dict[str, dict] = {}
         offset = 0
         while True:
             page = self._retrying(lambda: search(QIDO_PAGE, offset), what)
             new = {_first(item, key): item for item in page if _first(item, key) not in results}
             results.update(new)
-            if len(page) < QIDO_PAGE or not new:
+            if not page:
+                return list(results.values())
+            if not new:
+                if len(page) >= QIDO_PAGE:
+                    raise TransferFailed(what, f"the server ignores QIDO-RS offset and caps results at "
+                                               f"{len(page)}: the rest cannot be listed")
                 return list(results.values())
             offset += len(page)
 
     def search_studies(self, *, studies: Iterable[str] = (), since: str | None = None,
                        modality: str | None = "MG") -> list[str]:
-        """StudyInstanceUIDs that QIDO-RS finds: the given ones (checked to exist), or every study with
-        ``modality`` among its modalities, from ``since`` (YYYYMMDD) on. A failing search is a PacsError."""
+        """StudyInstanceUIDs that QIDO-RS finds: those of ``studies`` that exist (named studies are not
+        filtered by modality; the caller reports the missing), or every study with ``modality`` among its
+        modalities; from ``since`` (YYYYMMDD) on. A failing search is a PacsError."""
         filters: dict[str, str] = {}
-        if modality:
+        if modality and not studies:
             filters["ModalitiesInStudy"] = modality
         if since:
             if not (len(since) == 8 and since.isdigit()):
@@ -201,10 +224,10 @@ class DicomWebClient:
     def search_instances(self, study_uid: str) -> list[RemoteInstance]:
         """Every instance of one study (raises TransferFailed for the study)."""
         items = self._paged(lambda limit, offset: self._client.search_for_instances(
-            study_instance_uid=study_uid, fields=["SeriesInstanceUID", "SOPInstanceUID"], limit=limit,
-            offset=offset), _UIDS["sop"], f"QIDO-RS instance search of {self.study_url(study_uid)}")
-        out = [RemoteInstance(self.base_url, study_uid, _first(i, _UIDS["series"]), _first(i, _UIDS["sop"]))
-               for i in items]
+            study_instance_uid=study_uid, fields=["SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"],
+            limit=limit, offset=offset), _UIDS["sop"], f"QIDO-RS instance search of {self.study_url(study_uid)}")
+        out = [RemoteInstance(self.base_url, study_uid, _first(i, _UIDS["series"]), _first(i, _UIDS["sop"]),
+                              _first(i, _UIDS["sop_class"])) for i in items]
         return sorted((i for i in out if i.series_uid and i.sop_uid), key=lambda i: (i.series_uid, i.sop_uid))
 
     def retrieve(self, instance: RemoteInstance) -> "InMemoryDicom":
@@ -216,7 +239,18 @@ class DicomWebClient:
                                                 media_types=(("application/dicom", "*"),))
             return to_file_bytes(ds)
 
-        return InMemoryDicom(instance.url, self._retrying(fetch, f"WADO-RS {instance.url}"))
+        return InMemoryDicom(instance.url, self._retrying(fetch, f"WADO-RS {instance.url}", refusal_is_fatal=False))
+
+    def retrieve_header(self, instance: RemoteInstance) -> "Dataset":
+        """One instance's header from WADO-RS metadata: no pixel data crosses the network."""
+        from pydicom import Dataset
+
+        def fetch() -> "Dataset":
+            [meta] = self._client.retrieve_instance_metadata(instance.study_uid, instance.series_uid,
+                                                             instance.sop_uid)
+            return Dataset.from_json(meta)
+
+        return self._retrying(fetch, f"WADO-RS metadata {instance.url}", refusal_is_fatal=False)
 
     def store(self, datasets: list["Dataset"]) -> None:
         """STOW-RS; a refusal (or a response listing failed instances) is a PacsError."""
@@ -240,11 +274,12 @@ def to_file_bytes(ds: "Dataset") -> bytes:
     return buffer.getvalue()
 
 
-def retrieve_url(url: str, cfg: "PacsConfig") -> "InMemoryDicom":
-    """The instance at a stored WADO-RS URL (a cache rebuild, a reindex, a KOS's header)."""
+def retrieve_url(url: str, cfg: "PacsConfig", *, header_only: bool = False) -> "InMemoryDicom | Dataset":
+    """The instance at a stored WADO-RS URL (a cache rebuild, a reindex), or only its header (a KOS)."""
     instance = parse_instance_url(url)
     try:
-        return DicomWebClient(instance.base_url, cfg).retrieve(instance)
+        client = DicomWebClient(instance.base_url, cfg)
+        return client.retrieve_header(instance) if header_only else client.retrieve(instance)
     except TransferFailed as exc:
         from mammo_retrieval.core.errors import NotFoundError
         raise NotFoundError(f"cannot retrieve {redact(url)}: {exc.reason}",

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700   # Storage: refused, out of resources (the spool could not be written)
+STATUS_OUT_OF_RESOURCES = 0xA700   # Storage: refused, out of resources (spool write failed, or index busy)
 STATUS_CANNOT_UNDERSTAND = 0xC000  # Storage: error, cannot understand (the file would be rejected by ingest)
 _UID = re.compile(r"^[0-9.]{1,64}$")
 
@@ -158,6 +158,9 @@ class StoreHandler:
                  record_rejection: Callable[[Rejected], None], batcher: Batcher, spool_dir: Path) -> None:
         self.prepare, self.record_rejection = prepare, record_rejection
         self.batcher, self.spool_dir = batcher, spool_dir
+        # images held in memory while the index is busy (another writer holds the lock); past this, senders
+        # are told "out of resources" and retry, as a PACS does when a destination is slow
+        self.max_pending = max(64, 8 * batcher.batch_images)
         self.received = self.refused = 0
         self._count = threading.Lock()
 
@@ -166,8 +169,12 @@ class StoreHandler:
         calling = event.assoc.requestor.ae_title.strip() if event.assoc else "?"
         sop = str(event.request.AffectedSOPInstanceUID or "unknown")
         name = f"dicom://{calling}/{sop}"
-        result = self.prepare(InMemoryDicom(name, event.encoded_dataset(include_meta=True)))
         status = Dataset()
+        if (waiting := self.batcher.pending()) >= self.max_pending:  # the index is busy: memory stays bounded
+            status.Status = STATUS_OUT_OF_RESOURCES
+            status.ErrorComment = f"busy: {waiting} images wait for the index; retry"[:64]
+            return status
+        result = self.prepare(InMemoryDicom(name, event.encoded_dataset(include_meta=True)))
         if isinstance(result, Rejected):
             self.record_rejection(result)
             self._counted(refused=1)

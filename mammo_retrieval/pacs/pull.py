@@ -61,6 +61,9 @@ def pull(client: DicomWebClient, studies: list[str], job: PrepareJob, executor: 
                 logger.warning("study %s skipped: %s", client.study_url(study), exc.reason)
                 continue
             sink.clear_rejections([client.study_url(study)])  # it lists again
+            not_images = [i for i in instances if not i.is_image]  # reports, KOS (ours too), presentation states
+            report.skipped += len(not_images)
+            instances = [i for i in instances if i.is_image]
             report.files_seen += len(instances)
             todo = _not_embedded(sink, instances)
             present = len(instances) - len(todo)

@@ -2,6 +2,7 @@
 the text that carries ranks and scores."""
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Callable
 
 from mammo_retrieval.core.errors import NotFoundError
@@ -14,6 +15,8 @@ if TYPE_CHECKING:
     from mammo_retrieval.search.query import QueryResult
     from mammo_retrieval.storage.catalog import Database
 
+logger = logging.getLogger(__name__)
+
 HeaderOf = Callable[[str], "Dataset"]  # SOPInstanceUID -> its DICOM header (read from its stored path)
 
 
@@ -22,22 +25,21 @@ def reference_of_header(header: "Dataset") -> Reference:
                      str(header.StudyInstanceUID), int(header.get("Rows") or 0), int(header.get("Columns") or 0))
 
 
-def stored_references(db: "Database", sops: list[str], header_of: HeaderOf) -> list[Reference]:
-    """References of indexed images from the catalog; an image stored before its SOP class was recorded
+def stored_reference(db: "Database", sop: str, header_of: HeaderOf) -> Reference:
+    """An indexed image's reference from the catalog; an image stored before its SOP class was recorded
     (migration 0005) has its header read once from its stored path instead."""
-    out = []
     with db.session() as s:
-        rows = {sop: repo.image_by_sop(s, sop) for sop in sops}
-    for sop in sops:
-        row = rows[sop]
-        if row is None:
-            raise NotFoundError(f"no indexed image with SOPInstanceUID {sop}")
-        if row.sop_class_uid and row.series_instance_uid and row.study_instance_uid:
-            out.append(Reference(row.sop_class_uid, sop, row.series_instance_uid, row.study_instance_uid,
-                                 row.rows, row.columns))
-        else:
-            out.append(reference_of_header(header_of(sop)))
-    return out
+        row = repo.image_by_sop(s, sop)
+    if row is None:
+        raise NotFoundError(f"no indexed image with SOPInstanceUID {sop}")
+    if row.sop_class_uid and row.series_instance_uid and row.study_instance_uid:
+        return Reference(row.sop_class_uid, sop, row.series_instance_uid, row.study_instance_uid, row.rows,
+                         row.columns)
+    return reference_of_header(header_of(sop))
+
+
+def stored_references(db: "Database", sops: list[str], header_of: HeaderOf) -> list[Reference]:
+    return [stored_reference(db, sop, header_of) for sop in sops]
 
 
 def similar_cases_document(db: "Database", query_header: "Dataset", result: "QueryResult", model_key: str,
@@ -54,21 +56,29 @@ def similar_cases_document(db: "Database", query_header: "Dataset", result: "Que
     return key_object_selection(query_header, references, "\n".join(lines))
 
 
-def qc_documents(db: "Database", header_of: HeaderOf, *, top: int) -> list["Dataset"]:
+def qc_documents(db: "Database", header_of: HeaderOf, *, top: int, study: str | None = None) -> list["Dataset"]:
     """One KOS per study with flagged images in the latest sweep (its ``top`` outliers and any image with a
-    header-check flag): a document belongs to one patient, so a sweep across patients is never one."""
+    header-check flag), or only ``study``'s: a document belongs to one patient, so a sweep across patients
+    is never one. A flagged image that is gone (deleted, its file moved, its PACS down) is left out with a
+    warning; the other documents are still made."""
     with db.session() as s:
         sweep = repo.latest_qc_sweep(s, top)
     if sweep is None:
         raise NotFoundError("no QC sweep yet", hint="run `mretrieve qc` first")
     flagged = [row for row in sweep.scores if row["rank"] <= top or row["flags"]]
     by_study: dict[str, list[dict]] = {}
-    references = dict(zip((r["sop_instance_uid"] for r in flagged),
-                          stored_references(db, [r["sop_instance_uid"] for r in flagged], header_of)))
+    references: dict[str, Reference] = {}
     for row in flagged:
+        try:
+            references[row["sop_instance_uid"]] = stored_reference(db, row["sop_instance_uid"], header_of)
+        except NotFoundError as exc:
+            logger.warning("QC KOS: flagged image %s left out: %s", row["sop_instance_uid"], exc.message)
+            continue
         by_study.setdefault(references[row["sop_instance_uid"]].study_instance_uid, []).append(row)
     documents = []
-    for rows in by_study.values():
+    for study_uid, rows in by_study.items():
+        if study is not None and study_uid != study:
+            continue
         refs = [references[r["sop_instance_uid"]] for r in rows]
         lines = [f"mammo_retrieval QC sweep {sweep.run_id} ({sweep.method}, model {sweep.model_key}, "
                  f"{sweep.created_at}): images of this study among the {top} most outlying of {sweep.n_images}, "

@@ -70,13 +70,12 @@ def test_a_pull_equals_a_folder_ingest_and_a_repull_fetches_nothing(loaded, tmp_
             assert path.startswith(f"{proxy.url}/dicom-web/studies/") and parse_instance_url(path).sop_uid == sop
         assert proxy.count("GET /dicom-web/studies/") >= len(files)
 
-        retrieved_before = proxy.count("GET /dicom-web/studies/") - proxy.count("GET /dicom-web/studies/{")
-        instance_gets = sum(n for key, n in proxy.requests.items() if "/instances/" in key)
+        instance_gets = sum(n for key, n in proxy.requests.items() if "/series/" in key and "/instances/" in key)
+        assert instance_gets == len(files)  # each instance retrieved exactly once
         again = ws.ingest(f"{proxy.url}/dicom-web", workers=1)
         assert (again.ingested, again.fetched, again.already_present) == (0, 0, len(files))
-        assert sum(n for key, n in proxy.requests.items() if "/instances/" in key) == instance_gets, \
-            "a re-pull must not retrieve a single instance"
-        assert retrieved_before > 0
+        assert sum(n for key, n in proxy.requests.items() if "/series/" in key and "/instances/" in key) == \
+            instance_gets, "a re-pull must not retrieve a single instance"
 
         # a lost cache entry is rebuilt from the stored WADO-RS URL
         sop = next(iter(b))
@@ -134,8 +133,11 @@ def test_bearer_token_from_the_environment_and_refusal(loaded, tmp_path, monkeyp
 def test_a_pacs_that_is_down_is_a_clear_error_and_folder_options_are_refused(tmp_path):
     ws = Workspace(make_config(tmp_path / "state", encoder=TINY, pacs=FAST_RETRIES))
     with pytest.raises(PacsError, match="cannot search http://127.0.0.1:9/dicom-web"):
-        ws.ingest("http://user:pw@127.0.0.1:9/dicom-web")
+        ws.ingest("http://127.0.0.1:9/dicom-web")
     from mammo_retrieval.core.errors import ConfigError
+    with pytest.raises(ConfigError, match="credentials in the URL http://127.0.0.1:9/dicom-web") as info:
+        ws.ingest("http://user:pw@127.0.0.1:9/dicom-web")
+    assert "pw" not in str(info.value)
     with pytest.raises(ConfigError, match="--study and --since"):
         ws.ingest(tmp_path, since="20200101")
 
@@ -165,3 +167,24 @@ def test_retries_back_off_then_give_up_and_a_4xx_is_final():
         with_retries(missing, "WADO-RS y", retries=3, backoff_s=0.5, sleep=waits.append)
     assert len(calls) == 1
     assert redact("http://bob:pw@pacs:8042/dicom-web") == "http://pacs:8042/dicom-web"
+    assert redact("http://bob:pw@[::1]:8042/x") == "http://[::1]:8042/x"
+
+
+def test_qido_paging_reads_until_an_empty_page_and_never_truncates_silently():
+    from mammo_retrieval.core.config import load_config
+    from mammo_retrieval.pacs import dicomweb
+    client = dicomweb.DicomWebClient("http://127.0.0.1:9/dicom-web", load_config(env={}).pacs)
+    rows = [{"00080018": {"Value": [f"1.2.{i}"]}} for i in range(25)]
+
+    def capped(limit, offset):  # a server that caps pages at 10, whatever the limit
+        return rows[offset:offset + min(limit, 10)]
+
+    assert len(client._paged(capped, "00080018", "search")) == 25
+
+    def ignores_offset(limit, offset):  # everything at once (Orthanc 1.10): a short page, repeated
+        return rows
+
+    assert len(client._paged(ignores_offset, "00080018", "search")) == 25
+    full = [{"00080018": {"Value": [f"9.{i}"]}} for i in range(dicomweb.QIDO_PAGE)]
+    with pytest.raises(TransferFailed, match="ignores QIDO-RS offset"):
+        client._paged(lambda limit, offset: full, "00080018", "search")

@@ -214,9 +214,8 @@ def api_router() -> APIRouter:
                 responses={200: {"content": {"application/dicom": {}}}})
     def qc_kos(study_instance_uid: str, top: int = Query(50, ge=1, le=10000),
                state: ServerState = Depends(get_state)) -> Response:
-        for document in state.workspace.qc_kos(top):
-            if document.StudyInstanceUID == study_instance_uid:
-                return _dicom(document, f"qc-{study_instance_uid}.dcm")
+        for document in state.workspace.qc_kos(top, study=study_instance_uid):
+            return _dicom(document, f"qc-{study_instance_uid}.dcm")
         raise NotFoundError(f"no flagged image of study {study_instance_uid} among the latest sweep's top {top}")
 
     @router.get("/qc/latest", summary="The latest QC sweep: outliers, duplicate pairs, header flags, what is new")
