@@ -18,4 +18,5 @@ class ModelIdentity:
     @property
     def key(self) -> str:
         """Short stable name of this model version (also the index directory's name)."""
-        return f"{self.encoder}-{self.weights_sha256[:12]}-{self.preprocess_digest[:8]}"
+        encoder = self.encoder.replace(":", "-")  # timm:<arch> names: the key is also a folder name
+        return f"{encoder}-{self.weights_sha256[:12]}-{self.preprocess_digest[:8]}"

@@ -2,6 +2,7 @@
 L2-normalised."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ from mammo_retrieval.preprocess import PreprocessSettings
 from mammo_retrieval.core.identity import ModelIdentity
 from mammo_retrieval.encoders.registry import DEFAULT_REGISTRY, EncoderRegistry, EncoderSpec
 from mammo_retrieval.core.fileio import sha256_file
-from mammo_retrieval.encoders.weights import extract_encoder_state, load_into, read_checkpoint, sha256_state_dict
+from mammo_retrieval.encoders.weights import (describe_layout, extract_encoder_state, load_into, read_checkpoint,
+                                              sha256_state_dict)
 
 RANDOM_SEED = 0
 
@@ -71,21 +73,47 @@ def create_backbone(spec: EncoderSpec, registry: EncoderRegistry = DEFAULT_REGIS
         return builder(spec)
 
 
-def build_encoder(cfg: EncoderConfig, preprocess_cfg: PreprocessConfig,
-                  registry: EncoderRegistry = DEFAULT_REGISTRY) -> TorchEncoder:
-    spec = registry.get(cfg.name)
+def _build_hf(spec: EncoderSpec, cfg: EncoderConfig) -> tuple[EncoderSpec, torch.nn.Module, str, str]:
+    """A transformers encoder from its folder: the spec completed by the folder (dim, size, mean/std)."""
+    from mammo_retrieval.encoders import hf
+    if not cfg.weights:
+        raise WeightsError(f"encoder '{spec.name}' is built from a Hugging Face folder, and none is configured",
+                           hint="set encoder.weights (or $MRETRIEVE_WEIGHTS) to the model's folder "
+                                "(config.json + model.safetensors); nothing is downloaded")
+    path = hf.check_folder(cfg.weights)
+    model, dim = hf.load_hf_backbone(path)
+    pre = hf.folder_preprocessing(path)
+    spec = dataclasses.replace(spec, dim=dim, input_size=pre.size or spec.input_size, mean=pre.mean or spec.mean,
+                               std=pre.std or spec.std, interpolation=pre.interpolation or spec.interpolation)
+    return spec, model, hf.folder_sha256(path), str(path)
+
+
+def _build_timm(spec: EncoderSpec, cfg: EncoderConfig,
+                registry: EncoderRegistry) -> tuple[EncoderSpec, torch.nn.Module, str, bool, str | None]:
+    """A timm backbone with its weights (any supported checkpoint layout), or seeded random weights."""
     model = create_backbone(spec, registry)
+    if not spec.dim:  # a timm:<arch> spec learns its dimension from the built model
+        spec = dataclasses.replace(spec, dim=int(model.num_features))
     weights = cfg.weights or (str(packaged_weights(spec.weights_file)) if spec.weights_file else None)
     if weights:
         path = Path(weights).expanduser()
         checkpoint = read_checkpoint(path)
-        load_into(model, extract_encoder_state(checkpoint, path), path)
-        weights_sha, random_weights, weights_path = sha256_file(path), False, str(path)
-    elif cfg.allow_random_weights:
-        weights_sha, random_weights, weights_path = sha256_state_dict(model.state_dict()), True, None
+        load_into(model, extract_encoder_state(checkpoint, path), path, layout=describe_layout(checkpoint))
+        return spec, model, sha256_file(path), False, str(path)
+    if cfg.allow_random_weights:
+        return spec, model, sha256_state_dict(model.state_dict()), True, None
+    raise WeightsError("no encoder weights configured and encoder.allow_random_weights is false",
+                       hint="set encoder.weights or $MRETRIEVE_WEIGHTS to a checkpoint file")
+
+
+def build_encoder(cfg: EncoderConfig, preprocess_cfg: PreprocessConfig,
+                  registry: EncoderRegistry = DEFAULT_REGISTRY) -> TorchEncoder:
+    spec = registry.get(cfg.name)
+    if spec.family == "transformers":
+        spec, model, weights_sha, weights_path = _build_hf(spec, cfg)
+        random_weights = False
     else:
-        raise WeightsError("no encoder weights configured and encoder.allow_random_weights is false",
-                           hint="set encoder.weights or $MRETRIEVE_WEIGHTS to a checkpoint file")
+        spec, model, weights_sha, random_weights, weights_path = _build_timm(spec, cfg, registry)
     size = (cfg.input_size, cfg.input_size) if cfg.input_size else spec.input_size
     settings = PreprocessSettings.from_config(preprocess_cfg, size=size, mean=spec.mean, std=spec.std,
                                               interpolation=spec.interpolation)

@@ -41,6 +41,31 @@ def timm_backbone(spec: EncoderSpec) -> "torch.nn.Module":
     return timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
 
 
+TIMM_PREFIX = "timm:"
+
+
+def timm_spec(name: str) -> EncoderSpec:
+    """Any timm architecture by name (``timm:mambaout_femto``), with the input config timm publishes for it;
+    its dimension is the built model's ``num_features`` (0 here until then)."""
+    import timm
+    arch = name[len(TIMM_PREFIX):]
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+        raise ConfigError(f"unknown timm architecture '{arch}'",
+                          hint=f"similar names: {', '.join(close)}" if close else "see timm.list_models()")
+    cfg = timm.get_pretrained_cfg(arch)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    size = tuple(cfg.get("input_size", (3, 224, 224))[1:])
+    interpolation = cfg.get("interpolation", "bilinear")
+    return EncoderSpec(name, arch, 0, input_size=size, mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+                       std=tuple(cfg.get("std", IMAGENET_STD)), description=f"timm {arch}",
+                       interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic")
+
+
+def hf_folder_backbone(spec: EncoderSpec) -> "torch.nn.Module":
+    raise AssertionError("transformers encoders are built from their folder by build_encoder")
+
+
 class EncoderRegistry:
     """A registry instance (not module state): tests and plugins can make their own."""
 
@@ -48,6 +73,7 @@ class EncoderRegistry:
                  families: dict[str, BackboneBuilder] | None = None) -> None:
         self._specs: dict[str, EncoderSpec] = {}
         self._families: dict[str, BackboneBuilder] = dict(families if families is not None else {"timm": timm_backbone})
+        self._families.setdefault("transformers", hf_folder_backbone)
         for spec in specs or []:
             self.register(spec)
 
@@ -72,11 +98,14 @@ class EncoderRegistry:
         self._specs[spec.name] = spec
 
     def get(self, name: str) -> EncoderSpec:
+        if name.startswith(TIMM_PREFIX) and name not in self._specs:
+            return timm_spec(name)
         try:
             return self._specs[name]
         except KeyError:
             raise ConfigError(f"unknown encoder '{name}'",
-                              hint=f"choose one of: {', '.join(sorted(self._specs))}") from None
+                              hint=f"choose one of: {', '.join(sorted(self._specs))}, or timm:<architecture> "
+                                   f"(e.g. timm:mambaout_femto)") from None
 
     def names(self) -> list[str]:
         return sorted(self._specs)
@@ -96,4 +125,8 @@ DEFAULT_REGISTRY = EncoderRegistry([
     EncoderSpec("inception_v3", "inception_v3", 2048, input_size=(299, 299),
                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), description="Inception-V3 (299x299, Inception norm)"),
     EncoderSpec("resnet18", "resnet18", 512, description="ResNet-18, a light model for CPUs and tests"),
+    EncoderSpec("rad-dino", "", 768, input_size=(518, 518), mean=(0.5307, 0.5307, 0.5307), std=(0.2583, 0.2583, 0.2583),
+                family="transformers", interpolation="bicubic",
+                description="RAD-DINO (DINOv2 ViT-B in Hugging Face format): encoder.weights is its folder; its "
+                            "preprocessor_config.json, where present, sets size, mean and std"),
 ])

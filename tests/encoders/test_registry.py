@@ -24,9 +24,9 @@ def test_registries_are_independent():
 
 
 def test_a_spec_of_an_unregistered_family_is_refused_by_name():
-    mine = EncoderRegistry([EncoderSpec("hf-vit", "vit", 768, family="transformers")])
-    with pytest.raises(ConfigError, match="unknown family 'transformers'") as info:
-        mine.builder(mine.get("hf-vit"))
+    mine = EncoderRegistry([EncoderSpec("keras-vit", "vit", 768, family="keras")])
+    with pytest.raises(ConfigError, match="unknown family 'keras'") as info:
+        mine.builder(mine.get("keras-vit"))
     assert "timm" in info.value.hint
 
 
