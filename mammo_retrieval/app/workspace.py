@@ -92,8 +92,14 @@ class Workspace:
 
     # --- components, built lazily (torch and faiss are slow to import) ---------------------------
     def build_encoder(self, encoder_cfg) -> "Encoder":
+        """The encoder of this config; with ``runtime: onnx`` its ONNX Runtime twin (same model version),
+        exported once into ``<index_dir>/onnx/``."""
         from mammo_retrieval.encoders import DEFAULT_REGISTRY, build_encoder
-        return build_encoder(encoder_cfg, self.config.preprocess, self._registry or DEFAULT_REGISTRY)
+        encoder = build_encoder(encoder_cfg, self.config.preprocess, self._registry or DEFAULT_REGISTRY)
+        if encoder_cfg.runtime == "onnx":
+            from mammo_retrieval.encoders.onnx_runtime import onnx_encoder
+            return onnx_encoder(encoder, self.config.index_dir / "onnx")
+        return encoder
 
     @property
     def encoder(self) -> "Encoder":

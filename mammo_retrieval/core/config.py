@@ -65,6 +65,7 @@ class EncoderConfig:
     device: str
     precision: str
     channels_last: bool
+    runtime: str = "torch"
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ _CHOICES = {
     ("preprocess", "flip_to_side"): {None, "L", "R"},
     ("encoder", "device"): {"cpu", "cuda", "auto"},
     ("encoder", "precision"): {"fp32", "bf16"},
+    ("encoder", "runtime"): {"torch", "onnx"},
     ("index", "type"): {"ivf_flat", "ivf_sq8", "ivf_pq"},
 }
 

@@ -21,11 +21,13 @@ class EncoderThreads:
     def __init__(self, encoder: "Encoder", setting: int | str, workers: int, *, probe_batches: int = 2,
                  cores: int | None = None) -> None:
         self.cores = cores or os.cpu_count() or 1
-        self.adaptive = setting == "auto" and workers > 0 and encoder.device.type == "cpu"
+        self.encoder = encoder
+        on_cpu = encoder.device.type == "cpu"
+        self.adaptive = setting == "auto" and workers > 0 and on_cpu
         if setting == "auto":
             self.initial = 1 if self.adaptive else None
         else:
-            self.initial = int(setting) if encoder.device.type == "cpu" else None
+            self.initial = int(setting) if on_cpu else None
         self.probe_batches = probe_batches
         self.batches = 0
         self.wait_s = 0.0
@@ -33,17 +35,29 @@ class EncoderThreads:
         self.decided = not self.adaptive
         self._previous: int | None = None
 
+    def _threads(self) -> int:
+        """The encoder's own thread count where it has one (ONNX Runtime), else torch's process-wide one."""
+        if hasattr(self.encoder, "threads"):
+            return self.encoder.threads
+        import torch
+        return torch.get_num_threads()
+
+    def _set_threads(self, n: int) -> None:
+        if hasattr(self.encoder, "threads"):
+            self.encoder.threads = n
+            return
+        import torch
+        torch.set_num_threads(n)
+
     def __enter__(self) -> "EncoderThreads":
         if self.initial is not None:
-            import torch
-            self._previous = torch.get_num_threads()
-            torch.set_num_threads(self.initial)
+            self._previous = self._threads()
+            self._set_threads(self.initial)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
-            import torch
-            torch.set_num_threads(self._previous)
+            self._set_threads(self._previous)
 
     def waited(self, seconds: float) -> None:
         """The main process waited this long for a worker's result."""
@@ -58,5 +72,4 @@ class EncoderThreads:
         if not self.decided and self.batches >= 1 + self.probe_batches:
             self.decided = True
             if self.wait_s < 0.2 * self.embed_s and self.cores > 1:
-                import torch
-                torch.set_num_threads(self.cores)
+                self._set_threads(self.cores)

