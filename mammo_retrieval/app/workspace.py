@@ -485,13 +485,19 @@ class Workspace:
             switch_live(self.config.index_dir,
                         ServingModel(self.encoder.identity.key, cfg.name, cfg.weights, cfg.input_size))
 
-    def reindex(self, weights: str | None = None, *, allow_missing: bool = False,
+    def reindex(self, weights: str | None = None, *, allow_missing: bool = False, gate_labels: str | None = None,
+                gate_metric: str | None = None, tolerance: float = 0.01, force: bool = False,
                 on_progress: Callable[[int, int], None] | None = None) -> dict:
         """Re-embed every image with ``weights`` (default: the serving ones) beside the live version, then
         switch live atomically. Queries keep using the old index until that moment; the old one stays for
         ``rollback``. It switches only when every image embedded (an unreadable image would otherwise
         vanish from search), unless ``allow_missing``; the failures are listed either way. The weights are
-        copied into the index folder first, so the live version never depends on the user's checkpoint."""
+        copied into the index folder first, so the live version never depends on the user's checkpoint.
+
+        With ``gate_labels`` (a labels CSV), both versions are measured on the labelled images with
+        ``gate_metric`` (default: the first label column's p@10), and the switch is refused (GateFailed,
+        the new vectors kept) when the new one is worse than the live one by more than ``tolerance``,
+        unless ``force``."""
         import time
 
         from mammo_retrieval.core.errors import ReindexIncompleteError
@@ -521,6 +527,13 @@ class Workspace:
                     f"embedded with {identity.key}; {old_key} stays live:\n{listing}", result.failures,
                     hint="restore these files and run reindex again (the vectors embedded so far are kept), "
                          "or pass --allow-missing to switch without them")
+            gate_result = None
+            if gate_labels and old_key != identity.key:
+                gate_result = self._gate(identity, mv_id, gate_labels, gate_metric, tolerance)
+                logger.info("reindex: %s", gate_result.describe())
+                if not gate_result.passed and not force:
+                    from mammo_retrieval.analysis.gate import GateFailed
+                    raise GateFailed(gate_result)
             index = VectorIndex.open_or_create(self.config.index_dir / identity.key, identity, self.config.index)
             self.lifecycle.sync(index, mv_id)
             index.save()
@@ -532,7 +545,18 @@ class Workspace:
                 "embedded": result.embedded, "already_embedded": result.already_embedded,
                 "failed": result.failures, "index_type": index.manifest.index_type, "ntotal": index.ntotal,
                 "weights": stored, "weights_sha256": sha, "random_weights": identity.random_weights,
+                "gate": gate_result.as_dict() if gate_result else None,
                 "seconds": round(time.perf_counter() - started, 1)}
+
+    def _gate(self, identity, mv_id: int, labels_csv: str, metric: str | None, tolerance: float):
+        """The live version (the serving encoder's) against the new one, on the same labelled images."""
+        from mammo_retrieval.analysis.gate import gate
+        from mammo_retrieval.storage.catalog.corpus import Corpus
+        live = self.encoder.identity
+        with self.db.session() as s:
+            live_mv = repo.model_version_id_by_key(s, live.key)
+        return gate(Corpus(self.db, live, live_mv, self.cached_image),
+                    Corpus(self.db, identity, mv_id, self.cached_image), labels_csv, metric, tolerance)
 
     def rollback(self) -> dict:
         from mammo_retrieval.storage.index.versions import rollback

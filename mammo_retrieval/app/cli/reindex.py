@@ -7,24 +7,36 @@ from mammo_retrieval.app.cli._common import dumps, progress_bar, workspace
 
 
 @click.command()
-@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Weights to re-embed with (a checkpoint from `mretrieve train`, PRIMER, state dict, safetensors). "
+@click.option("--model", "model_path", type=click.Path(exists=True), default=None,
+              help="Weights to re-embed with (a checkpoint from `mretrieve train`, PRIMER, MoCo/LeCL, state dict, "
+                   "safetensors, or a Hugging Face folder for rad-dino). "
                    "They are copied into the index folder, so the file may be moved or overwritten afterwards.")
 @click.option("--rollback", is_flag=True, help="Switch back to the previous index version.")
 @click.option("--allow-missing", is_flag=True,
               help="Switch even if some images could not be embedded (they are then missing from search).")
+@click.option("--gate", "gate_labels", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A labels CSV: measure the live and the new version on its images; refuse to switch "
+                   "(exit 13) when the new one is worse by more than --tolerance.")
+@click.option("--gate-metric", default=None, metavar="METRIC",
+              help="<label column>:p@<k>, <label column>:map or contralateral@<k> (default: first column:p@10).")
+@click.option("--tolerance", type=float, default=0.01, show_default=True,
+              help="How much worse than live the new version may be and still switch.")
+@click.option("--force", is_flag=True, help="Switch even if the gate fails (the comparison is still printed).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.pass_context
-def reindex(ctx: click.Context, model_path: str | None, rollback: bool, allow_missing: bool, fmt: str,
+def reindex(ctx: click.Context, model_path: str | None, rollback: bool, allow_missing: bool,
+            gate_labels: str | None, gate_metric: str | None, tolerance: float, force: bool, fmt: str,
             no_progress: bool) -> None:
     """Re-embed everything with a new model beside the live index, then switch atomically.
 
     It refuses to switch (exit 10) while any image fails to embed, listing each one; the vectors embedded
     so far are kept, so a rerun resumes.
     """
-    if rollback and (model_path or allow_missing):
-        raise click.UsageError("--rollback takes neither --model nor --allow-missing")
+    if rollback and (model_path or allow_missing or gate_labels):
+        raise click.UsageError("--rollback takes neither --model, --allow-missing nor --gate")
+    if (gate_metric or force) and not gate_labels:
+        raise click.UsageError("--gate-metric and --force go with --gate LABELS_CSV")
     ws = workspace(ctx)
     if rollback:
         result = ws.rollback()
@@ -35,7 +47,8 @@ def reindex(ctx: click.Context, model_path: str | None, rollback: bool, allow_mi
                        f"weights {result['weights'] or 'seeded random'})")
         return
     with progress_bar("image", disable=no_progress, desc="reindex") as progress:
-        result = ws.reindex(model_path, allow_missing=allow_missing, on_progress=progress)
+        result = ws.reindex(model_path, allow_missing=allow_missing, gate_labels=gate_labels,
+                            gate_metric=gate_metric, tolerance=tolerance, force=force, on_progress=progress)
     if fmt == "json":
         click.echo(dumps(result))
     else:
@@ -54,6 +67,11 @@ def format_summary(result: dict) -> str:
              f"index {result['index_type']} with {result['ntotal']} vectors"]
     if result.get("weights"):
         lines.append(f"weights stored as {result['weights']}")
+    if result.get("gate"):
+        g = result["gate"]
+        lines.append(f"gate {g['metric']} on {g['images']} labelled images: live {g['live']:.4f}, new {g['new']:.4f} "
+                     f"({g['difference']:+.4f}; tolerance {g['tolerance']})"
+                     + (" -> passed" if g["passed"] else " -> FAILED, switched with --force"))
     if result["failed"]:
         lines.append("missing from search (switched with --allow-missing):")
         lines += [f"  {f['sop_instance_uid']}  {f['path']}: {f['reason']}" for f in result["failed"]]
