@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from mammo_retrieval.storage.catalog.corpus import Corpus
     from mammo_retrieval.storage.index import VectorIndex
     from mammo_retrieval.storage.index.tune import TuneResult
+    from mammo_retrieval.train.adapter import AdaptConfig
 
 
 class Workspace:
@@ -517,6 +518,7 @@ class Workspace:
             old_key = live.key if live else self.encoder.identity.key
             with self.db.session() as s:
                 mv_id = repo.get_or_create_model_version(s, identity, encoder.settings.as_dict()).id
+            self._map_adapter_base(encoder, mv_id)  # an adapter: from its base's stored vectors, nothing decoded
             result = reembed(self.db, encoder, mv_id, self.model_input, batch_size=self.config.encoder.batch_size,
                              on_progress=on_progress)
             if result.failures and not allow_missing:
@@ -547,6 +549,44 @@ class Workspace:
                 "weights": stored, "weights_sha256": sha, "random_weights": identity.random_weights,
                 "gate": gate_result.as_dict() if gate_result else None,
                 "seconds": round(time.perf_counter() - started, 1)}
+
+    def _map_adapter_base(self, encoder, mv_id: int) -> None:
+        from mammo_retrieval.encoders.adapter import AdaptedEncoder
+        from mammo_retrieval.pipeline.reindex import remap
+        if not isinstance(encoder, AdaptedEncoder):
+            return
+        with self.db.session() as s:
+            base_mv = repo.model_version_id_by_key(s, encoder.info.base_key)
+        if base_mv is not None:
+            mapped = remap(self.db, encoder.project, base_mv, mv_id, encoder.info.in_dim)
+            logger.info("reindex: %d vectors mapped from %s through the adapter", mapped, encoder.info.base_key)
+
+    def adapt(self, labels_csv: str, columns: list[str], out: str | os.PathLike, cfg: "AdaptConfig") -> dict:
+        """Train a label adapter on the serving model's stored vectors (see ``train.adapter``) and write it
+        to ``out``; ``reindex --model out`` then serves it. Returns the report (held-out before/after)."""
+        from mammo_retrieval.analysis.labels import join_labels, label_columns, read_labels
+        from mammo_retrieval.analysis.vectors import load_embeddings
+        from mammo_retrieval.encoders.adapter import AdapterInfo, save_adapter
+        from mammo_retrieval.storage.index.versions import serving_encoder_config
+        from mammo_retrieval.train.adapter import train_adapter
+        raw = read_labels(labels_csv)
+        columns = label_columns(raw, columns, labels_csv)
+        table = load_embeddings(self.corpus())
+        aligned, _ = join_labels(table.meta, raw)
+        labelled = aligned[columns].replace("", None).notna().any(axis=1).to_numpy()
+        labels = {c: aligned[c].to_numpy(dtype=object)[labelled] for c in columns}
+        patients = table.meta.patient_id.fillna("").to_numpy(dtype=object)[labelled]
+        projection, report = train_adapter(table.vectors[labelled], labels, patients, cfg)
+        base_cfg = serving_encoder_config(self.config.encoder, self.config.index_dir)
+        identity = self.encoder.identity
+        import json
+        info = AdapterInfo(cfg.kind, identity.dim, cfg.out_dim, cfg.hidden, identity.key, base_cfg.name,
+                           base_cfg.weights, identity.weights_sha256, base_cfg.input_size, tuple(columns),
+                           tuple(report["heldout_patients"]), json.dumps({"before": report["before"],
+                                                                          "after": report["after"]}))
+        save_adapter(Path(out), projection, info)
+        return {**report, "adapter": str(out), "base_model": identity.key, "columns": columns,
+                "kind": cfg.kind, "dim": cfg.out_dim}
 
     def _gate(self, identity, mv_id: int, labels_csv: str, metric: str | None, tolerance: float):
         """The live version (the serving encoder's) against the new one, on the same labelled images."""

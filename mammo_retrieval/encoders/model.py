@@ -106,8 +106,21 @@ def _build_timm(spec: EncoderSpec, cfg: EncoderConfig,
                        hint="set encoder.weights or $MRETRIEVE_WEIGHTS to a checkpoint file")
 
 
+def _build_adapted(cfg: EncoderConfig, preprocess_cfg: PreprocessConfig, registry: EncoderRegistry):
+    """An adapter file as encoder.weights: its recorded base encoder, then its projection."""
+    from mammo_retrieval.encoders.adapter import AdaptedEncoder, load_adapter
+    path = Path(cfg.weights).expanduser()
+    projection, info = load_adapter(path)
+    base_cfg = dataclasses.replace(cfg, name=info.base_encoder, weights=info.base_weights,
+                                   input_size=info.base_input_size, allow_random_weights=True)
+    return AdaptedEncoder(build_encoder(base_cfg, preprocess_cfg, registry), projection, info, path)
+
+
 def build_encoder(cfg: EncoderConfig, preprocess_cfg: PreprocessConfig,
                   registry: EncoderRegistry = DEFAULT_REGISTRY) -> TorchEncoder:
+    from mammo_retrieval.encoders.adapter import is_adapter_file
+    if is_adapter_file(cfg.weights):
+        return _build_adapted(cfg, preprocess_cfg, registry)
     spec = registry.get(cfg.name)
     if spec.family == "transformers":
         spec, model, weights_sha, weights_path = _build_hf(spec, cfg)

@@ -54,3 +54,19 @@ def reembed(db: "Database", encoder: "Encoder", model_version_id: int, picture: 
         if on_progress:
             on_progress(min(start + batch_size, len(todo)), len(todo))
     return result
+
+
+def remap(db: "Database", project: Callable[[np.ndarray], np.ndarray], source_mv_id: int, target_mv_id: int,
+          dim: int, *, batch_size: int = 4096) -> int:
+    """Vectors of ``target_mv_id`` made from the stored vectors of ``source_mv_id`` (an adapter's base):
+    nothing is decoded. Resumable: images already mapped are skipped. Returns how many were mapped."""
+    mapped = 0
+    while True:
+        with db.session() as s:
+            chunk = next(repo.iter_image_vectors_missing_from(s, source_mv_id, target_mv_id, dim, batch_size), None)
+        if chunk is None:
+            return mapped
+        image_ids, vectors = chunk
+        with db.session() as s:
+            repo.add_embeddings(s, zip(image_ids.tolist(), project(vectors)), target_mv_id)
+        mapped += len(image_ids)

@@ -18,6 +18,7 @@ from mammo_retrieval.app.cli.qc import qc
 from mammo_retrieval.app.cli.reindex import reindex
 from mammo_retrieval.app.cli.serve import serve
 from mammo_retrieval.app.cli.listen import listen
+from mammo_retrieval.app.cli.adapt import adapt
 from mammo_retrieval.app.cli.query import query
 from mammo_retrieval.app.cli.status import status
 from mammo_retrieval.app.cli.train import train
@@ -94,6 +95,7 @@ cli.add_command(train)
 cli.add_command(reindex)
 cli.add_command(serve)
 cli.add_command(listen)
+cli.add_command(adapt)
 cli.add_command(db_commands.db)
 cli.add_command(index_commands.index)
 cli.add_command(config_commands.config)

@@ -180,6 +180,25 @@ def iter_vectors(session: Session, model_version_id: int, dim: int, after_id: in
         last = int(ids[-1])
 
 
+def iter_image_vectors_missing_from(session: Session, source_mv_id: int, target_mv_id: int, dim: int,
+                                    chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream (image ids, vectors) of ``source_mv_id`` for images that have no vector of ``target_mv_id``
+    yet (a reindex that maps stored vectors, resumable), in image id order."""
+    last = 0
+    while True:
+        done = select(Embedding.image_id).where(Embedding.model_version_id == target_mv_id)
+        rows = session.execute(
+            select(Embedding.image_id, Embedding.vector).where(Embedding.model_version_id == source_mv_id,
+                                                               Embedding.image_id > last,
+                                                               Embedding.image_id.not_in(done))
+            .order_by(Embedding.image_id).limit(chunk)).all()
+        if not rows:
+            return
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        yield ids, np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+        last = int(ids[-1])
+
+
 def sample_vectors(session: Session, model_version_id: int, dim: int, n: int, seed: int = 0) -> np.ndarray:
     """A uniform sample of n vectors (for training IVF centroids) without loading all of them."""
     ids = np.array(session.scalars(select(Embedding.id).where(Embedding.model_version_id == model_version_id)).all())
