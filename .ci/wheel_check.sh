@@ -136,7 +136,7 @@ QUERY=$(find "$WORK/archive/cbis" -name '*.dcm' | sort | head -n 1)
 # --- every command ---------------------------------------------------------------------------------
 step "mretrieve --version" "$M" --version
 step "mretrieve --help" "$M" --help
-for cmd in ingest query status qc evaluate export train reindex serve listen config "config show" db "db upgrade" \
+for cmd in ingest query status qc evaluate export train reindex serve listen adapt config "config show" db "db upgrade" \
         index "index rebuild" "index tune" report "report clusters"; do
     # shellcheck disable=SC2086
     step "mretrieve $cmd --help" "$M" $cmd --help
