@@ -97,10 +97,9 @@ def measure(corpus: Corpus, labels: pd.DataFrame, metric: GateMetric, sops: list
     return float(scores["mAP"] if metric.kind == "map" else scores[f"precision@{metric.k}"])
 
 
-def gate(live: Corpus, new: Corpus, labels_csv: str, metric_text: str | None, tolerance: float) -> GateResult:
-    """Both versions on the images the labels describe; the default metric is the first label column's p@10."""
-    from mammo_retrieval.analysis.labels import join_labels, label_columns, read_labels
-    from mammo_retrieval.analysis.vectors import load_embeddings
+def check_gate(labels_csv: str, metric_text: str | None, tolerance: float) -> GateMetric:
+    """The gate's arguments, checked before any work: the tolerance, the metric, and its label column."""
+    from mammo_retrieval.analysis.labels import label_columns, read_labels
     if tolerance < 0:
         raise ConfigError(f"--tolerance must be 0 or more, got {tolerance}")
     raw = read_labels(labels_csv)
@@ -109,6 +108,16 @@ def gate(live: Corpus, new: Corpus, labels_csv: str, metric_text: str | None, to
     if metric.column is not None and metric.column not in columns:
         raise ConfigError(f"gate metric {metric.text!r}: {labels_csv} has no label column {metric.column!r}",
                           hint=f"label columns: {', '.join(columns)}")
+    return metric
+
+
+def gate(live: Corpus, new: Corpus, labels_csv: str, metric_text: str | None, tolerance: float) -> GateResult:
+    """Both versions on the images the labels describe; the default metric is the first label column's p@10."""
+    from mammo_retrieval.analysis.labels import join_labels, label_columns, read_labels
+    from mammo_retrieval.analysis.vectors import load_embeddings
+    metric = check_gate(labels_csv, metric_text, tolerance)
+    raw = read_labels(labels_csv)
+    columns = label_columns(raw, None, labels_csv)
     table = load_embeddings(live)
     aligned, _ = join_labels(table.meta, raw)
     wanted = columns if metric.column is None else [metric.column]

@@ -98,7 +98,11 @@ class Workspace:
         from mammo_retrieval.encoders import DEFAULT_REGISTRY, build_encoder
         encoder = build_encoder(encoder_cfg, self.config.preprocess, self._registry or DEFAULT_REGISTRY)
         if encoder_cfg.runtime == "onnx":
+            from mammo_retrieval.encoders.adapter import AdaptedEncoder
             from mammo_retrieval.encoders.onnx_runtime import onnx_encoder
+            if isinstance(encoder, AdaptedEncoder):  # the base runs on onnxruntime, the projection stays torch
+                return AdaptedEncoder(onnx_encoder(encoder.base, self.config.index_dir / "onnx"), encoder.projection,
+                                      encoder.info, Path(encoder.identity.weights_path))
             return onnx_encoder(encoder, self.config.index_dir / "onnx")
         return encoder
 
@@ -507,6 +511,9 @@ class Workspace:
         from mammo_retrieval.storage.index.versions import (ServingModel, read_live, serving_encoder_config,
                                                             store_model_weights, switch_live)
         started = time.perf_counter()
+        if gate_labels:  # a typo in the gate's metric or labels is said now, not after a whole re-embed
+            from mammo_retrieval.analysis.gate import check_gate
+            check_gate(gate_labels, gate_metric, tolerance)
         base = serving_encoder_config(self.config.encoder, self.config.index_dir)
         weights = str(Path(weights).expanduser().resolve()) if weights else base.weights
         with self.write_lock():
@@ -531,7 +538,7 @@ class Workspace:
                          "or pass --allow-missing to switch without them")
             gate_result = None
             if gate_labels and old_key != identity.key:
-                gate_result = self._gate(identity, mv_id, gate_labels, gate_metric, tolerance)
+                gate_result = self._gate(old_key, identity, mv_id, gate_labels, gate_metric, tolerance)
                 logger.info("reindex: %s", gate_result.describe())
                 if not gate_result.passed and not force:
                     from mammo_retrieval.analysis.gate import GateFailed
@@ -557,9 +564,12 @@ class Workspace:
             return
         with self.db.session() as s:
             base_mv = repo.model_version_id_by_key(s, encoder.info.base_key)
-        if base_mv is not None:
-            mapped = remap(self.db, encoder.project, base_mv, mv_id, encoder.info.in_dim)
-            logger.info("reindex: %d vectors mapped from %s through the adapter", mapped, encoder.info.base_key)
+        if base_mv is None:
+            logger.warning("reindex: the adapter's base %s has no stored vectors: every image is decoded and "
+                           "embedded again", encoder.info.base_key)
+            return
+        mapped = remap(self.db, encoder.project, base_mv, mv_id, encoder.info.in_dim)
+        logger.info("reindex: %d vectors mapped from %s through the adapter", mapped, encoder.info.base_key)
 
     def adapt(self, labels_csv: str, columns: list[str], out: str | os.PathLike, cfg: "AdaptConfig") -> dict:
         """Train a label adapter on the serving model's stored vectors (see ``train.adapter``) and write it
@@ -588,13 +598,19 @@ class Workspace:
         return {**report, "adapter": str(out), "base_model": identity.key, "columns": columns,
                 "kind": cfg.kind, "dim": cfg.out_dim}
 
-    def _gate(self, identity, mv_id: int, labels_csv: str, metric: str | None, tolerance: float):
-        """The live version (the serving encoder's) against the new one, on the same labelled images."""
+    def _gate(self, live_key: str, identity, mv_id: int, labels_csv: str, metric: str | None, tolerance: float):
+        """The live version (the one live.json names) against the new one, on the same labelled images."""
         from mammo_retrieval.analysis.gate import gate
+        from mammo_retrieval.core.identity import ModelIdentity
         from mammo_retrieval.storage.catalog.corpus import Corpus
-        live = self.encoder.identity
+        from mammo_retrieval.storage.catalog.models import ModelVersion
         with self.db.session() as s:
-            live_mv = repo.model_version_id_by_key(s, live.key)
+            row = s.query(ModelVersion).filter(ModelVersion.key == live_key).one_or_none()
+            if row is None:
+                raise NotFoundError(f"the live model {live_key} has no vectors in the database to gate against")
+            live = ModelIdentity(row.encoder, row.weights_sha256, row.preprocess_digest, row.dim, row.random_weights,
+                                 row.weights_path)
+            live_mv = row.id
         return gate(Corpus(self.db, live, live_mv, self.cached_image),
                     Corpus(self.db, identity, mv_id, self.cached_image), labels_csv, metric, tolerance)
 

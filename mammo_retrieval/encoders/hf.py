@@ -24,7 +24,7 @@ FAMILY = "transformers"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 FOLDER_FILES = ("config.json", "preprocessor_config.json", *WEIGHT_FILES)
 # PIL resample codes (what preprocessor_config.json stores) -> our interpolation names
-RESAMPLE = {0: "nearest", 1: "area", 2: "bilinear", 3: "bicubic", 4: "area", 5: "bicubic"}
+RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic", 4: "area"}  # 1 Lanczos and 5 Hamming: refused
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,12 @@ def folder_preprocessing(path: str | Path) -> FolderPreprocessing:
     size = edge(cfg.get("crop_size")) if cfg.get("do_center_crop") else None
     size = size or edge(cfg.get("size"))
     mean, std = cfg.get("image_mean"), cfg.get("image_std")
+    resample = cfg.get("resample")
+    if resample is not None and resample not in RESAMPLE:
+        raise WeightsError(f"{file}: resample {resample} (PIL's Lanczos or Hamming) is not a resize we do",
+                           hint="the models we load use nearest (0), bilinear (2), bicubic (3) or box (4)")
     return FolderPreprocessing(size, tuple(mean) if mean else None, tuple(std) if std else None,
-                               RESAMPLE.get(cfg.get("resample")))
+                               RESAMPLE.get(resample))
 
 
 class HFVisionBackbone(torch.nn.Module):
@@ -111,10 +115,15 @@ def load_hf_backbone(path: str | Path) -> tuple[HFVisionBackbone, int]:
     hf_logging.disable_progress_bar()  # a library prints no progress bar of its own on our stderr
     path = check_folder(path)
     try:
-        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        model, loading = AutoModel.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a broken folder
         raise WeightsError(f"{path}: transformers cannot load this folder: {type(exc).__name__}: {exc}",
                            hint="a folder written by save_pretrained() of a vision model (e.g. Dinov2Model)") from None
+    if loading.get("missing_keys") or loading.get("mismatched_keys"):
+        missing = list(loading.get("missing_keys") or []) + [str(k) for k in loading.get("mismatched_keys") or []]
+        raise WeightsError(f"{path}: the weights lack {len(missing)} tensor(s) of this architecture (e.g. "
+                           f"{', '.join(missing[:3])}); transformers would fill them with random values",
+                           hint="save the complete model with save_pretrained(), pooler included")
     dim = int(getattr(model.config, "hidden_size", 0) or 0)
     if not dim:
         raise WeightsError(f"{path}: config.json has no hidden_size; cannot tell the embedding size")

@@ -88,12 +88,19 @@ def _build_hf(spec: EncoderSpec, cfg: EncoderConfig) -> tuple[EncoderSpec, torch
     return spec, model, hf.folder_sha256(path), str(path)
 
 
+def _output_dim(model: torch.nn.Module, size: tuple[int, int]) -> int:
+    """The embedding size a headless model really outputs (timm's ``num_features`` is not always it:
+    MambaOut's pre-logits head makes 1152 of 288)."""
+    with torch.inference_mode():
+        return int(model.eval()(torch.zeros(1, 3, *size)).shape[1])
+
+
 def _build_timm(spec: EncoderSpec, cfg: EncoderConfig,
                 registry: EncoderRegistry) -> tuple[EncoderSpec, torch.nn.Module, str, bool, str | None]:
     """A timm backbone with its weights (any supported checkpoint layout), or seeded random weights."""
     model = create_backbone(spec, registry)
-    if not spec.dim:  # a timm:<arch> spec learns its dimension from the built model
-        spec = dataclasses.replace(spec, dim=int(model.num_features))
+    if not spec.dim:  # a timm:<arch> spec learns its dimension from what the built model outputs
+        spec = dataclasses.replace(spec, dim=_output_dim(model, spec.input_size))
     weights = cfg.weights or (str(packaged_weights(spec.weights_file)) if spec.weights_file else None)
     if weights:
         path = Path(weights).expanduser()

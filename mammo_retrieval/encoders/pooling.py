@@ -10,7 +10,12 @@ from mammo_retrieval.preprocess import normalise
 
 
 def embed_pictures(encoder: Encoder, pictures: list[np.ndarray]) -> np.ndarray:
-    """uint8 pictures, each (H, W) or (K, H, W) -> float32 (len(pictures), dim), unit rows."""
+    """uint8 pictures, each (H, W) or (K, H, W) -> float32 (len(pictures), dim), unit rows.
+
+    An adapter (an encoder with ``base`` and ``project``) pools its base's vectors, then projects: the way
+    a reindex maps stored vectors, so a volume gets one vector whichever path made it."""
+    if hasattr(encoder, "project") and hasattr(encoder, "base"):
+        return encoder.project(embed_pictures(encoder.base, pictures))
     stacks = [p[None] if p.ndim == 2 else p for p in pictures]
     counts = [len(s) for s in stacks]
     vectors = encoder.embed(normalise(np.concatenate(stacks), encoder.settings))

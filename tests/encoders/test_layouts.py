@@ -56,6 +56,19 @@ def test_rad_dino_folder_matches_transformers_forward(dino_folder):
     assert not encoder.identity.random_weights and encoder.identity.weights_path == str(dino_folder)
 
 
+def test_a_folder_missing_weights_of_its_architecture_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64, patch_size=14, image_size=28)
+    transformers.Dinov2Model(config).save_pretrained(tmp_path, safe_serialization=True)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("layernorm.")}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg = _encoder_cfg(name="rad-dino", weights=str(tmp_path))
+    with pytest.raises(WeightsError, match="lack 2 tensor"):
+        build_encoder(cfg.encoder, cfg.preprocess)
+
+
 def test_rad_dino_needs_a_folder_and_names_what_it_lacks(tmp_path, dino_folder):
     with pytest.raises(WeightsError, match="Hugging Face folder"):
         cfg = _encoder_cfg(name="rad-dino", weights=None)
@@ -95,11 +108,11 @@ def test_moco_checkpoint_of_a_timm_mambaout_matches_timm_forward(tmp_path):
     torch.save(_moco_checkpoint(reference), path)
     cfg = _encoder_cfg(name="timm:mambaout_femto", weights=str(path))
     encoder = build_encoder(cfg.encoder, cfg.preprocess)
-    assert encoder.dim == reference.num_features
     x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
     with torch.inference_mode():
         expected = _reference(reference(torch.from_numpy(x)))
     np.testing.assert_allclose(encoder.embed(x), expected, atol=1e-5)
+    assert encoder.dim == encoder.embed(x).shape[1] == expected.shape[1]  # not timm's num_features (288)
     assert ":" not in encoder.identity.key  # also a folder name
 
 

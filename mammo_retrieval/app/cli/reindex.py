@@ -19,7 +19,7 @@ from mammo_retrieval.app.cli._common import dumps, progress_bar, workspace
                    "(exit 13) when the new one is worse by more than --tolerance.")
 @click.option("--gate-metric", default=None, metavar="METRIC",
               help="<label column>:p@<k>, <label column>:map or contralateral@<k> (default: first column:p@10).")
-@click.option("--tolerance", type=float, default=0.01, show_default=True,
+@click.option("--tolerance", type=click.FloatRange(min=0), default=0.01, show_default=True,
               help="How much worse than live the new version may be and still switch.")
 @click.option("--force", is_flag=True, help="Switch even if the gate fails (the comparison is still printed).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
