@@ -25,6 +25,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.report import emit  # noqa: E402
 
 from mammo_retrieval.app.workspace import Workspace  # noqa: E402
 from mammo_retrieval.core.config import load_config  # noqa: E402
@@ -90,11 +91,7 @@ def main() -> None:
         "agreement": {"corpus": corpus, "min_cosine": round(float(cos.min()), 6),
                       "mean_cosine": round(float(cos.mean()), 6), "top10_overlap": round(overlap_at_10(a, b), 4)},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.report import emit  # noqa: E402
 from tests.orthanc import OrthancServer  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -147,11 +148,7 @@ def main() -> None:
                    "already_present": repull_report["already_present"]},
         "listen_latency": latency,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Ingests the 200 mini-MIAS images (from ../shared, linked) and the 8 full-size CB
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -30,6 +29,8 @@ import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.report import emit  # noqa: E402
 MIAS = REPO.parent / "shared" / "data" / "mias"
 BIN = Path(sys.executable).parent
 DICOM = {"Content-Type": "application/dicom"}
@@ -228,11 +229,7 @@ def main() -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.report import emit  # noqa: E402
 MIAS = REPO.parent / "shared" / "data" / "mias"
 
 
@@ -70,11 +70,7 @@ def main() -> None:
         result["rules"][rule] = {m: round(sum(v) / len(v), 4) for m, v in agree.items()}
         print(rule, result["rules"][rule], flush=True)
     ws.close()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -68,18 +68,22 @@ def plant_outliers(folder: Path, mias_dir: Path) -> dict[str, Path]:
     }
 
 
+def link_mias(mias_dir: Path, archive: Path) -> Path:
+    """The MIAS files linked (never copied) into ``archive``, keeping their folders."""
+    for path in sorted(mias_dir.rglob("*.dcm")):
+        link = archive / path.relative_to(mias_dir)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(path)
+    return archive
+
+
 @pytest.fixture(scope="session")
 def mias_workspace(tmp_path_factory, mias_dir):
     """MIAS (linked, not copied) plus planted outliers, ingested once with ResNet-18 for the analysis tests."""
-    import os
-
     from mammo_retrieval.app.workspace import Workspace
     root = tmp_path_factory.mktemp("mias_ws")
     archive = root / "archive"
-    for path in sorted(mias_dir.rglob("*.dcm")):
-        link = archive / "mias" / path.relative_to(mias_dir)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(path, link)
+    link_mias(mias_dir, archive / "mias")
     planted = plant_outliers(archive / "planted", mias_dir)
     ws = Workspace(make_config(root / "state", encoder={"name": "resnet18", "batch_size": 16}))
     report = ws.ingest(archive, workers=1)

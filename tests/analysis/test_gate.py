@@ -14,7 +14,7 @@ from mammo_retrieval.app.cli import cli
 from mammo_retrieval.app.workspace import Workspace
 from mammo_retrieval.core.errors import ConfigError
 from mammo_retrieval.encoders.model import packaged_weights
-from tests.conftest import make_config
+from tests.conftest import link_mias, make_config
 
 
 def test_metric_parsing_and_the_verdict():
@@ -55,11 +55,7 @@ def test_the_same_model_in_another_file_measures_the_same_and_switches(tmp_path,
 
 
 def test_random_weights_fail_the_gate_on_mias_then_force_switches(mias_dir, tmp_path):
-    archive = tmp_path / "archive"
-    for path in sorted(mias_dir.rglob("*.dcm")):
-        link = archive / path.relative_to(mias_dir)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(path)
+    archive = link_mias(mias_dir, tmp_path / "archive")
     home = tmp_path / "state"
     ws = Workspace(make_config(home))
     assert ws.ingest(archive, workers=1).ingested == 200

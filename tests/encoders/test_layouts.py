@@ -15,7 +15,6 @@ from mammo_retrieval.core.config import load_config
 from mammo_retrieval.core.errors import ConfigError, WeightsError
 from mammo_retrieval.encoders import build_encoder
 from tests.conftest import make_config
-from tests.factory import make_file
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 

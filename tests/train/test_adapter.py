@@ -15,7 +15,7 @@ from mammo_retrieval.app.cli import cli
 from mammo_retrieval.app.workspace import Workspace
 from mammo_retrieval.encoders.adapter import AdaptedEncoder, is_adapter_file, load_adapter
 from mammo_retrieval.train.adapter import AdaptConfig, supervised_contrastive
-from tests.conftest import make_config
+from tests.conftest import link_mias, make_config
 
 
 def test_supervised_contrastive_equals_its_closed_form():
@@ -83,11 +83,7 @@ def test_adapt_cli_refuses_too_few_women_and_names_the_split(tmp_path, cbis_file
 
 
 def test_a_tissue_adapter_improves_held_out_women_on_mias(mias_dir, tmp_path):
-    archive = tmp_path / "archive"
-    for path in sorted(mias_dir.rglob("*.dcm")):
-        link = archive / path.relative_to(mias_dir)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(path)
+    archive = link_mias(mias_dir, tmp_path / "archive")
     ws = Workspace(make_config(tmp_path / "state"))
     ws.ingest(archive, workers=1)
     report = ws.adapt(str(mias_dir / "labels.csv"), ["tissue"], tmp_path / "tissue.safetensors", AdaptConfig())
