@@ -43,6 +43,7 @@ class ReaderConfig:
     multiframe: str
     max_pixels: int
     aggregate_frames: int = 8
+    max_frames: int = 2000
 
 
 @dataclass(frozen=True)

@@ -234,9 +234,14 @@ def _check_header_values(path: Path, ds: Dataset, f: HeaderFields, cfg: ReaderCo
     if f.number_of_frames > 1 and cfg.multiframe == "reject":
         raise _reject(path, C.MULTIFRAME, f"multi-frame image ({f.number_of_frames} frames, e.g. tomosynthesis)",
                       hint="set reader.multiframe: aggregate (pool several frames) or middle (the middle one)")
-    if f.rows * f.columns * f.number_of_frames > cfg.max_pixels:
-        raise _reject(path, C.TOO_LARGE, f"header claims {f.rows} x {f.columns} x {f.number_of_frames} pixels, "
+    # frames are decoded one at a time, so the bound is per frame, plus a ceiling on the frame count: a
+    # 2500 x 1800 x 70 tomosynthesis volume (315M pixels) is an ordinary study, not an absurd header
+    if f.rows * f.columns > cfg.max_pixels:
+        raise _reject(path, C.TOO_LARGE, f"header claims {f.rows} x {f.columns} pixels per frame, "
                       f"over reader.max_pixels={cfg.max_pixels}")
+    if f.number_of_frames > cfg.max_frames:
+        raise _reject(path, C.TOO_LARGE, f"header claims {f.number_of_frames} frames, over "
+                      f"reader.max_frames={cfg.max_frames}")
     _rescale(path, ds)
 
 
@@ -254,7 +259,7 @@ def _check_pixel_data(path: Path, ds: Dataset, f: HeaderFields) -> None:
     """Compare what the header claims with what the pixel data holds, before decoding allocates it."""
     tsyntax = UID(f.transfer_syntax) if f.transfer_syntax else UID("1.2.840.10008.1.2")
     bits = int(ds.get("BitsAllocated") or 16)
-    elem = ds.get_item("PixelData")
+    elem = ds.get_item("PixelData", keep_deferred=True)  # a deferred value stays on disk
     file_size = _size(path)
     if not tsyntax.is_encapsulated:
         expected = (f.rows * f.columns * f.number_of_frames * bits + 7) // 8
@@ -263,7 +268,8 @@ def _check_pixel_data(path: Path, ds: Dataset, f: HeaderFields) -> None:
         if length is not None and tell is not None and tell + length > file_size:
             raise _reject(path, C.TRUNCATED_PIXEL_DATA, f"pixel data truncated: element declares {length} bytes, "
                           f"file ends after {max(0, file_size - tell)}")
-        actual = len(ds.PixelData)
+        deferred = getattr(elem, "value", None) is None and length not in (None, 0xFFFFFFFF)
+        actual = length if deferred else len(ds.PixelData)  # a deferred volume is never loaded to be measured
         if actual > expected + 1:  # one pad byte makes an odd length even
             raise _reject(path, C.SIZE_MISMATCH, f"header claims {f.rows} x {f.columns} x {f.number_of_frames} "
                           f"at {bits} bits ({expected} bytes) but pixel data holds {actual} bytes: Rows or "
@@ -359,7 +365,10 @@ def _decode(path: Path, ds: Dataset, f: HeaderFields, frame: int, reduction: int
         if reduction > 1:
             return _decode_j2k_reduced(path, ds, f, reduction)
         if f.number_of_frames > 1:
-            arr = pydicom.pixels.pixel_array(ds, index=frame)
+            # from the file itself: pydicom then reads only this frame's bytes (by offset when native, its
+            # fragments when encapsulated), never the whole volume
+            source = io.BytesIO(path.data) if isinstance(path, InMemoryDicom) else str(path)
+            arr = pydicom.pixels.pixel_array(source, index=frame)
         else:
             arr = ds.pixel_array
     except FATAL_EXCEPTIONS:

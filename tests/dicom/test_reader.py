@@ -180,6 +180,15 @@ def test_too_large_header(tmp_path):
     expect_rejection(write(ds, tmp_path / "big.dcm"), "too_large")
 
 
+def test_a_full_size_tomosynthesis_header_is_not_too_large(tmp_path):
+    """2500 x 1800 x 70 frames is 315M pixels, over max_pixels as a whole, but decoded a frame at a time."""
+    from mammo_retrieval.core.config import load_config
+    ds = make_dataset(frames=1)
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 2500, 1800, 70
+    header = read_header(write(ds, tmp_path / "dbt.dcm"), load_config(env={}).reader)
+    assert header.number_of_frames == 70
+
+
 def test_missing_sop_uid(tmp_path):
     ds = make_dataset()
     del ds.SOPInstanceUID

@@ -41,8 +41,11 @@ def broken_and_foreign(folder: Path, mias_file: Path) -> dict[str, str]:
     write(ds, add("header_only.dcm", "no_pixel_data"))
     make_file(add("raw.dcm", "for_processing"), sop_class=MG_FOR_PROCESSING)
     ds = make_dataset(np.zeros((3, 32, 32), np.uint16), frames=3)
-    ds.NumberOfFrames = 100000  # an absurd frame count: the pixel data holds 3
-    write(ds, add("tomo_absurd.dcm", "size_mismatch"))
+    ds.NumberOfFrames = 100000  # an absurd frame count: over reader.max_frames
+    write(ds, add("tomo_absurd.dcm", "too_large"))
+    ds = make_dataset(np.zeros((3, 32, 32), np.uint16), frames=3)
+    ds.NumberOfFrames = 1000  # a plausible frame count that the pixel data (3 frames) does not hold
+    write(ds, add("tomo_short.dcm", "size_mismatch"))
     ds = make_dataset(np.zeros((3, 32, 32), np.uint16), frames=3, syntax="rle")
     ds.NumberOfFrames = 5  # frames missing from the encapsulated data
     write(ds, add("tomo_truncated.dcm", "undecodable_pixel_data"))
