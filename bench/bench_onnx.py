@@ -50,6 +50,26 @@ def throughput(encoder, size: tuple[int, int], batches: int) -> float:
     return 16 * batches / (time.perf_counter() - started)
 
 
+def int8_twin(encoder, out_dir: Path):
+    """The ONNX encoder's model, dynamically quantised to int8 weights (onnxruntime.quantization), as a
+    session that embeds like it: measured only, not a runtime option (see the README)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    target = out_dir / (encoder.model_path.stem + "-int8.onnx")
+    quantize_dynamic(str(encoder.model_path), str(target), weight_type=QuantType.QInt8)
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+
+    class Int8:
+        settings = encoder.settings
+
+        @staticmethod
+        def embed(batch: np.ndarray) -> np.ndarray:
+            (features,) = session.run(None, {"pixels": np.ascontiguousarray(batch, dtype=np.float32)})
+            return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+    return Int8(), target.stat().st_size / 1e6, encoder.model_path.stat().st_size / 1e6
+
+
 def overlap_at_10(a: np.ndarray, b: np.ndarray) -> float:
     def top(v):
         sims = v @ v.T
@@ -73,6 +93,9 @@ def main() -> None:
             row[f"{runtime}_{precision}_images_per_s"] = round(throughput(encoder, encoder.settings.size,
                                                                           args.batches), 1)
         row["onnx_vs_torch_fp32"] = round(row["onnx_fp32_images_per_s"] / row["torch_fp32_images_per_s"], 2)
+        int8, int8_mb, fp32_mb = int8_twin(workspace(home, name, runtime="onnx").encoder, home)
+        row["onnx_int8_images_per_s"] = round(throughput(int8, encoder.settings.size, args.batches), 1)
+        row["onnx_mb_fp32_int8"] = [round(fp32_mb, 1), round(int8_mb, 1)]
         speed[name] = row
         print(json.dumps(row))
     if MIAS.exists():
@@ -85,11 +108,16 @@ def main() -> None:
     pictures = [torch_ws.prepare(f, torch_ws.encoder.settings).display for f in files]
     a, b = embed_pictures(torch_ws.encoder, pictures), embed_pictures(onnx_ws.encoder, pictures)
     cos = np.sum(a * b, axis=1)
+    int8, _, _ = int8_twin(onnx_ws.encoder, home)
+    c = embed_pictures(int8, pictures)
+    cos8 = np.sum(a * c, axis=1)
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
         "cpus": os.cpu_count(), "speed": speed,
         "agreement": {"corpus": corpus, "min_cosine": round(float(cos.min()), 6),
-                      "mean_cosine": round(float(cos.mean()), 6), "top10_overlap": round(overlap_at_10(a, b), 4)},
+                      "mean_cosine": round(float(cos.mean()), 6), "top10_overlap": round(overlap_at_10(a, b), 4),
+                      "int8_min_cosine": round(float(cos8.min()), 6), "int8_mean_cosine": round(float(cos8.mean()), 6),
+                      "int8_top10_overlap": round(overlap_at_10(a, c), 4)},
     }
     emit(result, args.out)
 
