@@ -440,25 +440,16 @@ class Workspace:
             repo.record_rejections(s, [(rejected.path, rejected.code, rejected.reason)])
 
     def index_prepared(self, batch: list["Prepared"]) -> int:
-        """Embed and index prepared images (the listener's batches) under the write lock; an image whose
-        SOPInstanceUID is embedded already (sent twice) is skipped. Returns how many were new."""
-        from mammo_retrieval.pipeline.runner import CatalogSink, embed_batch
+        """Embed and index prepared images (the listener's batches) on an ingest's write side (``_writing``);
+        an image whose SOPInstanceUID is embedded already (sent twice) is skipped. Returns how many were new."""
+        from mammo_retrieval.pipeline.runner import IngestReport, embed_batch
         unique = {p.header.sop_instance_uid: p for p in batch}  # the last copy of a UID sent twice wins
-        with self.write_lock():
-            encoder = self.encoder
-            mv_id = self.model_version_id()
+        with self._writing(IngestReport(root=self.config.pacs.spool_dir)) as (encoder, sink, _):
             with self.db.session() as s:
-                known = repo.embedded_sops(s, list(unique), mv_id)
+                known = repo.embedded_sops(s, list(unique), sink.model_version_id)
             todo = [p for sop, p in unique.items() if sop not in known]
             if todo:
-                index = self.open_index(create=True)
-                self.lifecycle.sync(index, mv_id)
-                sink = CatalogSink(self.db, index, self.image_cache, mv_id, self.config.index.save_every_batches)
                 sink.write(todo, embed_batch(encoder, todo))
-                self.lifecycle.maybe_relayout(index, mv_id)
-                index.save()
-                self._record_first_live_model()
-        self.search.forget_index()
         return len(todo)
 
     def _run_on_dask(self, files, job, sink, report, preceding, workers: int, scheduler: str | None,

@@ -1,7 +1,8 @@
 """Name-keyed registry of encoder specs (after timm's _registry): what to build and how to feed it.
 
-A spec names its *family*: the builder that makes its backbone (``timm`` today; a transformers family
-for Hugging Face ViTs plugs in with ``register_family``). The spec carries the model's own input
+A spec names its *family*: the builder that makes its backbone (``timm``; others plug in with
+``register_family``). The ``transformers`` family (rad-dino) has no builder here: its folder is both
+architecture and weights, so ``build_encoder`` loads it whole. The spec carries the model's own input
 config (size, mean/std, resize interpolation), so preprocessing follows the model, not the caller."""
 from __future__ import annotations
 
@@ -62,10 +63,6 @@ def timm_spec(name: str) -> EncoderSpec:
                        interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic")
 
 
-def hf_folder_backbone(spec: EncoderSpec) -> "torch.nn.Module":
-    raise AssertionError("transformers encoders are built from their folder by build_encoder")
-
-
 class EncoderRegistry:
     """A registry instance (not module state): tests and plugins can make their own."""
 
@@ -73,7 +70,6 @@ class EncoderRegistry:
                  families: dict[str, BackboneBuilder] | None = None) -> None:
         self._specs: dict[str, EncoderSpec] = {}
         self._families: dict[str, BackboneBuilder] = dict(families if families is not None else {"timm": timm_backbone})
-        self._families.setdefault("transformers", hf_folder_backbone)
         for spec in specs or []:
             self.register(spec)
 

@@ -66,9 +66,10 @@ def pull(client: DicomWebClient, studies: list[str], job: PrepareJob, executor: 
             instances = [i for i in instances if i.is_image]
             report.files_seen += len(instances)
             todo = _not_embedded(sink, instances)
-            present = len(instances) - len(todo)
-            report.already_present += present
-            sink.clear_rejections([i.url for i in instances if i not in todo])
+            waiting = {i.sop_uid for i in todo}
+            present = [i.url for i in instances if i.sop_uid not in waiting]
+            report.already_present += len(present)
+            sink.clear_rejections(present)
             for start in range(0, len(todo), max(1, cfg.fetch_batch)):
                 fetched, failed = _retrieve_all(client, connections, todo[start:start + cfg.fetch_batch], report)
                 report.rejected.extend(failed)

@@ -28,6 +28,7 @@ from mammo_retrieval.app.workspace import Workspace
 from mammo_retrieval.core.errors import MammoRetrievalError, NotFoundError, Remedy
 from mammo_retrieval.core.timing import Stopwatch
 from mammo_retrieval.dicom.reader import InMemoryDicom
+from mammo_retrieval.pacs.kos import referenced_sops
 from mammo_retrieval.search.query import QueryFilters, QueryResult
 from mammo_retrieval.storage.catalog import repository as repo
 
@@ -206,7 +207,7 @@ def api_router() -> APIRouter:
     @router.get("/qc/kos", summary="Studies with flagged images in the latest QC sweep, each with its KOS link")
     def qc_kos_list(top: int = Query(50, ge=1, le=10000), state: ServerState = Depends(get_state)) -> dict:
         documents = state.workspace.qc_kos(top)
-        return {"documents": [{"study_instance_uid": d.StudyInstanceUID, "images": len(_referenced(d)),
+        return {"documents": [{"study_instance_uid": d.StudyInstanceUID, "images": len(referenced_sops(d)),
                                "url": f"/api/v1/qc/kos/{d.StudyInstanceUID}?top={top}"} for d in documents]}
 
     @router.get("/qc/kos/{study_instance_uid}", response_class=Response,
@@ -243,11 +244,6 @@ def _dicom(document, filename: str) -> Response:
     document.save_as(buffer, enforce_file_format=True)
     return Response(buffer.getvalue(), media_type="application/dicom",
                     headers={"Content-Disposition": f'attachment; filename="{filename}"', "Cache-Control": "no-store"})
-
-
-def _referenced(document) -> list[str]:
-    from mammo_retrieval.pacs.kos import referenced_sops
-    return referenced_sops(document)
 
 
 def _page(name: str) -> str:
