@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic import embedding_like  # noqa: E402
+from synthetic import EmbeddingStream  # noqa: E402
 
 
 def exact_truth(data: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -51,8 +51,9 @@ def bytes_per_vector(index) -> float:
 def search_bench(dim: int, sizes: list[int], n_queries: int, nprobes: list[int]) -> list[dict]:
     rows = []
     for n in sizes:
-        data = embedding_like(n, dim, seed=1)
-        queries = embedding_like(n_queries, dim, seed=2)  # same distribution, not in the index
+        world = EmbeddingStream(dim, clusters=50, seed=1)
+        data = world.rows(0, n)
+        queries = world.rows(0, n_queries, stream=1)  # the same world (centres, basis), not in the index
         t = time.perf_counter()
         truth = exact_truth(data, queries, 10)
         rows.append({"n": n, "dim": dim, "index": "flat (exact)", "nprobe": None, "build_s": 0.0,
@@ -92,14 +93,14 @@ def memory_bench(dim: int, n: int, home: Path) -> dict:
     it as ingest and `index rebuild` do. Peak RSS against the raw size of the vectors."""
     from mammo_retrieval.app.workspace import Workspace
     from mammo_retrieval.core.config import load_config
-    from synthetic import populate_stream
+    from synthetic import populate_world
     name = {512: "resnet18", 2048: "resnet50", 1024: "densenet121"}[dim]
     cfg = load_config(env={"MRETRIEVE_HOME": str(home)}).replace("encoder", name=name)
     ws = Workspace(cfg)
     ws.encoder
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.perf_counter()
-    populate_stream(ws, n, lambda a, b: embedding_like(b - a, dim, seed=a), batch=10_000)
+    populate_world(ws, n, EmbeddingStream(dim))
     populate_s = time.perf_counter() - t
     after_populate = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.perf_counter()

@@ -99,12 +99,13 @@ def main() -> None:
             result["ingest_s"][name] = round(seconds, 1)
             print(f"{name}: {seconds:.1f} s ({args.copies / seconds:.2f} images/s)", flush=True)
         s = result["ingest_s"]
-        if args.only:
-            print(json.dumps(result, indent=2))
-            return
         result["dask_overhead"] = {w: round(s[f"dask, {w}"] / s[f"local, {w}"] - 1, 3)
-                                   for w in ("1 worker", "2 workers")}
-        result["postgres_vs_sqlite"] = round(s["local, 2 workers, PostgreSQL"] / s["local, 2 workers"], 3)
+                                   for w in ("1 worker", "2 workers") if f"dask, {w}" in s and f"local, {w}" in s}
+        if "local, 2 workers, PostgreSQL" in s and "local, 2 workers" in s:
+            result["postgres_vs_sqlite"] = round(s["local, 2 workers, PostgreSQL"] / s["local, 2 workers"], 3)
+        if args.only:
+            emit(result, args.out)
+            return
         result["bulk_rows_per_s"] = {
             "sqlite": round(bulk_rows_per_second(f"sqlite:///{work / 'bulk.db'}", args.rows, 256)),
             "postgresql": round(bulk_rows_per_second(server.new_database(), args.rows, 256))}

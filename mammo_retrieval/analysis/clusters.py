@@ -66,12 +66,13 @@ def ivf_balance(index: "VectorIndex | None") -> dict:
     if index is None or index.manifest.index_type == "flat":
         return {"index_type": index.manifest.index_type if index else None,
                 "note": "exact (flat) index: no inverted lists to balance"}
-    ivf = faiss.extract_index_ivf(index.index)
-    sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)])
-    return {"index_type": index.manifest.index_type, "nlist": int(ivf.nlist), "min": int(sizes.min()),
+    sizes = index.list_sizes()
+    total = float(sizes.sum())
+    return {"index_type": index.manifest.index_type, "nlist": len(sizes), "min": int(sizes.min()),
             "max": int(sizes.max()), "mean": float(sizes.mean()), "empty_lists": int((sizes == 0).sum()),
             "coefficient_of_variation": float(sizes.std() / sizes.mean()) if sizes.mean() else None,
-            "imbalance_factor": float(ivf.invlists.imbalance_factor())}
+            # faiss's InvertedLists.imbalance_factor: 1.0 when every list is the same size
+            "imbalance_factor": float(len(sizes) * (sizes.astype(float) ** 2).sum() / total ** 2) if total else None}
 
 
 def cluster_metrics(vectors: np.ndarray, assignments: np.ndarray, seed: int = 0) -> dict:

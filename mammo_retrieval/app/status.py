@@ -48,7 +48,8 @@ def collect_status(ws: "Workspace", *, rejected_limit: int | None = None) -> dic
         if manifest is not None:
             entry["index"] = {"path": str(directory), "type": manifest.index_type, "metric": manifest.metric,
                               "nlist": manifest.nlist, "nprobe": manifest.nprobe, "ntotal": manifest.ntotal,
-                              "updated_at": manifest.updated_at}
+                              "opq": manifest.opq, "on_disk": manifest.on_disk,
+                              "layout_source": manifest.layout_source, "updated_at": manifest.updated_at}
         models.append(entry)
     warnings = [RANDOM_WEIGHTS_WARNING] if any(m["random_weights"] for m in models) else []
     return {
@@ -74,10 +75,18 @@ def _index_file_problem(directory: Path, manifest: Manifest) -> str | None:
     if path.stat().st_size == 0:
         return f"{path}: index file is empty"
     import faiss
+    from mammo_retrieval.storage.index.ondisk import read_on_disk
     try:
-        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        if manifest.on_disk:
+            for name in (manifest.lists_file, manifest.delta_file):
+                if not name or not (directory / name).is_file():
+                    return f"{directory / str(name)}: file of the on-disk index missing"
+            held = (read_on_disk(path).ntotal
+                    + faiss.read_index(str(directory / manifest.delta_file), faiss.IO_FLAG_MMAP).ntotal)
+        else:
+            held = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY).ntotal
     except Exception as exc:  # faiss raises RuntimeError with a multi-line C++ message
         return f"{path}: cannot read index ({' '.join(str(exc).split())[:200]})"
-    if index.ntotal != manifest.ntotal:
-        return f"{path}: holds {index.ntotal} vectors, manifest says {manifest.ntotal}"
+    if held != manifest.ntotal:
+        return f"{path}: holds {held} vectors, manifest says {manifest.ntotal}"
     return None

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from mammo_retrieval.storage.cache import ImageCache
     from mammo_retrieval.storage.catalog.corpus import Corpus
     from mammo_retrieval.storage.index import VectorIndex
+    from mammo_retrieval.storage.index.lifecycle import LayoutRequest
     from mammo_retrieval.storage.index.tune import TuneResult
     from mammo_retrieval.train.adapter import AdaptConfig
 
@@ -210,15 +211,18 @@ class Workspace:
             yield
 
     # --- repairs ------------------------------------------------------------------------------------
-    def rebuild_index(self, *, force: bool = False,
-                      on_progress: Callable[[int, int], None] | None = None) -> "VectorIndex":
-        """Rebuild this model's index from the database (repairs a lost or corrupt index); never shrinks
-        one without ``force`` (see IndexLifecycle.check_rebuild_allowed)."""
+    def rebuild_index(self, *, force: bool = False, on_progress: Callable[[int, int], None] | None = None,
+                      request: "LayoutRequest | None" = None) -> "VectorIndex":
+        """Rebuild this model's index from the database (repairs a lost or corrupt index, or moves it to
+        the layout ``request`` names); never shrinks one without ``force`` (see
+        IndexLifecycle.check_rebuild_allowed)."""
+        from mammo_retrieval.storage.index.lifecycle import LayoutRequest
         with self.write_lock(create_database=False):
             lifecycle, identity = self.lifecycle, self.encoder.identity
             count = lifecycle.catalog_count(self.search.model_version_id())
             old = lifecycle.check_rebuild_allowed(identity, count, force=force)
-            index = lifecycle.rebuild(identity, self.model_version_id(), old, count, on_progress)
+            index = lifecycle.rebuild(identity, self.model_version_id(), old, count, on_progress,
+                                      request or LayoutRequest())
         self.search.forget_index()
         return index
 

@@ -77,6 +77,10 @@ class IndexConfig:
     pq_m: int
     min_points_per_list: int
     save_every_batches: int
+    opq: bool = False
+    opq_iterations: int = 50
+    on_disk: bool = False
+    rerank: int = 10
 
 
 @dataclass(frozen=True)

@@ -12,20 +12,35 @@ def index() -> None:
 
 
 @index.command()
+@click.option("--type", "index_type", type=click.Choice(["flat", "ivf_flat", "ivf_sq8", "ivf_pq"]),
+              help="Index type (default: the config's index.type). Any layout option pins the layout: "
+                   "ingest keeps it until a rebuild without layout options.")
+@click.option("--nlist", type=click.IntRange(min=1), help="Inverted lists (default: the config's index.nlist).")
+@click.option("--opq/--no-opq", default=None, help="An OPQ rotation before the product quantiser (ivf_pq).")
+@click.option("--on-disk/--in-memory", "on_disk", default=None,
+              help="Inverted lists in a memory-mapped file beside the index, built shard by shard.")
+@click.option("--shards", type=click.IntRange(min=1),
+              help="Build an on-disk index in this many shards (memory: one shard's codes at a time; "
+                   "default: one shard per million vectors).")
 @click.option("--force", is_flag=True,
               help="Rebuild even if the index would shrink (the database holds fewer vectors than the index).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.pass_context
-def rebuild(ctx: click.Context, force: bool, no_progress: bool) -> None:
-    """Rebuild the configured model's index from the vectors in the database.
+def rebuild(ctx: click.Context, index_type: str | None, nlist: int | None, opq: bool | None,
+            on_disk: bool | None, shards: int | None, force: bool, no_progress: bool) -> None:
+    """Rebuild the configured model's index from the vectors in the database, in bounded memory.
 
     Refuses to shrink the index unless --force: a database with fewer vectors than the index was most likely
     truncated or replaced, and should be restored instead."""
+    from mammo_retrieval.storage.index.lifecycle import LayoutRequest
+    request = LayoutRequest(index_type, nlist, opq, on_disk, shards)
     ws = workspace(ctx)
     with progress_bar("vector", disable=no_progress) as progress:
-        rebuilt = ws.rebuild_index(force=force, on_progress=progress)
+        rebuilt = ws.rebuild_index(force=force, on_progress=progress, request=request)
     m = rebuilt.manifest
-    click.echo(f"rebuilt {rebuilt.directory}: {m.index_type} nlist {m.nlist} ntotal {m.ntotal}")
+    click.echo(f"rebuilt {rebuilt.directory}: {rebuilt.layout.describe()}, ntotal {m.ntotal}"
+               + (", layout pinned (a rebuild without layout options returns to the config's)"
+                  if m.layout_source == "rebuild" else ""))
 
 
 @index.command()

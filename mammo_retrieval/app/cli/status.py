@@ -30,8 +30,11 @@ def status(ctx: click.Context, fmt: str, rejected_limit: int) -> None:
                    f"sha256 {m['weights_sha256'][:16]}, preprocess {m['preprocess_digest']}, {m['vectors']} vectors")
         idx = m.get("index")
         if idx:
-            click.echo(f"  index {idx['type']} metric {idx['metric']} nlist {idx['nlist']} nprobe {idx['nprobe']} "
-                       f"ntotal {idx['ntotal']} ({idx['path']})")
+            click.echo(f"  index {'OPQ + ' if idx['opq'] else ''}{idx['type']} metric {idx['metric']} "
+                       f"nlist {idx['nlist']} nprobe {idx['nprobe']} ntotal {idx['ntotal']}"
+                       f"{', lists on disk' if idx['on_disk'] else ''}"
+                       f"{', layout pinned by index rebuild' if idx['layout_source'] == 'rebuild' else ''}"
+                       f" ({idx['path']})")
         if m.get("index_error"):
             click.echo(f"  index ERROR: {m['index_error']}")
     if info["rejected"]:

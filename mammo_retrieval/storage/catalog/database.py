@@ -64,6 +64,9 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA busy_timeout=30000")  # first: the WAL switch below may have to wait too
     cursor.execute("PRAGMA foreign_keys=ON")
+    # before WAL, and only effective on a new file: a 2 KB vector row fits once in a 4 KB page (half of it
+    # wasted), seven times in a 16 KB one (README "An index past memory": 4.3 -> 2.4 KB a vector)
+    cursor.execute("PRAGMA page_size=16384")
     cursor.execute("PRAGMA journal_mode=WAL")  # readers (queries) keep working during an ingest
     cursor.close()
 

@@ -213,6 +213,17 @@ def sample_vectors(session: Session, model_version_id: int, dim: int, n: int, se
     return out
 
 
+def vectors_by_ids(session: Session, model_version_id: int, vector_ids: np.ndarray,
+                   dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids found, their vectors) of one model version, for re-scoring approximate candidates exactly."""
+    ids = [int(v) for v in vector_ids]
+    rows = session.execute(select(Embedding.id, Embedding.vector).where(
+        Embedding.model_version_id == model_version_id, Embedding.id.in_(ids))).all() if ids else []
+    found = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+    return found, vectors
+
+
 def embedding_stats(session: Session, model_version_id: int) -> tuple[int, int]:
     """(count, max id) of one model version's vectors."""
     count, max_id = session.execute(select(func.count(Embedding.id), func.max(Embedding.id))

@@ -8,22 +8,63 @@ vectors than its index was truncated or replaced, and is refused rather than tru
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from mammo_retrieval.core.config import IndexConfig
-from mammo_retrieval.core.errors import (DatabaseError, IndexCorruptError, IndexMismatchError, NotFoundError,
-                                         Remedy)
+from mammo_retrieval.core.errors import (ConfigError, DatabaseError, IndexCorruptError, IndexMismatchError,
+                                         NotFoundError, Remedy)
 from mammo_retrieval.core.identity import ModelIdentity
 from mammo_retrieval.storage.catalog import Database
 from mammo_retrieval.storage.catalog import repository as repo
 from mammo_retrieval.storage.index.manifest import Manifest
-from mammo_retrieval.storage.index.store import FLAT, Layout, VectorIndex, new_faiss_index, plan_layout
+from mammo_retrieval.storage.index.store import (FLAT, Layout, VectorIndex, auto_nlist, new_faiss_index,
+                                                 plan_layout)
 from mammo_retrieval.storage.index.tune import TuneResult, exact_neighbours, tune_nprobe
 
 logger = logging.getLogger(__name__)
 
 TRAINING_POINTS_PER_LIST = 50  # FAISS wants >= 39 per centroid
+SHARD_VECTORS = 1_000_000      # an on-disk build holds one shard's codes at a time (72 MB at PQ64)
+
+
+@dataclass(frozen=True)
+class LayoutRequest:
+    """What ``index rebuild`` was asked for; None fields follow the config. A request with any field set
+    pins the layout (ingest no longer moves it to the config's) until a rebuild without one."""
+    index_type: str | None = None
+    nlist: int | None = None
+    opq: bool | None = None
+    on_disk: bool | None = None
+    shards: int | None = None
+
+    @property
+    def pins(self) -> bool:
+        return any(v is not None for v in (self.index_type, self.nlist, self.opq, self.on_disk))
+
+    def layout(self, count: int, config: IndexConfig) -> Layout:
+        if not self.pins:
+            return plan_layout(count, config)
+        index_type = self.index_type or config.type
+        if self.opq and index_type != "ivf_pq":
+            raise ConfigError(f"--opq rotates vectors for product quantisation; it does not apply to {index_type}",
+                              hint="use --type ivf_pq with --opq")
+        if index_type == FLAT:
+            return Layout(FLAT, None)
+        nlist = self.nlist or (auto_nlist(count) if config.nlist == "auto" else int(config.nlist))
+        needed = config.min_points_per_list * nlist
+        if count < needed:
+            raise ConfigError(f"an {index_type} index of {nlist} lists needs at least {needed} vectors to train "
+                              f"({config.min_points_per_list} a list); the database holds {count}",
+                              hint="choose a smaller --nlist, or keep the exact (flat) index until the archive grows")
+        opq = self.opq if self.opq is not None else (config.opq and index_type == "ivf_pq")
+        on_disk = self.on_disk if self.on_disk is not None else config.on_disk
+        return Layout(index_type, nlist, opq=opq, on_disk=on_disk)
+
+    def shard_size(self, count: int) -> int:
+        return math.ceil(max(count, 1) / self.shards) if self.shards else SHARD_VECTORS
 
 
 class IndexLifecycle:
@@ -43,11 +84,21 @@ class IndexLifecycle:
         """The model's index; without ``create`` a missing one raises an error that says why it is missing."""
         directory = self.directory(identity)
         if create:
-            return VectorIndex.open_or_create(directory, identity, self.config)
-        index = VectorIndex.open_existing(directory, identity, self.config)
-        if index is None:
-            self._explain_missing(identity, model_version_id)
+            index = VectorIndex.open_or_create(directory, identity, self.config)
+        else:
+            index = VectorIndex.open_existing(directory, identity, self.config)
+            if index is None:
+                self._explain_missing(identity, model_version_id)
+        if model_version_id is not None:
+            index.exact_vectors = self.exact_vectors(model_version_id, identity.dim)
         return index
+
+    def exact_vectors(self, model_version_id: int, dim: int):
+        """The catalog's float vectors by id (PQ candidates are re-scored with them)."""
+        def lookup(ids):
+            with self.db.session() as s:
+                return repo.vectors_by_ids(s, model_version_id, ids, dim)
+        return lookup
 
     def _explain_missing(self, identity: ModelIdentity, model_version_id: int | None) -> None:
         newest = self._newest_manifest()
@@ -128,22 +179,29 @@ class IndexLifecycle:
         return added
 
     def maybe_relayout(self, index: VectorIndex, model_version_id: int) -> bool:
-        """Move from exact search to IVF (or to a bigger nlist) once the corpus is large enough."""
+        """Move from exact search to IVF (or to a bigger nlist) once the corpus is large enough; merge an
+        on-disk index's delta into a new lists file once it has grown (no retraining)."""
         target = index.wants_rebuild(index.ntotal)
         if target is None:
+            if index.wants_compaction():
+                index.compact()
+                return True
             return False
-        logger.info("index %s: %d vectors, moving to %s", index.directory.name, index.ntotal, target)
-        self._refill(index, model_version_id, target)
+        logger.info("index %s: %d vectors, moving to %s", index.directory.name, index.ntotal, target.describe())
+        m = index.manifest
+        self._refill(index, model_version_id, target, source=m.layout_source, nlist_auto=m.nlist_auto)
         return True
 
     def _refill(self, index: VectorIndex, model_version_id: int, layout: Layout,
-                on_progress: Callable[[int, int], None] | None = None) -> None:
+                on_progress: Callable[[int, int], None] | None = None, *, shard_size: int = SHARD_VECTORS,
+                source: str = "config", nlist_auto: bool = True) -> None:
         dim = index.manifest.dim
         with self.db.session() as s:
             # 50 per centroid: at 1M vectors and nlist 4096 a 20% sample, never all of them
             sample = (repo.sample_vectors(s, model_version_id, dim, n=TRAINING_POINTS_PER_LIST * layout.nlist)
                       if layout.nlist else None)
-        index.rebuild(layout, sample, self.vector_chunks(model_version_id, dim, on_progress))
+        index.rebuild(layout, sample, self.vector_chunks(model_version_id, dim, on_progress),
+                      shard_size=shard_size, source=source, nlist_auto=nlist_auto)
 
     def vector_chunks(self, model_version_id: int, dim: int,
                       on_progress: Callable[[int, int], None] | None = None) -> Callable[[], Iterator]:
@@ -187,14 +245,18 @@ class IndexLifecycle:
         return old
 
     def rebuild(self, identity: ModelIdentity, model_version_id: int, old: Manifest | None, count: int,
-                on_progress: Callable[[int, int], None] | None = None) -> VectorIndex:
-        """A fresh index of every catalog vector of this model, saved in place of the old one."""
+                on_progress: Callable[[int, int], None] | None = None,
+                request: LayoutRequest = LayoutRequest()) -> VectorIndex:
+        """A fresh index of every catalog vector of this model, saved in place of the old one (which stays
+        the live one until the new manifest is written)."""
+        layout = request.layout(count, self.config)
         directory = self.directory(identity)
         directory.mkdir(parents=True, exist_ok=True)
         fresh = Manifest.for_identity(identity, nprobe=old.nprobe if old else None)
         index = VectorIndex(directory, fresh, new_faiss_index(Layout(FLAT, None), self.config, identity.dim),
                             self.config)
-        self._refill(index, model_version_id, plan_layout(count, self.config), on_progress)
+        self._refill(index, model_version_id, layout, on_progress, shard_size=request.shard_size(count),
+                     source="rebuild" if request.pins else "config", nlist_auto=request.nlist is None)
         index.save()
         return index
 

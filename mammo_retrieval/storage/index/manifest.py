@@ -9,7 +9,7 @@ from pathlib import Path
 from mammo_retrieval.core.errors import IndexCorruptError, IndexMismatchError, Remedy
 from mammo_retrieval.core.fileio import write_bytes_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: inverted lists on disk with a delta (older versions cannot read those)
 MANIFEST_NAME = "manifest.json"
 
 
@@ -24,10 +24,16 @@ class Manifest:
     index_type: str = "flat"          # flat (exact) | ivf_flat | ivf_sq8 | ivf_pq
     nlist: int | None = None
     nprobe: int | None = None
+    opq: bool = False                 # an OPQ rotation before the IVF (ivf_pq)
+    on_disk: bool = False             # lists in lists_file (memory-mapped), new vectors in delta_file
+    layout_source: str = "config"     # config: follows the config's policy | rebuild: chosen by `index rebuild`
+    nlist_auto: bool = True           # with layout_source rebuild: nlist still grows with the corpus
     ntotal: int = 0
     max_vector_id: int = 0
     index_file: str | None = None
-    format_version: int = FORMAT_VERSION
+    lists_file: str | None = None
+    delta_file: str | None = None
+    format_version: int = 1
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     updated_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
@@ -54,7 +60,12 @@ class Manifest:
             raise IndexMismatchError("the index was built by another model: " + "; ".join(diffs),
                                      hint="use the config the index was built with, or re-ingest with this one")
 
+    def files(self) -> set[str]:
+        """The files of the folder this manifest names (everything else there is an orphan)."""
+        return {name for name in (self.index_file, self.lists_file, self.delta_file) if name}
+
     def write_atomic(self, directory: Path) -> None:
+        self.format_version = 2 if self.on_disk else 1  # an older reader still reads in-memory layouts
         self.updated_at = datetime.now(timezone.utc).isoformat()
         write_bytes_atomic(directory / MANIFEST_NAME, json.dumps(asdict(self), indent=2, sort_keys=True).encode())
 

@@ -47,29 +47,29 @@ def tune_nprobe(index: VectorIndex, queries: np.ndarray, truth: np.ndarray, targ
     """Smallest power-of-two nprobe whose recall@k meets the target (each measured with its latency)."""
     if index.manifest.index_type == "flat":
         return TuneResult(None, 1.0, target, [{"nprobe": None, "recall": 1.0}], len(queries))
-    ivf = faiss.extract_index_ivf(index.index)
+    nlist = int(index.manifest.nlist)
     table, chosen = [], None
     nprobe = 1
     while True:
-        ivf.nprobe = min(nprobe, ivf.nlist)
+        index.set_nprobe(min(nprobe, nlist))
         started = time.perf_counter()
         latencies = []
         found = np.empty((len(queries), k), dtype=np.int64)
         for i, q in enumerate(queries):
             t = time.perf_counter()
-            found[i] = index.index.search(q[None], k)[1][0]
+            found[i] = index.search(q[None], k)[1][0]  # as a query sees it (re-ranked where configured)
             latencies.append(time.perf_counter() - t)
         recall = recall_at_k(found, truth)
-        table.append({"nprobe": ivf.nprobe, "recall": round(recall, 4),
+        table.append({"nprobe": index.manifest.nprobe, "recall": round(recall, 4),
                       "p50_ms": round(float(np.percentile(latencies, 50)) * 1e3, 3),
                       "p99_ms": round(float(np.percentile(latencies, 99)) * 1e3, 3),
                       "seconds": round(time.perf_counter() - started, 2)})
         if recall >= target and chosen is None:
-            chosen = ivf.nprobe
+            chosen = index.manifest.nprobe
             break
-        if ivf.nprobe >= ivf.nlist:
+        if index.manifest.nprobe >= nlist:
             break
         nprobe *= 2
-    best = chosen if chosen is not None else ivf.nlist
+    best = chosen if chosen is not None else nlist
     index.set_nprobe(best)
     return TuneResult(chosen, next(r["recall"] for r in table if r["nprobe"] == best), target, table, len(queries))
