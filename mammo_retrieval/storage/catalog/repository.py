@@ -217,8 +217,10 @@ def vectors_by_ids(session: Session, model_version_id: int, vector_ids: np.ndarr
                    dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids found, their vectors) of one model version, for re-scoring approximate candidates exactly."""
     ids = [int(v) for v in vector_ids]
-    rows = session.execute(select(Embedding.id, Embedding.vector).where(
-        Embedding.model_version_id == model_version_id, Embedding.id.in_(ids))).all() if ids else []
+    rows = []
+    for start in range(0, len(ids), 4096):  # SQLite allows 32,766 parameters a statement
+        rows += session.execute(select(Embedding.id, Embedding.vector).where(
+            Embedding.model_version_id == model_version_id, Embedding.id.in_(ids[start:start + 4096]))).all()
     found = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
     vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
     return found, vectors

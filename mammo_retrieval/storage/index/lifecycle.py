@@ -51,6 +51,10 @@ class LayoutRequest:
         if self.opq and index_type != "ivf_pq":
             raise ConfigError(f"--opq rotates vectors for product quantisation; it does not apply to {index_type}",
                               hint="use --type ivf_pq with --opq")
+        on_disk = self.on_disk if self.on_disk is not None else config.on_disk
+        if self.shards and (index_type == FLAT or not on_disk):
+            raise ConfigError("--shards splits an on-disk build; this layout is built in memory",
+                              hint="add --on-disk (or set index.on_disk), or drop --shards")
         if index_type == FLAT:
             return Layout(FLAT, None)
         nlist = self.nlist or (auto_nlist(count) if config.nlist == "auto" else int(config.nlist))
@@ -60,7 +64,6 @@ class LayoutRequest:
                               f"({config.min_points_per_list} a list); the database holds {count}",
                               hint="choose a smaller --nlist, or keep the exact (flat) index until the archive grows")
         opq = self.opq if self.opq is not None else (config.opq and index_type == "ivf_pq")
-        on_disk = self.on_disk if self.on_disk is not None else config.on_disk
         return Layout(index_type, nlist, opq=opq, on_disk=on_disk)
 
     def shard_size(self, count: int) -> int:
@@ -196,12 +199,16 @@ class IndexLifecycle:
                 on_progress: Callable[[int, int], None] | None = None, *, shard_size: int = SHARD_VECTORS,
                 source: str = "config", nlist_auto: bool = True) -> None:
         dim = index.manifest.dim
-        with self.db.session() as s:
-            # 50 per centroid: at 1M vectors and nlist 4096 a 20% sample, never all of them
-            sample = (repo.sample_vectors(s, model_version_id, dim, n=TRAINING_POINTS_PER_LIST * layout.nlist)
-                      if layout.nlist else None)
-        index.rebuild(layout, sample, self.vector_chunks(model_version_id, dim, on_progress),
+        index.rebuild(layout, self._training_sample(model_version_id, dim, layout),
+                      self.vector_chunks(model_version_id, dim, on_progress),
                       shard_size=shard_size, source=source, nlist_auto=nlist_auto)
+
+    def _training_sample(self, model_version_id: int, dim: int, layout: Layout):
+        """50 per centroid: at 1M vectors and nlist 4096 a 20% sample, never all of them."""
+        if not layout.nlist:
+            return None
+        with self.db.session() as s:
+            return repo.sample_vectors(s, model_version_id, dim, n=TRAINING_POINTS_PER_LIST * layout.nlist)
 
     def vector_chunks(self, model_version_id: int, dim: int,
                       on_progress: Callable[[int, int], None] | None = None) -> Callable[[], Iterator]:
@@ -256,7 +263,8 @@ class IndexLifecycle:
         index = VectorIndex(directory, fresh, new_faiss_index(Layout(FLAT, None), self.config, identity.dim),
                             self.config)
         self._refill(index, model_version_id, layout, on_progress, shard_size=request.shard_size(count),
-                     source="rebuild" if request.pins else "config", nlist_auto=request.nlist is None)
+                     source="rebuild" if request.pins else "config",
+                     nlist_auto=request.nlist is None and self.config.nlist == "auto")
         index.save()
         return index
 

@@ -65,9 +65,17 @@ class Manifest:
         return {name for name in (self.index_file, self.lists_file, self.delta_file) if name}
 
     def write_atomic(self, directory: Path) -> None:
-        self.format_version = 2 if self.on_disk else 1  # an older reader still reads in-memory layouts
+        """A layout format 1 can describe is written as format 1, without the newer fields, so that an
+        older mammo_retrieval (a server not yet upgraded) still reads it; any other as format 2."""
         self.updated_at = datetime.now(timezone.utc).isoformat()
-        write_bytes_atomic(directory / MANIFEST_NAME, json.dumps(asdict(self), indent=2, sort_keys=True).encode())
+        data = asdict(self)
+        if all(data[name] == value for name, value in _FORMAT_2_DEFAULTS.items()):
+            for name in _FORMAT_2_DEFAULTS:
+                del data[name]
+            data["format_version"] = self.format_version = 1
+        else:
+            data["format_version"] = self.format_version = 2
+        write_bytes_atomic(directory / MANIFEST_NAME, json.dumps(data, indent=2, sort_keys=True).encode())
 
     @classmethod
     def read(cls, directory: Path) -> "Manifest | None":
@@ -95,3 +103,7 @@ class Manifest:
         except FileNotFoundError:
             return None
         return st.st_mtime_ns, st.st_size
+
+
+_FORMAT_2_DEFAULTS = {"opq": False, "on_disk": False, "layout_source": "config", "nlist_auto": True,
+                      "lists_file": None, "delta_file": None}  # fields format 1 does not have

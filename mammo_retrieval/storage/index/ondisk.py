@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -24,22 +25,25 @@ from mammo_retrieval.core.fileio import fsync_dir
 logger = logging.getLogger(__name__)
 
 _LIBC = ctypes.CDLL(None)
+_REDIRECT = threading.Lock()  # fd 1 is one per process: two threads switching it would lose the original
 
 
 @contextmanager
 def stdout_to_stderr() -> Iterator[None]:
     """faiss's on-disk lists printf progress lines to stdout; send them to stderr so that a command's
-    stdout (JSON, CSV) stays clean. The C buffers are flushed on both sides of the switch."""
-    sys.stdout.flush()
-    _LIBC.fflush(None)
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
+    stdout (JSON, CSV) stays clean. The C buffers are flushed on both sides of the switch; one thread at a
+    time (a server's threads may open indexes together). Not reentrant."""
+    with _REDIRECT:
+        sys.stdout.flush()
         _LIBC.fflush(None)
-        os.dup2(saved, 1)
-        os.close(saved)
+        saved = os.dup(1)
+        try:
+            os.dup2(2, 1)
+            yield
+        finally:
+            _LIBC.fflush(None)
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def fsync_file(path: Path) -> None:
@@ -67,7 +71,7 @@ def build_shards(trained: faiss.Index, chunks: Iterable[tuple[np.ndarray, np.nda
         nonlocal shard
         if shard is not None and shard.ntotal:
             path = directory / f".{prefix}-shard{len(paths):04d}.tmp"
-            faiss.write_index(shard, str(path))
+            write_lists(shard, path)
             paths.append(path)
             logger.info("shard %d: %d vectors written to %s", len(paths), shard.ntotal, path.name)
         shard = None
@@ -108,15 +112,22 @@ def merge_into_file(trained: faiss.Index, sources: list, lists_path: Path) -> fa
     return index
 
 
+def write_lists(index: faiss.Index, path: Path) -> None:
+    """A shard: its inverted lists only (the quantisers are the trained index's, kept once)."""
+    writer = faiss.FileIOWriter(str(path))
+    faiss.write_InvertedLists(faiss.extract_index_ivf(index).invlists, writer)
+    del writer  # closes the file
+
+
 def merge_shard_files(trained: faiss.Index, shard_paths: list[Path], lists_path: Path) -> faiss.Index:
-    """merge_ondisk's work, with the shards memory-mapped (their codes are never all in memory)."""
-    shards = [faiss.read_index(str(p), faiss.IO_FLAG_MMAP) for p in shard_paths]
+    """merge_ondisk's work, with the shards' lists memory-mapped (their codes are never all in memory)."""
     sources = []
-    for shard in shards:
-        ivf = faiss.extract_index_ivf(shard)
-        sources.append(ivf.invlists)
+    for path in shard_paths:
+        reader = faiss.FileIOReader(str(path))
+        sources.append(faiss.read_InvertedLists(reader, faiss.IO_FLAG_MMAP))
+        del reader
     merged = merge_into_file(trained, sources, lists_path)
-    del sources, shards
+    del sources
     return merged
 
 

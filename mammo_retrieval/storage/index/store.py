@@ -35,6 +35,7 @@ FLAT = "flat"
 # lists file's vectors, at least COMPACT_MIN and at most COMPACT_MAX (every save rewrites the delta: at
 # PQ64 200k vectors are 14 MB; a compaction rewrites the lists file, 720 MB at 10M)
 COMPACT_MIN, COMPACT_FRACTION, COMPACT_MAX = 10_000, 0.2, 200_000
+RERANK_MAX = 4096  # candidates re-scored per query at most (more only when k itself is larger)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class VectorIndex:
                 # a writer may have saved between our reading the manifest and its index file, removing the
                 # file we were told to read: that is no corruption, read the new manifest's file instead
                 again = Manifest.read(directory)
-                if again is None or again.index_file == manifest.index_file:
+                if again is None or again.files() == manifest.files():
                     raise
                 manifest = again
                 manifest.check_matches(identity)
@@ -196,7 +197,8 @@ class VectorIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.manifest.dim)
         k = max(1, min(k, max(self.ntotal, 1)))
         if self.manifest.index_type == "ivf_pq" and self.cfg.rerank > 1 and self.exact_vectors is not None:
-            scores, ids = self._search_codes(queries, min(self.ntotal, k * self.cfg.rerank))
+            candidates = min(self.ntotal, max(k, min(k * self.cfg.rerank, RERANK_MAX)))
+            scores, ids = self._search_codes(queries, candidates)
             return self._rerank(queries, ids, k)
         return self._search_codes(queries, k)
 
@@ -276,6 +278,7 @@ class VectorIndex:
         index = new_faiss_index(layout, self.cfg, self.manifest.dim)
         if not index.is_trained:
             index.train(np.ascontiguousarray(training_sample, dtype=np.float32))
+        del training_sample  # the caller passes it without keeping it: not held through the build
         m = self.manifest
         m.lists_file = m.delta_file = None
         if layout.on_disk:
@@ -299,11 +302,11 @@ class VectorIndex:
         """Shards of at most shard_size vectors, merged into one lists file; returns (lists index, an
         empty delta, largest id). The new files are named in the manifest only by ``save``."""
         prefix = uuid.uuid4().hex[:12]
-        shards, max_id = ondisk.build_shards(trained, chunks(), shard_size, self.directory, prefix)
         try:
+            shards, max_id = ondisk.build_shards(trained, chunks(), shard_size, self.directory, prefix)
             base = self._write_lists(trained, lambda lists: ondisk.merge_shard_files(trained, shards, lists), prefix)
         finally:
-            ondisk.remove_quietly(shards, self.directory)
+            ondisk.remove_quietly(self.directory.glob(f".{prefix}-shard*.tmp"), self.directory)
         return base, trained, max_id
 
     def _write_lists(self, trained: faiss.Index, merge: Callable[[Path], faiss.Index], prefix: str) -> faiss.Index:
@@ -339,6 +342,8 @@ class VectorIndex:
         """Atomic: new files, fsync, then replace the manifest (the commit point), then drop files no
         manifest names. An on-disk layout writes only its delta (its lists file is never rewritten)."""
         logger.debug("saving %d vectors to %s", self.ntotal, self.directory)
+        if self.wants_compaction():  # bounds the delta (and what every save rewrites) during a long ingest
+            self.compact()
         before = dataclasses.replace(self.manifest)
         if self.delta is not None:
             self.manifest.delta_file = self._write_new("delta", self.delta)
@@ -347,11 +352,20 @@ class VectorIndex:
         try:
             self.manifest.write_atomic(self.directory)
         except BaseException:
-            for name in self.manifest.files() - before.files():
-                (self.directory / name).unlink(missing_ok=True)
-            self.manifest = before
+            if not self._committed():
+                for name in self.manifest.files() - before.files():
+                    (self.directory / name).unlink(missing_ok=True)
+                self.manifest = before
             raise
         self.remove_orphans()
+
+    def _committed(self) -> bool:
+        """Whether the manifest on disk already names our files (the failure came after the rename)."""
+        try:
+            on_disk = Manifest.read(self.directory)
+        except Exception:
+            return False
+        return on_disk is not None and on_disk.files() == self.manifest.files()
 
     def _write_new(self, kind: str, index: faiss.Index) -> str:
         name = f"{kind}-{uuid.uuid4().hex[:12]}.faiss"

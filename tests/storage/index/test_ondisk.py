@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import faiss
@@ -232,12 +233,23 @@ def test_commands_keep_stdout_clean_with_an_on_disk_index(tmp_path):
                             "--on-disk", "--shards", "2", "--no-progress"], env=env, capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     assert build.stdout.startswith("rebuilt ") and "lists on disk" in build.stdout
+    # kill -9 a second build part-way (whatever it was doing): the first one's index still answers
+    rebuild = [mretrieve, "index", "rebuild", "--type", "ivf_pq", "--nlist", "32", "--on-disk", "--shards", "3",
+               "--no-progress"]
+    victim = subprocess.Popen(rebuild, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(4.0)
+    victim.kill()
+    victim.wait()
     query = subprocess.run([mretrieve, "query", "--accession", "SYN0000001", "--format", "json", "-k", "5"],
                            env=env, capture_output=True, text=True)
     assert query.returncode == 0, query.stderr
     answer = json.loads(query.stdout)  # one result per image of the study
     assert len(answer) == 2 and all(len(result["hits"]) == 5 for result in answer)
     assert "IO_FLAG" in query.stderr  # faiss did print: to stderr
+    again = subprocess.run(rebuild, env=env, capture_output=True, text=True)  # the rerun completes and cleans up
+    assert again.returncode == 0 and "nlist 32" in again.stdout, again.stderr
+    (folder,) = [d for d in (home / "indexes").iterdir() if d.is_dir() and d.name != "onnx"]
+    assert {p.name for p in folder.iterdir()} == Manifest.read(folder).files() | {"manifest.json"}
 
 
 def test_a_build_that_dies_midway_leaves_the_live_index(tmp_path, built, corpus, monkeypatch):
@@ -272,3 +284,60 @@ def test_a_grown_delta_is_compacted_by_the_lifecycle(tmp_path, built, monkeypatc
     monkeypatch.setattr(store, "COMPACT_FRACTION", 0.05)
     assert index.wants_compaction() and lifecycle.maybe_relayout(index, model_version_id=1)
     assert index.delta.ntotal == 0 and index.index.ntotal == 21_000 and index.layout == LAYOUT
+
+
+def test_a_reader_racing_a_delta_save_reads_the_new_manifest(tmp_path, built, monkeypatch):
+    """A save that only replaces the delta removes the old delta file: a reader holding the old manifest
+    must read the new one, not report a corrupt index."""
+    directory = tmp_path / "index"
+    writer = built(directory)
+    stale = Manifest.read(directory)
+    writer.add(np.array([1, 3]), clustered(2, seed=8))
+    writer.save()
+    assert stale.index_file == writer.manifest.index_file and stale.delta_file != writer.manifest.delta_file
+    reads = iter([stale])
+    real_read = Manifest.read.__func__
+    monkeypatch.setattr(Manifest, "read", classmethod(lambda cls, d: next(reads, None) or real_read(cls, d)))
+    assert VectorIndex.open_or_create(directory, IDENTITY, PQ_CFG).ntotal == 20_002
+
+
+def test_in_memory_layouts_keep_the_manifest_older_versions_read(tmp_path):
+    index = VectorIndex.open_or_create(tmp_path, IDENTITY, CFG)
+    index.add(np.arange(1, 11), clustered(10))
+    index.save()
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["format_version"] == 1 and not {"on_disk", "delta_file", "layout_source"} & set(data)
+
+
+def test_the_stdout_switch_survives_threads():
+    import threading
+    import time
+    from mammo_retrieval.storage.index.ondisk import stdout_to_stderr
+    original = os.fstat(1)
+
+    def switch():
+        with stdout_to_stderr():
+            time.sleep(0.05)
+    threads = [threading.Thread(target=switch) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = os.fstat(1)
+    assert (after.st_dev, after.st_ino) == (original.st_dev, original.st_ino)
+
+
+def test_reranking_is_bounded_and_batched(tmp_path, built, corpus):
+    index = built(tmp_path / "index")
+    asked = []
+
+    def exact(ids):
+        asked.append(len(ids))
+        return corpus.exact(ids)
+    index.exact_vectors = exact
+    scores, ids = index.search(clustered(1, seed=2), 5000)  # a filtered query widening its fetch
+    found = ids[0] >= 0  # (nprobe 16 of 64 lists reaches fewer than 5000 vectors)
+    assert 4096 < asked[0] <= 5000 and found.sum() == asked[0] and not found[asked[0]:].any()
+    assert np.all(np.diff(scores[0][found]) <= 1e-6)
+    index.search(clustered(1, seed=2), 1000)
+    assert 1000 < asked[-1] <= 4096  # k x rerank = 10,000 capped at RERANK_MAX
