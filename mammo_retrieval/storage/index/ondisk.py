@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import faiss
 import numpy as np
 
-from mammo_retrieval.core.fileio import fsync_dir
+from mammo_retrieval.core.fileio import fsync_dir, fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +46,10 @@ def stdout_to_stderr() -> Iterator[None]:
             os.close(saved)
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_index_file(index: faiss.Index, path: Path) -> None:
     """Write and fsync (the caller renames or commits it)."""
     faiss.write_index(index, str(path))
-    fsync_file(path)
+    fsync_path(path)
 
 
 def build_shards(trained: faiss.Index, chunks: Iterable[tuple[np.ndarray, np.ndarray]], shard_size: int,
@@ -108,7 +100,7 @@ def merge_into_file(trained: faiss.Index, sources: list, lists_path: Path) -> fa
     index.ntotal = ivf.ntotal = ntotal
     ivf.replace_invlists(invlists, True)
     invlists.this.disown()
-    fsync_file(lists_path)
+    fsync_path(lists_path)
     return index
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from mammo_retrieval.core.config import IndexConfig
 from mammo_retrieval.core.errors import ConfigError, IndexCorruptError, Remedy
-from mammo_retrieval.core.fileio import fsync_dir
+from mammo_retrieval.core.fileio import fsync_dir, fsync_path
 from mammo_retrieval.core.private import make_private_dir
 from mammo_retrieval.storage.index import ondisk
 from mammo_retrieval.storage.index.manifest import Manifest
@@ -371,7 +371,7 @@ class VectorIndex:
         name = f"{kind}-{uuid.uuid4().hex[:12]}.faiss"
         tmp = self.directory / f".{name}.tmp"
         faiss.write_index(index, str(tmp))
-        ondisk.fsync_file(tmp)
+        fsync_path(tmp)
         os.replace(tmp, self.directory / name)
         fsync_dir(self.directory)
         return name
