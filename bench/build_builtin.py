@@ -1,4 +1,4 @@
-"""How the built-in encoder was made, and the conversion of its checkpoint into the shipped weights.
+"""How the built-in v1 encoder (`mammo-simclr`) was made, and the conversion of its checkpoint into the shipped weights.
 
 Recipe (CPU, 2 cores; no GPU was available to this task):
     export MRETRIEVE_HOME=/tmp/builtin/state MRETRIEVE_CONFIG=/tmp/builtin/config.yaml

@@ -68,6 +68,31 @@ def plant_outliers(folder: Path, mias_dir: Path) -> dict[str, Path]:
     }
 
 
+def cbis_pathology_labels(ws, path: Path) -> Path:
+    """A labels CSV (SOPInstanceUID, pathology) for an ingested CBIS-DDSM archive, from each file's folder
+    name (sfm-benign-*/sfm-malign-*)."""
+    from mammo_retrieval.storage.catalog import repository as repo
+    with ws.db.session() as s:
+        rows = [(sop, stored) for _, sop, stored in repo.images_with_paths(s)]
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["SOPInstanceUID", "pathology"])
+        writer.writerows((sop, "malignant" if "malign" in stored else "benign") for sop, stored in rows)
+    return path
+
+
+def builtin_as_state_dict(path: Path) -> Path:
+    """The default built-in's shipped weights saved again as a torch state dict: another file, the same model."""
+    import torch
+    from safetensors.torch import load_file
+
+    from mammo_retrieval.encoders.model import packaged_weights
+    from mammo_retrieval.encoders.registry import BUILTIN, DEFAULT_REGISTRY
+    shipped = load_file(str(packaged_weights(DEFAULT_REGISTRY.get(BUILTIN).weights_file)))
+    torch.save({k: v.float() for k, v in shipped.items()}, path)
+    return path
+
+
 def link_mias(mias_dir: Path, archive: Path) -> Path:
     """The MIAS files linked (never copied) into ``archive``, keeping their folders."""
     for path in sorted(mias_dir.rglob("*.dcm")):

@@ -139,19 +139,48 @@ def evaluate_space(features: np.ndarray, labels: pd.DataFrame, columns: list[str
 
 
 def heldout_patients(checkpoint: str) -> set[str]:
-    """The women a checkpoint from `mretrieve train` never saw (recorded in its metadata)."""
-    import torch
-    data = torch.load(checkpoint, map_location="cpu", weights_only=True).get("data") or {}
+    """The women a checkpoint from `mretrieve train` never saw (recorded in its metadata); a
+    .safetensors file (the shipped built-in weights) records them as JSON in its header."""
+    if str(checkpoint).endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(str(checkpoint), "pt") as fh:
+            recorded = (fh.metadata() or {}).get("heldout_patients")
+        data = {"heldout_patients": json.loads(recorded)} if recorded else {}
+    else:
+        import torch
+        data = torch.load(checkpoint, map_location="cpu", weights_only=True).get("data") or {}
     if "heldout_patients" not in data:
         raise MammoRetrievalError(f"{checkpoint} records no held-out patients",
                                   hint="train with --holdout-fraction to keep women out")
     return set(data["heldout_patients"])
 
 
+def _other_version(corpus: Corpus, sops: list[str]) -> np.ndarray | str:
+    """Another model version's vectors for ``sops`` (in that order), or why it cannot be compared."""
+    from mammo_retrieval.analysis.vectors import load_embeddings
+    try:
+        table = load_embeddings(corpus)
+    except MammoRetrievalError as exc:
+        return exc.message
+    position = {sop: i for i, sop in enumerate(table.meta.sop_instance_uid)}
+    missing = sum(sop not in position for sop in sops)
+    if missing:
+        return f"{missing} of the {len(sops)} evaluated images have no vector of this version"
+    return table.vectors[[position[sop] for sop in sops]]
+
+
+def space_name(corpus: Corpus, live: bool = False) -> str:
+    """``encoder:<model version key>``; `` (live)`` marks the serving one among several versions."""
+    return f"encoder:{corpus.identity.key}" + (" (live)" if live else "")
+
+
 def evaluate(corpus: Corpus, labels_csv: str, *, columns: list[str] | None = None,
              ks: tuple[int, ...] = (1, 5, 10), patients: set[str] | None = None,
-             on_progress: Progress | None = None) -> dict:
-    """The serving encoder and the two references, on the labelled images (of ``patients`` only, if given)."""
+             others: list[Corpus] = (), on_progress: Progress | None = None) -> dict:
+    """The serving encoder and the two references, on the labelled images (of ``patients`` only, if given).
+
+    ``others``: more model versions of the same catalog (e.g. every version a reindex kept), measured on
+    exactly the same images in the same run; a version lacking some of them is listed as skipped."""
     from mammo_retrieval.analysis.labels import join_labels, label_columns, read_labels
     from mammo_retrieval.analysis.vectors import load_embeddings
     progress = on_progress or (lambda step, done, total: None)
@@ -180,16 +209,21 @@ def evaluate(corpus: Corpus, labels_csv: str, *, columns: list[str] | None = Non
     for i, sop in enumerate(meta.sop_instance_uid):
         progress("reading the cached images for the references", i, len(meta))
         images.append(corpus.picture(sop))
-    spaces = {
-        f"encoder:{corpus.identity.key}": table.vectors[keep],
-        "raw_pixels_32x32": raw_pixel_features(images),
-        "histogram_64": histogram_features(images),
-    }
+    spaces = {space_name(corpus, live=bool(others)): table.vectors[keep]}
+    skipped = {}
+    for other in others:
+        progress(f"loading the vectors of {other.identity.key}", 0, 1)
+        vectors = _other_version(other, list(meta.sop_instance_uid))
+        if isinstance(vectors, str):
+            skipped[space_name(other)] = vectors
+        else:
+            spaces[space_name(other)] = vectors
+    spaces |= {"raw_pixels_32x32": raw_pixel_features(images), "histogram_64": histogram_features(images)}
     ks = sorted(set(ks))
     report = {"labels_csv": str(labels_csv), "joined_on": join, "images": int(keep.sum()),
               "patients": int(len(set(patient_ids))), "label_columns": columns, "k": ks,
               "restricted_to_patients": None if patients is None else len(patients),
-              "random_weights": corpus.identity.random_weights, "spaces": {}}
+              "random_weights": corpus.identity.random_weights, "spaces": {}, "skipped_versions": skipped}
     for i, (name, features) in enumerate(spaces.items()):
         progress(f"retrieval and classifier metrics for {name} ({i + 1} of {len(spaces)})", 0, 1)
         report["spaces"][name] = evaluate_space(features, aligned, columns, patient_ids, lateralities, ks)
@@ -217,6 +251,8 @@ def to_markdown(report: dict) -> str:
         cells += [_cell(space["labels"][c]["retrieval"][f"precision@{k}"]) for c in report["label_columns"] for k in ks]
         cells += [_cell(space["labels"][c]["retrieval"]["mAP"]) for c in report["label_columns"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, reason in report.get("skipped_versions", {}).items():
+        lines.append(f"\nNot compared: {name}: {reason}.")
     lines += ["", "## Classifiers (balanced accuracy / Cohen's kappa)", ""]
     for column in report["label_columns"]:
         lines += [f"### {column}", "", "| space | knn | logistic_regression | svm | random_forest |", "|---|---|---|---|---|"]

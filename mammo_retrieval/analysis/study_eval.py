@@ -42,7 +42,9 @@ def study_ranked_lists(studies: list[Study], rule: str) -> RankedLists:
 
 
 def evaluate_studies(corpus: Corpus, labels_csv: str, *, columns: list[str] | None = None,
-                     ks: tuple[int, ...] = (1, 5, 10)) -> dict:
+                     ks: tuple[int, ...] = (1, 5, 10), patients: set[str] | None = None) -> dict:
+    """Every fusion rule and the per-image baseline on the labelled images (of ``patients`` only, if given:
+    e.g. the women a model never saw in training)."""
     from mammo_retrieval.analysis.labels import join_labels, label_columns, read_labels
     from mammo_retrieval.analysis.vectors import load_embeddings
     if not ks or min(ks) < 1:
@@ -52,6 +54,8 @@ def evaluate_studies(corpus: Corpus, labels_csv: str, *, columns: list[str] | No
     table = load_embeddings(corpus)
     aligned, join = join_labels(table.meta, raw)
     labelled = aligned[columns].replace("", pd.NA).notna().any(axis=1).to_numpy()
+    if patients is not None:
+        labelled = labelled & table.meta.patient_id.isin(patients).to_numpy()
     meta = table.meta[labelled].reset_index(drop=True)
     aligned = aligned[labelled].reset_index(drop=True)
     vectors = table.vectors[labelled]
@@ -71,7 +75,8 @@ def evaluate_studies(corpus: Corpus, labels_csv: str, *, columns: list[str] | No
     ks = sorted(set(ks))
     image_ranked = RankedLists.build(l2_rows(vectors))
     report = {"level": "study", "labels_csv": str(labels_csv), "joined_on": join, "label_columns": columns,
-              "k": ks, "studies": len(studies), "images": len(meta), "image_level": {}, "rules": {}}
+              "k": ks, "studies": len(studies), "images": len(meta),
+              "restricted_to_patients": None if patients is None else len(patients), "image_level": {}, "rules": {}}
     for column in columns:
         values = aligned[column].to_numpy(dtype=object)
         report["image_level"][column] = retrieval_metrics(image_ranked, values, image_patients, ks)
@@ -88,7 +93,9 @@ def evaluate_studies(corpus: Corpus, labels_csv: str, *, columns: list[str] | No
 
 def to_markdown(report: dict) -> str:
     lines = [f"Study-level evaluation: {report['studies']} studies ({report['images']} images), labels "
-             f"joined on {report['joined_on']}; same-patient studies (images) excluded.", ""]
+             f"joined on {report['joined_on']}; same-patient studies (images) excluded"
+             + (f"; only the {report['restricted_to_patients']} given patients' studies" if report.get("restricted_to_patients")
+                else "") + ".", ""]
     ks = report["k"]
     header = "| level | label | " + " | ".join(f"precision@{k}" for k in ks) + " | mAP |"
     lines += [header, "|" + "---|" * (len(ks) + 3)]

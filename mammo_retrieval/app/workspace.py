@@ -485,9 +485,9 @@ class Workspace:
             switch_live(self.config.index_dir,
                         ServingModel(self.encoder.identity.key, cfg.name, cfg.weights, cfg.input_size))
 
-    def reindex(self, weights: str | None = None, *, allow_missing: bool = False, gate_labels: str | None = None,
-                gate_metric: str | None = None, tolerance: float = 0.01, force: bool = False,
-                on_progress: Callable[[int, int], None] | None = None) -> dict:
+    def reindex(self, weights: str | None = None, *, encoder_name: str | None = None, allow_missing: bool = False,
+                gate_labels: str | None = None, gate_metric: str | None = None, tolerance: float = 0.01,
+                force: bool = False, on_progress: Callable[[int, int], None] | None = None) -> dict:
         """Re-embed every image with ``weights`` (default: the serving ones) beside the live version, then
         switch live atomically. Queries keep using the old index until that moment; the old one stays for
         ``rollback``. It switches only when every image embedded (an unreadable image would otherwise
@@ -497,7 +497,10 @@ class Workspace:
         With ``gate_labels`` (a labels CSV), both versions are measured on the labelled images with
         ``gate_metric`` (default: the first label column's p@10), and the switch is refused (GateFailed,
         the new vectors kept) when the new one is worse than the live one by more than ``tolerance``,
-        unless ``force``."""
+        unless ``force``.
+
+        ``encoder_name`` changes the architecture too (e.g. from built-in v1 to v2): with no ``weights``, that
+        encoder's shipped weights (or its seeded random ones)."""
         import time
 
         from mammo_retrieval.core.errors import ReindexIncompleteError
@@ -510,6 +513,12 @@ class Workspace:
             from mammo_retrieval.analysis.gate import check_gate
             check_gate(gate_labels, gate_metric, tolerance)
         base = serving_encoder_config(self.config.encoder, self.config.index_dir)
+        if encoder_name:
+            from mammo_retrieval.encoders import DEFAULT_REGISTRY
+            from mammo_retrieval.encoders.model import packaged_weights
+            spec = (self._registry or DEFAULT_REGISTRY).get(encoder_name)  # an unknown name is said now
+            shipped = str(packaged_weights(spec.weights_file)) if spec.weights_file else None
+            base = dataclasses.replace(base, name=encoder_name, weights=shipped, input_size=None)
         weights = str(Path(weights).expanduser().resolve()) if weights else base.weights
         with self.write_lock():
             stored, sha = store_model_weights(self.config.index_dir, weights)
@@ -603,8 +612,7 @@ class Workspace:
             row = s.query(ModelVersion).filter(ModelVersion.key == live_key).one_or_none()
             if row is None:
                 raise NotFoundError(f"the live model {live_key} has no vectors in the database to gate against")
-            live = ModelIdentity(row.encoder, row.weights_sha256, row.preprocess_digest, row.dim, row.random_weights,
-                                 row.weights_path)
+            live = ModelIdentity.from_record(row)
             live_mv = row.id
         return gate(Corpus(self.db, live, live_mv, self.cached_image),
                     Corpus(self.db, identity, mv_id, self.cached_image), labels_csv, metric, tolerance)
@@ -640,6 +648,17 @@ class Workspace:
         """The serving model's vectors, metadata and cached pictures, as analyses and training take them."""
         from mammo_retrieval.storage.catalog.corpus import Corpus
         return Corpus(self.db, self.encoder.identity, self.search.model_version_id(), self.cached_image)
+
+    def other_version_corpora(self) -> list["Corpus"]:
+        """Every other model version with vectors in the catalog (kept by reindex), oldest first: what
+        ``evaluate --all-versions`` measures beside the serving one."""
+        from mammo_retrieval.core.identity import ModelIdentity
+        from mammo_retrieval.storage.catalog.corpus import Corpus
+        serving = self.search.model_version_id()
+        with self.db.session() as s:
+            rows = [(mv.id, ModelIdentity.from_record(mv)) for mv, count in repo.model_versions(s)
+                    if count and mv.id != serving]
+        return [Corpus(self.db, identity, mv_id, self.cached_image) for mv_id, identity in rows]
 
     def status(self, *, rejected_limit: int | None = None) -> dict:
         from mammo_retrieval.app.status import collect_status

@@ -15,6 +15,12 @@ class ModelIdentity:
     random_weights: bool
     weights_path: str | None
 
+    @classmethod
+    def from_record(cls, record) -> "ModelIdentity":
+        """The identity a catalog row (a ``model_versions`` record, or anything with its attributes) stores."""
+        return cls(record.encoder, record.weights_sha256, record.preprocess_digest, record.dim,
+                   record.random_weights, record.weights_path)
+
     @property
     def key(self) -> str:
         """Short stable name of this model version (also the index directory's name)."""

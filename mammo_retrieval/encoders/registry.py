@@ -42,6 +42,13 @@ def timm_backbone(spec: EncoderSpec) -> "torch.nn.Module":
     return timm.create_model(spec.timm_name, pretrained=False, num_classes=0)
 
 
+def intensity_fusion_backbone(spec: EncoderSpec) -> "torch.nn.Module":
+    """The spec's timm network fused with its input's intensity histogram (``encoders.fusion``): the
+    built-in v2. Its dimension is the network's plus the histogram's bins."""
+    from mammo_retrieval.encoders.fusion import IntensityFusion
+    return IntensityFusion(timm_backbone(spec), mean=spec.mean[0], std=spec.std[0])
+
+
 TIMM_PREFIX = "timm:"
 
 
@@ -63,13 +70,17 @@ def timm_spec(name: str) -> EncoderSpec:
                        interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic")
 
 
+DEFAULT_FAMILIES: dict[str, BackboneBuilder] = {"timm": timm_backbone, "intensity-fusion": intensity_fusion_backbone}
+TORCH_TRAINABLE_FAMILIES = ("timm", "intensity-fusion")  # whole torch modules `mretrieve train` can finetune
+
+
 class EncoderRegistry:
     """A registry instance (not module state): tests and plugins can make their own."""
 
     def __init__(self, specs: list[EncoderSpec] | None = None,
                  families: dict[str, BackboneBuilder] | None = None) -> None:
         self._specs: dict[str, EncoderSpec] = {}
-        self._families: dict[str, BackboneBuilder] = dict(families if families is not None else {"timm": timm_backbone})
+        self._families: dict[str, BackboneBuilder] = dict(families if families is not None else DEFAULT_FAMILIES)
         for spec in specs or []:
             self.register(spec)
 
@@ -110,11 +121,16 @@ class EncoderRegistry:
         return iter(self._specs.values())
 
 
-BUILTIN = "mammo-simclr"
+BUILTIN_V1 = "mammo-simclr"
+BUILTIN = "mammo-simclr-v2"  # the default (configs/default.yaml)
 
 DEFAULT_REGISTRY = EncoderRegistry([
-    EncoderSpec(BUILTIN, "resnet18", 512, input_size=(128, 128), weights_file="mammo-simclr-r18-128.safetensors",
-                description="built-in: ResNet-18, SimCLR-trained by `mretrieve train` on mini-MIAS at 128 px "
+    EncoderSpec(BUILTIN, "resnet18", 512 + 64, input_size=(128, 128), weights_file="mammo-simclr-v2-r18-128.safetensors",
+                family="intensity-fusion",
+                description="built-in v2 (default): ResNet-18 finetuned on mini-MIAS at 128 px, fused with the "
+                            "picture's 64-bin intensity histogram (CPU recipe, README), shipped as fp16"),
+    EncoderSpec(BUILTIN_V1, "resnet18", 512, input_size=(128, 128), weights_file="mammo-simclr-r18-128.safetensors",
+                description="built-in v1: ResNet-18, SimCLR-trained by `mretrieve train` on mini-MIAS at 128 px "
                             "(CPU recipe, README), shipped as fp16"),
     EncoderSpec("resnet50", "resnet50", 2048, description="ResNet-50, the PRIMER backbone (default)"),
     EncoderSpec("densenet121", "densenet121", 1024, description="DenseNet-121"),

@@ -3,11 +3,16 @@
 Two steps. A shortlist: every query image's nearest images (the index), grouped by study. Then an exact,
 view-aware fusion over every image of each shortlisted study (the stored vectors):
 
-- ``view_best_mean`` (the default): each query image is matched against the candidate's images of the
-  same laterality and view, taking the best cosine; the study score is the mean over the views both
-  studies have. A candidate sharing no view with the query is scored over all its images instead, and its
-  hit says so (``views_matched`` empty).
-- ``mean_pooled``: the cosine of the two studies' mean-pooled, L2-normalised vectors (MaMA-style).
+- ``mean_pooled`` (the default): the cosine of the two studies' mean-pooled, L2-normalised vectors
+  (MaMA-style), each pooled over the views both studies have (over all their images when they share
+  none). It measured at least as well as ``view_best_mean`` on tissue precision@10 in every evaluation
+  of this project (README, "Study-level search"), hence the default.
+- ``view_best_mean``: each query image is matched against the candidate's images of the same laterality
+  and view, taking the best cosine; the study score is the mean over the views both studies have. A
+  candidate sharing no view with the query is scored over all its images instead.
+
+Under either rule a hit lists the views both studies have (``views_matched``; empty: none in common) and
+each of its images' best cosine against the query image of the same view (or any view, without one).
 
 The query's own study is never a hit; ``exclude_same_patient`` drops the patient's other studies too.
 """
@@ -19,8 +24,8 @@ import numpy as np
 
 from mammo_retrieval.core.errors import ConfigError
 
-RULES = ("view_best_mean", "mean_pooled")
-DEFAULT_RULE = "view_best_mean"
+RULES = ("mean_pooled", "view_best_mean")
+DEFAULT_RULE = "mean_pooled"
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,10 @@ def fuse(query: Study, candidate: Study, rule: str) -> tuple[float, list[str], l
     images = [StudyHitImage(i.sop_instance_uid, i.laterality, i.view, i.path, round(s, 6))
               for i, s in zip(candidate.images, per_image)]
     if rule == "mean_pooled":
-        score = float(_unit(q.mean(axis=0)) @ _unit(c.mean(axis=0)))
+        # pooled over the views both studies have, so a two-view query compares like with like
+        q_rows = [i for i, key in enumerate(q_keys) if key in common] or list(range(len(q_keys)))
+        c_rows = [j for j, key in enumerate(c_keys) if key in common] or list(range(len(c_keys)))
+        score = float(_unit(q[q_rows].mean(axis=0)) @ _unit(c[c_rows].mean(axis=0)))
     elif common:
         per_view = [float(np.max(np.where(same[i], sims[i], -np.inf))) for i in range(len(q_keys)) if same[i].any()]
         score = float(np.mean(per_view))

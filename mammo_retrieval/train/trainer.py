@@ -89,7 +89,8 @@ def own_backbone(encoder: "Encoder", registry: "EncoderRegistry | None" = None) 
     from mammo_retrieval.core.errors import ConfigError
     from mammo_retrieval.encoders import DEFAULT_REGISTRY
     from mammo_retrieval.encoders.model import create_backbone
-    if not hasattr(encoder, "model") or getattr(encoder.spec, "family", "timm") != "timm":
+    from mammo_retrieval.encoders.registry import TORCH_TRAINABLE_FAMILIES
+    if not hasattr(encoder, "model") or getattr(encoder.spec, "family", "timm") not in TORCH_TRAINABLE_FAMILIES:
         raise ConfigError(f"`train` finetunes a timm encoder run by torch; the serving model "
                           f"{encoder.identity.key} is {type(encoder).__name__} ({getattr(encoder.spec, 'family', '?')})",
                           hint="set encoder.runtime: torch, and serve a timm encoder (not an adapter or rad-dino) "

@@ -60,3 +60,28 @@ def test_evaluate_on_mias_labels(mias_workspace, mias_dir, tmp_path):
     markdown = to_markdown(report)
     assert "| histogram_64 |" in markdown and "tissue P@10" in markdown
     json.dumps(report)
+
+
+def test_all_versions_are_measured_on_the_same_images(tmp_path, cbis_files):
+    """evaluate --all-versions: the live version and one a reindex kept (the same model in another file, so
+    the same numbers), side by side; a version without vectors is listed as not compared."""
+    import dataclasses
+
+    from mammo_retrieval.app.workspace import Workspace
+    from tests.conftest import builtin_as_state_dict, cbis_pathology_labels, make_config
+    ws = Workspace(make_config(tmp_path / "state"))
+    ws.ingest(cbis_files[0].parent.parent, workers=1)
+    first = ws.corpus()
+    ws.reindex(str(builtin_as_state_dict(tmp_path / "same.pt")))
+    ws = Workspace(ws.config)
+    others = ws.other_version_corpora()
+    assert [o.identity.key for o in others] == [first.identity.key]
+    assert ws.corpus().identity.key != first.identity.key
+    labels = cbis_pathology_labels(ws, tmp_path / "labels.csv")
+    empty = dataclasses.replace(others[0], model_version_id=None)
+    report = evaluate(ws.corpus(), str(labels), ks=(1, 3), others=[*others, empty])
+    live_name, kept_name = f"encoder:{ws.corpus().identity.key} (live)", f"encoder:{first.identity.key}"
+    assert list(report["spaces"]) == [live_name, kept_name, "raw_pixels_32x32", "histogram_64"]
+    assert report["spaces"][live_name]["labels"] == report["spaces"][kept_name]["labels"]
+    assert report["skipped_versions"] == {kept_name: "no vectors for the configured model"}
+    assert f"Not compared: {kept_name}: no vectors for the configured model." in to_markdown(report)

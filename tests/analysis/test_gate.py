@@ -3,7 +3,6 @@ the same and pass; random weights against the built-in (trained on these women) 
 MIAS, do not switch and exit 13; --force switches and reports the comparison."""
 from __future__ import annotations
 
-import csv
 
 import pytest
 import torch
@@ -13,8 +12,7 @@ from mammo_retrieval.analysis.gate import GateFailed, GateMetric, GateResult
 from mammo_retrieval.app.cli import cli
 from mammo_retrieval.app.workspace import Workspace
 from mammo_retrieval.core.errors import ConfigError
-from mammo_retrieval.encoders.model import packaged_weights
-from tests.conftest import link_mias, make_config
+from tests.conftest import builtin_as_state_dict, cbis_pathology_labels, link_mias, make_config
 
 
 def test_metric_parsing_and_the_verdict():
@@ -28,26 +26,11 @@ def test_metric_parsing_and_the_verdict():
     assert not GateResult("m", live=0.60, new=0.585, tolerance=0.01, images=10).passed
 
 
-def _builtin_as_state_dict(path):
-    """The shipped built-in weights, saved again as a torch state dict: another file, the same model."""
-    from safetensors.torch import load_file
-    torch.save({k: v.float() for k, v in load_file(str(packaged_weights("mammo-simclr-r18-128.safetensors"))).items()},
-               path)
-    return path
-
-
 def test_the_same_model_in_another_file_measures_the_same_and_switches(tmp_path, cbis_files):
     ws = Workspace(make_config(tmp_path / "state"))
     ws.ingest(cbis_files[0].parent.parent, workers=1)
-    labels = tmp_path / "labels.csv"
-    with ws.db.session() as s:
-        from mammo_retrieval.storage.catalog import repository as repo
-        rows = [(sop, path) for _, sop, path in repo.images_with_paths(s)]
-    with labels.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["SOPInstanceUID", "pathology"])
-        writer.writerows((sop, "malignant" if "malign" in path else "benign") for sop, path in rows)
-    result = ws.reindex(str(_builtin_as_state_dict(tmp_path / "same.pt")), gate_labels=str(labels),
+    labels = cbis_pathology_labels(ws, tmp_path / "labels.csv")
+    result = ws.reindex(str(builtin_as_state_dict(tmp_path / "same.pt")), gate_labels=str(labels),
                         tolerance=0.0)
     gate = result["gate"]
     assert gate["metric"] == "pathology:p@10" and gate["live"] == gate["new"] and gate["passed"]
@@ -63,7 +46,11 @@ def test_random_weights_fail_the_gate_on_mias_then_force_switches(mias_dir, tmp_
     random_weights = tmp_path / "random.pt"
     import timm
     torch.manual_seed(3)
-    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), random_weights)
+    # the default encoder's layout (v2: a ResNet-18 beside the histogram), its network's weights random
+    shipped = ws.encoder.model.state_dict()
+    torch.save({**{f"backbone.{k}": v for k, v in timm.create_model("resnet18", num_classes=0).state_dict().items()},
+                "histogram_reference": shipped["histogram_reference"], "histogram_weight": shipped["histogram_weight"]},
+               random_weights)
     with pytest.raises(GateFailed) as info:
         ws.reindex(str(random_weights), gate_labels=str(mias_dir / "labels.csv"), gate_metric="tissue:p@10")
     assert info.value.result.new < info.value.result.live - 0.01 and info.value.exit_code == 13

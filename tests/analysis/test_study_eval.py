@@ -41,4 +41,9 @@ def test_a_copied_study_pair_gives_the_known_precision(tmp_path):
     # per image, every view of ST2 finds its copy in ST6 first (and back): 8 of 28 images
     assert report["image_level"]["group"]["precision@1"] == pytest.approx(8 / 28)
     assert "| study (view_best_mean) | group |" in to_markdown(report)
+    # only some women (as --heldout-from does): the copied pair and one other study
+    some = evaluate_studies(ws.corpus(), str(labels), columns=["group"], ks=(1,), patients={"P0", "P2", "P6"})
+    assert some["studies"] == 3 and some["images"] == 12
+    assert some["rules"]["view_best_mean"]["group"]["precision@1"] == pytest.approx(2 / 3)
+    assert "only the 3 given patients' studies" in to_markdown(some)
     ws.close()

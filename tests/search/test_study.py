@@ -49,10 +49,24 @@ def test_mean_pooled_is_the_cosine_of_the_mean_vectors():
     assert score == pytest.approx(expected, abs=1e-6)
 
 
+def test_mean_pooled_pools_the_views_both_studies_have():
+    four = study("G", "P7", ("L", "CC", unit(1, 0, 0)), ("R", "CC", unit(0, 1, 0)),
+                 ("L", "MLO", unit(0, 0, 1)), ("R", "MLO", unit(0, 0, 1)))
+    score, views, _ = fuse(QUERY, four, "mean_pooled")  # the query has the CC views only
+    assert views == ["L CC", "R CC"] and score == pytest.approx(1.0, abs=1e-6)
+    no_common = study("H", "P8", ("L", "MLO", unit(1, 1, 0)))
+    score, views, _ = fuse(QUERY, no_common, "mean_pooled")  # nothing shared: every image pooled
+    assert views == [] and score == pytest.approx(1.0, abs=1e-6)
+
+
 def test_ranking_excludes_the_query_study_and_optionally_the_patient():
     candidates = [QUERY, study("E", "P1", ("L", "CC", unit(1, 0, 0))), study("F", "P6", ("L", "CC", unit(0.9, 0.1, 0)))]
-    assert [h.study_key for h in rank_studies(QUERY, candidates, 5).hits] == ["E", "F"]
+    assert [h.study_key for h in rank_studies(QUERY, candidates, 5, rule="view_best_mean").hits] == ["E", "F"]
     assert [h.study_key for h in rank_studies(QUERY, candidates, 5, exclude_same_patient=True).hits] == ["F"]
+    # the default rule is mean_pooled (README: it measured at least as well), pooled over the shared view
+    default = rank_studies(QUERY, candidates, 5)
+    assert default.rule == "mean_pooled" and [h.study_key for h in default.hits] == ["E", "F"]
+    assert default.hits[0].score == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ConfigError):
         rank_studies(QUERY, candidates, 5, rule="max")
 

@@ -67,10 +67,12 @@ def clusters(ctx: click.Context, out_dir: str, k: int | None, labels_csv: str | 
               help="Only the women this `mretrieve train` checkpoint held out of training.")
 @click.option("--level", type=click.Choice(["image", "study"]), default="image", show_default=True,
               help="study: study labels by study-level search (every fusion rule), beside the per-image baseline.")
+@click.option("--all-versions", is_flag=True,
+              help="Also every other model version kept in the catalog (e.g. by reindex), on the same images.")
 @no_progress_option
 @click.pass_context
 def evaluate(ctx: click.Context, labels_csv: str, ks: str, columns: tuple[str, ...], out_dir: str | None,
-             heldout_ckpt: str | None, level: str, no_progress: bool) -> None:
+             heldout_ckpt: str | None, level: str, all_versions: bool, no_progress: bool) -> None:
     """precision@k, mAP, contralateral hit rate and classifier scores, against two classical references."""
     from mammo_retrieval.analysis.evaluate import evaluate as run, heldout_patients, to_markdown, write_evaluation
     try:
@@ -81,9 +83,10 @@ def evaluate(ctx: click.Context, labels_csv: str, ks: str, columns: tuple[str, .
         raise click.UsageError(f"--k values must be at least 1, not '{ks}'")
     if level == "study":
         from mammo_retrieval.analysis.study_eval import evaluate_studies, to_markdown as study_markdown
-        if heldout_ckpt:
-            raise click.UsageError("--heldout-from applies to --level image only")
-        report = evaluate_studies(workspace(ctx).corpus(), labels_csv, columns=list(columns) or None, ks=k_values)
+        if all_versions:
+            raise click.UsageError("--all-versions applies to --level image only")
+        report = evaluate_studies(workspace(ctx).corpus(), labels_csv, columns=list(columns) or None, ks=k_values,
+                                  patients=heldout_patients(heldout_ckpt) if heldout_ckpt else None)
         if out_dir:
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
@@ -93,9 +96,11 @@ def evaluate(ctx: click.Context, labels_csv: str, ks: str, columns: tuple[str, .
         click.echo(study_markdown(report))
         return
     patients = heldout_patients(heldout_ckpt) if heldout_ckpt else None
+    ws = workspace(ctx)
+    others = ws.other_version_corpora() if all_versions else []
     with StepProgress("evaluate", enabled=not no_progress) as progress:
-        report = run(workspace(ctx).corpus(), labels_csv, columns=list(columns) or None, ks=k_values, patients=patients,
-                     on_progress=progress)
+        report = run(ws.corpus(), labels_csv, columns=list(columns) or None, ks=k_values, patients=patients,
+                     others=others, on_progress=progress)
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ SCORE_NOTE = "score: cosine similarity of the unit-length embeddings, -1..1 (1 =
 @click.option("--accession", help="Query by an indexed study (image level: one search per image of the study).")
 @click.option("--level", type=click.Choice(["image", "study"]), default="image", show_default=True,
               help="study: the k most similar studies, fused view by view.")
-@click.option("--rule", type=click.Choice(["view_best_mean", "mean_pooled"]), default="view_best_mean",
+@click.option("--rule", type=click.Choice(["mean_pooled", "view_best_mean"]), default="mean_pooled",
               show_default=True, help="With --level study: how image similarities make a study's score.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")

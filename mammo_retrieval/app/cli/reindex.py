@@ -11,6 +11,9 @@ from mammo_retrieval.app.cli._common import dumps, progress_bar, workspace
               help="Weights to re-embed with (a checkpoint from `mretrieve train`, PRIMER, MoCo/LeCL, state dict, "
                    "safetensors, or a Hugging Face folder for rad-dino). "
                    "They are copied into the index folder, so the file may be moved or overwritten afterwards.")
+@click.option("--encoder", "encoder_name", default=None, metavar="NAME",
+              help="Another encoder architecture (a registry name, e.g. mammo-simclr-v2 to move a home from "
+                   "the built-in v1); without --model, its shipped weights.")
 @click.option("--rollback", is_flag=True, help="Switch back to the previous index version.")
 @click.option("--allow-missing", is_flag=True,
               help="Switch even if some images could not be embedded (they are then missing from search).")
@@ -25,16 +28,16 @@ from mammo_retrieval.app.cli._common import dumps, progress_bar, workspace
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.pass_context
-def reindex(ctx: click.Context, model_path: str | None, rollback: bool, allow_missing: bool,
-            gate_labels: str | None, gate_metric: str | None, tolerance: float, force: bool, fmt: str,
+def reindex(ctx: click.Context, model_path: str | None, encoder_name: str | None, rollback: bool,
+            allow_missing: bool, gate_labels: str | None, gate_metric: str | None, tolerance: float, force: bool, fmt: str,
             no_progress: bool) -> None:
     """Re-embed everything with a new model beside the live index, then switch atomically.
 
     It refuses to switch (exit 10) while any image fails to embed, listing each one; the vectors embedded
     so far are kept, so a rerun resumes.
     """
-    if rollback and (model_path or allow_missing or gate_labels):
-        raise click.UsageError("--rollback takes neither --model, --allow-missing nor --gate")
+    if rollback and (model_path or encoder_name or allow_missing or gate_labels):
+        raise click.UsageError("--rollback takes neither --model, --encoder, --allow-missing nor --gate")
     if (gate_metric or force) and not gate_labels:
         raise click.UsageError("--gate-metric and --force go with --gate LABELS_CSV")
     ws = workspace(ctx)
@@ -47,7 +50,8 @@ def reindex(ctx: click.Context, model_path: str | None, rollback: bool, allow_mi
                        f"weights {result['weights'] or 'seeded random'})")
         return
     with progress_bar("image", disable=no_progress, desc="reindex") as progress:
-        result = ws.reindex(model_path, allow_missing=allow_missing, gate_labels=gate_labels,
+        result = ws.reindex(model_path, encoder_name=encoder_name, allow_missing=allow_missing,
+                            gate_labels=gate_labels,
                             gate_metric=gate_metric, tolerance=tolerance, force=force, on_progress=progress)
     if fmt == "json":
         click.echo(dumps(result))

@@ -163,7 +163,7 @@ def api_router() -> APIRouter:
 
     @router.get("/studies/{study_key}/similar", summary="The k most similar studies, fused view by view")
     def similar_studies(study_key: str, k: int = K, exclude_same_patient: bool = False,
-                        rule: Literal["view_best_mean", "mean_pooled"] = "view_best_mean",
+                        rule: Literal["mean_pooled", "view_best_mean"] = "mean_pooled",
                         state: ServerState = Depends(get_state)) -> dict:
         return state.workspace.search.similar_studies(study_key, k, rule=rule,
                                                       exclude_same_patient=exclude_same_patient).as_dict()

@@ -204,7 +204,7 @@ def test_rebuild_pins_a_layout_that_ingest_keeps(tmp_path, database_url):
     cfg = make_config(tmp_path / "state", encoder={"name": "resnet18"}, paths={"database_url": database_url},
                       index={"pq_m": 16, "nprobe": 8, "opq_iterations": 4})
     ws = Workspace(cfg)
-    populate(ws, embedding_like(4000, dim=512, latent=32, clusters=30))
+    populate(ws, embedding_like(4000, dim=ws.encoder.identity.dim, latent=32, clusters=30))
     index = ws.rebuild_index(request=LayoutRequest("ivf_pq", 32, True, True, 3))
     m = index.manifest
     assert (m.index_type, m.nlist, m.opq, m.on_disk, m.layout_source) == ("ivf_pq", 32, True, True, "rebuild")

@@ -24,7 +24,7 @@ def test_tune_on_a_populated_workspace(tmp_path):
     cfg = make_config(tmp_path / "state", encoder={"name": "resnet18"},
                       index={"nlist": 64, "min_points_per_list": 39, "nprobe": 1})
     ws = Workspace(cfg)
-    populate(ws, embedding_like(6000, dim=512, latent=32, clusters=30))
+    populate(ws, embedding_like(6000, dim=ws.encoder.identity.dim, latent=32, clusters=30))
     index = ws.rebuild_index()
     assert index.manifest.index_type == "ivf_flat" and index.manifest.nlist == 64
     result = ws.tune_index(0.95, queries=200)

@@ -1,0 +1,51 @@
+"""A learned embedding fused with the picture's intensity distribution (the built-in v2 encoder).
+
+Why: self-supervised training with the card's brightness/contrast augmentation teaches a network to ignore
+exposure, yet exposure is what a woman's two breasts share most (a 64-bin histogram finds her other breast
+better than the v1 network does; README). The fused vector is the backbone's unit vector beside the
+picture's 64-bin histogram, centred on a reference histogram and scaled to unit length, times a weight
+(both stored with the weights); the encoder then L2-normalises the whole. The histogram is counted from
+the model input itself, so the module stays one function of one tensor (torch, ONNX, a Dask worker).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+HISTOGRAM_BINS = 64
+
+
+def grey_levels(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """(N, 3, H, W) normalised model input -> (N, H*W) integer grey levels 0..255 (float32) of channel 0:
+    the uint8 picture the preprocessing made, recovered exactly (round half up)."""
+    grey = x[:, 0] * std + mean
+    return torch.floor(grey * 255.0 + 0.5).clamp(0.0, 255.0).flatten(1)
+
+
+def histogram(levels: torch.Tensor, bins: int = HISTOGRAM_BINS) -> torch.Tensor:
+    """(N, P) grey levels -> (N, bins) fraction of pixels per bin of equal width over 0..255.
+
+    A scatter-add into a fixed (N, bins) tensor: one pass over the pixels, and an operation ONNX has
+    (ScatterElements with add), so the exported model counts the same way."""
+    index = torch.div(levels, 256.0 / bins, rounding_mode="floor").to(torch.int64).clamp(0, bins - 1)
+    counts = torch.zeros(levels.shape[0], bins, dtype=torch.float32, device=levels.device)
+    counts = counts.scatter_add(1, index, torch.ones_like(levels, dtype=torch.float32))
+    return counts / levels.shape[1]
+
+
+class IntensityFusion(nn.Module):
+    """``backbone`` (a headless network) plus the intensity histogram of its input; see the module doc."""
+
+    def __init__(self, backbone: nn.Module, mean: float, std: float, bins: int = HISTOGRAM_BINS) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.mean, self.std, self.bins = float(mean), float(std), bins
+        # learnt from training images and stored with the weights; these defaults are placeholders
+        self.register_buffer("histogram_reference", torch.full((bins,), 1.0 / bins))
+        self.register_buffer("histogram_weight", torch.tensor(0.3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        learned = nn.functional.normalize(self.backbone(x).float(), p=2, dim=1)
+        counts = histogram(grey_levels(x.float(), self.mean, self.std), self.bins) - self.histogram_reference
+        intensity = nn.functional.normalize(counts, p=2, dim=1) * self.histogram_weight
+        return torch.cat([learned, intensity], dim=1)

@@ -1,0 +1,67 @@
+"""The built-in v2's intensity branch against known answers: the histogram it counts from the normalised
+model input equals numpy's histogram of the uint8 picture; the fused vector is the backbone's unit vector
+beside the weighted, centred histogram; ONNX Runtime computes the same thing."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from mammo_retrieval.core.config import load_config
+from mammo_retrieval.encoders.fusion import HISTOGRAM_BINS, IntensityFusion, grey_levels, histogram
+from mammo_retrieval.preprocess import PreprocessSettings, normalise
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _pictures(n: int = 3, size: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    pictures = rng.integers(0, 256, size=(n, size, size), dtype=np.uint8)
+    pictures[0, :8] = 0      # the bin edges' neighbours on purpose
+    pictures[1, :8] = 255
+    pictures[2, :8] = 4
+    return pictures
+
+
+def test_histogram_of_the_model_input_is_numpys_of_the_picture():
+    pictures = _pictures()
+    x = torch.from_numpy(normalise(pictures, PreprocessSettings(mean=MEAN, std=STD)))
+    levels = grey_levels(x, MEAN[0], STD[0])
+    assert torch.equal(levels, torch.from_numpy(pictures.reshape(3, -1).astype(np.float32)))
+    expected = np.stack([np.histogram(p, bins=HISTOGRAM_BINS, range=(0, 256))[0] for p in pictures]) / pictures[0].size
+    np.testing.assert_allclose(histogram(levels).numpy(), expected, atol=1e-7)
+
+
+def test_fused_vector_is_backbone_beside_weighted_centred_histogram():
+    torch.manual_seed(0)
+    backbone = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
+    fused = IntensityFusion(backbone, MEAN[0], STD[0]).eval()
+    reference = torch.rand(HISTOGRAM_BINS)
+    fused.histogram_reference.copy_(reference / reference.sum())
+    fused.histogram_weight.fill_(0.5)
+    pictures = _pictures()
+    x = torch.from_numpy(normalise(pictures, PreprocessSettings(mean=MEAN, std=STD)))
+    with torch.inference_mode():
+        out = fused(x).numpy()
+        learned = torch.nn.functional.normalize(backbone(x), dim=1).numpy()
+    counts = np.stack([np.histogram(p, bins=HISTOGRAM_BINS, range=(0, 256))[0] for p in pictures]) / pictures[0].size
+    centred = counts - fused.histogram_reference.numpy()
+    expected = np.hstack([learned, 0.5 * centred / np.linalg.norm(centred, axis=1, keepdims=True)])
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    assert out.shape == (3, 512 + HISTOGRAM_BINS)
+    # the state dict is what the shipped file holds: the backbone and both histogram buffers
+    assert {"histogram_reference", "histogram_weight", "backbone.conv1.weight"} <= set(fused.state_dict())
+
+
+def test_the_shipped_v2_runs_the_same_under_onnx_runtime(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from mammo_retrieval.encoders.model import build_encoder
+    from mammo_retrieval.encoders.onnx_runtime import onnx_encoder
+    cfg = load_config(env={})
+    torch_encoder = build_encoder(cfg.encoder, cfg.preprocess)
+    assert torch_encoder.identity.encoder == "mammo-simclr-v2" and torch_encoder.dim == 576
+    onnx = onnx_encoder(torch_encoder, tmp_path)
+    batch = normalise(_pictures(4, 128), torch_encoder.settings)
+    a, b = torch_encoder.embed(batch), onnx.embed(batch)
+    assert np.min(np.sum(a * b, axis=1)) > 0.9999
