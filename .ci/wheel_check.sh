@@ -207,9 +207,12 @@ step "reindex --rollback" "$M" reindex --rollback
 step "query after rollback" "$M" query --dicom "$QUERY" -k 3
 # the other built-in's weights come from the wheel too; then both versions in one evaluation
 step "reindex --encoder mammo-simclr (built-in v1)" "$M" reindex --encoder mammo-simclr
+expect "live: mammo-simclr-[0-9a-f]{12}-"
 step "evaluate --all-versions" "$M" evaluate --labels "$WORK/labels.csv" --k 1,3 --label-column laterality \
     --all-versions --out "$WORK/out/eval-all"
+expect "encoder:mammo-simclr-v2-"
 step "reindex --rollback (to v2)" "$M" reindex --rollback
+expect "live: mammo-simclr-v2-"
 step "query --kos (a Key Object Selection document)" "$M" query --dicom "$QUERY" -k 3 --kos "$WORK/out/similar.kos.dcm"
 step "qc --kos" "$M" qc --out "$WORK/out/qc2" --top 3 --no-progress --kos "$WORK/out/kos"
 step "KOS documents read back" "$PY" -c '

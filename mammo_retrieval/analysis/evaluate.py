@@ -141,27 +141,31 @@ def evaluate_space(features: np.ndarray, labels: pd.DataFrame, columns: list[str
 def heldout_patients(checkpoint: str) -> set[str]:
     """The women a checkpoint from `mretrieve train` never saw (recorded in its metadata); a
     .safetensors file (the shipped built-in weights) records them as JSON in its header."""
-    if str(checkpoint).endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(str(checkpoint), "pt") as fh:
-            recorded = (fh.metadata() or {}).get("heldout_patients")
-        data = {"heldout_patients": json.loads(recorded)} if recorded else {}
-    else:
-        import torch
-        data = torch.load(checkpoint, map_location="cpu", weights_only=True).get("data") or {}
-    if "heldout_patients" not in data:
+    try:
+        if str(checkpoint).endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(str(checkpoint), "pt") as fh:
+                recorded = (fh.metadata() or {}).get("heldout_patients")
+            data = {"heldout_patients": json.loads(recorded)} if recorded else {}
+        else:
+            import torch
+            data = torch.load(checkpoint, map_location="cpu", weights_only=True).get("data") or {}
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise MammoRetrievalError(f"{checkpoint}: cannot read its held-out women: {type(exc).__name__}: {exc}",
+                                  hint="give a checkpoint of `mretrieve train` or a built-in's .safetensors") from None
+    if not isinstance(data, dict) or "heldout_patients" not in data:
         raise MammoRetrievalError(f"{checkpoint} records no held-out patients",
-                                  hint="train with --holdout-fraction to keep women out")
+                                  hint="give a checkpoint of `mretrieve train --holdout-fraction ...` or a built-in's "
+                                       ".safetensors (an adapter's held-out women are in its training report)")
     return set(data["heldout_patients"])
 
 
 def _other_version(corpus: Corpus, sops: list[str]) -> np.ndarray | str:
     """Another model version's vectors for ``sops`` (in that order), or why it cannot be compared."""
     from mammo_retrieval.analysis.vectors import load_embeddings
-    try:
-        table = load_embeddings(corpus)
-    except MammoRetrievalError as exc:
-        return exc.message
+    if corpus.model_version_id is None:
+        return "no vectors of this version in the catalog"
+    table = load_embeddings(corpus)
     position = {sop: i for i, sop in enumerate(table.meta.sop_instance_uid)}
     missing = sum(sop not in position for sop in sops)
     if missing:
@@ -170,8 +174,9 @@ def _other_version(corpus: Corpus, sops: list[str]) -> np.ndarray | str:
 
 
 def space_name(corpus: Corpus, live: bool = False) -> str:
-    """``encoder:<model version key>``; `` (live)`` marks the serving one among several versions."""
-    return f"encoder:{corpus.identity.key}" + (" (live)" if live else "")
+    """``encoder:<model version key>``; `` (serving)`` marks the version this process serves (the live one,
+    unless the config pins weights) among several."""
+    return f"encoder:{corpus.identity.key}" + (" (serving)" if live else "")
 
 
 def evaluate(corpus: Corpus, labels_csv: str, *, columns: list[str] | None = None,

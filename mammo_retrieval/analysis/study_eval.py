@@ -76,7 +76,8 @@ def evaluate_studies(corpus: Corpus, labels_csv: str, *, columns: list[str] | No
     image_ranked = RankedLists.build(l2_rows(vectors))
     report = {"level": "study", "labels_csv": str(labels_csv), "joined_on": join, "label_columns": columns,
               "k": ks, "studies": len(studies), "images": len(meta),
-              "restricted_to_patients": None if patients is None else len(patients), "image_level": {}, "rules": {}}
+              "restricted_to_patients": None if patients is None else len(patients),
+              "patients_found": len(set(meta.patient_id)), "image_level": {}, "rules": {}}
     for column in columns:
         values = aligned[column].to_numpy(dtype=object)
         report["image_level"][column] = retrieval_metrics(image_ranked, values, image_patients, ks)
@@ -94,8 +95,8 @@ def evaluate_studies(corpus: Corpus, labels_csv: str, *, columns: list[str] | No
 def to_markdown(report: dict) -> str:
     lines = [f"Study-level evaluation: {report['studies']} studies ({report['images']} images), labels "
              f"joined on {report['joined_on']}; same-patient studies (images) excluded"
-             + (f"; only the {report['restricted_to_patients']} given patients' studies" if report.get("restricted_to_patients")
-                else "") + ".", ""]
+             + (f"; only the studies of the given patients ({report['patients_found']} of the "
+                f"{report['restricted_to_patients']} found)" if report.get("restricted_to_patients") else "") + ".", ""]
     ks = report["k"]
     header = "| level | label | " + " | ".join(f"precision@{k}" for k in ks) + " | mAP |"
     lines += [header, "|" + "---|" * (len(ks) + 3)]

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import numpy as np
     import pydicom
 
+    from mammo_retrieval.core.config import EncoderConfig
     from mammo_retrieval.core.timing import Stopwatch
     from mammo_retrieval.dicom.reader import InMemoryDicom
     from mammo_retrieval.encoders import Encoder, EncoderRegistry
@@ -514,11 +515,7 @@ class Workspace:
             check_gate(gate_labels, gate_metric, tolerance)
         base = serving_encoder_config(self.config.encoder, self.config.index_dir)
         if encoder_name:
-            from mammo_retrieval.encoders import DEFAULT_REGISTRY
-            from mammo_retrieval.encoders.model import packaged_weights
-            spec = (self._registry or DEFAULT_REGISTRY).get(encoder_name)  # an unknown name is said now
-            shipped = str(packaged_weights(spec.weights_file)) if spec.weights_file else None
-            base = dataclasses.replace(base, name=encoder_name, weights=shipped, input_size=None)
+            base = self._other_architecture(base, encoder_name, weights)
         weights = str(Path(weights).expanduser().resolve()) if weights else base.weights
         with self.write_lock():
             stored, sha = store_model_weights(self.config.index_dir, weights)
@@ -560,6 +557,26 @@ class Workspace:
                 "weights": stored, "weights_sha256": sha, "random_weights": identity.random_weights,
                 "gate": gate_result.as_dict() if gate_result else None,
                 "seconds": round(time.perf_counter() - started, 1)}
+
+    def _other_architecture(self, base: "EncoderConfig", name: str, weights: str | None) -> "EncoderConfig":
+        """reindex --encoder: the serving config with another registry entry, checked before any work."""
+        from mammo_retrieval.encoders import DEFAULT_REGISTRY
+        from mammo_retrieval.encoders.adapter import is_adapter_file
+        from mammo_retrieval.encoders.model import packaged_weights
+        spec = (self._registry or DEFAULT_REGISTRY).get(name)  # an unknown name is said now
+        if weights and is_adapter_file(weights):
+            raise ConfigError(f"--encoder {name} with an adapter: an adapter names its own base encoder",
+                              hint="reindex --model ADAPTER alone")
+        if not weights and not spec.weights_file:
+            raise ConfigError(f"encoder '{name}' ships no weights: reindex --encoder {name} needs --model",
+                              hint="give its checkpoint (or Hugging Face folder) with --model; nothing is "
+                                   "downloaded, and an archive is not re-embedded with random weights")
+        if self.config.encoder.weights:
+            logger.warning("reindex: the config pins encoder.weights, so this process keeps serving them after "
+                           "the switch; remove encoder.weights from the config to serve the live model")
+        shipped = str(packaged_weights(spec.weights_file)) if spec.weights_file else None
+        # the size is the new architecture's own (a configured input_size belonged to the old one)
+        return dataclasses.replace(base, name=name, weights=shipped, input_size=None)
 
     def _map_adapter_base(self, encoder, mv_id: int) -> None:
         from mammo_retrieval.encoders.adapter import AdaptedEncoder

@@ -39,13 +39,31 @@ class IntensityFusion(nn.Module):
     def __init__(self, backbone: nn.Module, mean: float, std: float, bins: int = HISTOGRAM_BINS) -> None:
         super().__init__()
         self.backbone = backbone
+        self.learned_dim = int(getattr(backbone, "num_features", 0))  # timm's; the fused vector adds ``bins``
         self.mean, self.std, self.bins = float(mean), float(std), bins
         # learnt from training images and stored with the weights; these defaults are placeholders
         self.register_buffer("histogram_reference", torch.full((bins,), 1.0 / bins))
         self.register_buffer("histogram_weight", torch.tensor(0.3))
+
+    def learned(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's features alone: what `mretrieve train` trains (the histogram has nothing to learn,
+        and a projection head given it could match two views by their histograms)."""
+        return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         learned = nn.functional.normalize(self.backbone(x).float(), p=2, dim=1)
         counts = histogram(grey_levels(x.float(), self.mean, self.std), self.bins) - self.histogram_reference
         intensity = nn.functional.normalize(counts, p=2, dim=1) * self.histogram_weight
         return torch.cat([learned, intensity], dim=1)
+
+
+def require_fused_layout(state: dict, path) -> None:
+    """A clear error for weights of a plain network given to the fused encoder: most likely the built-in
+    v1 (or a checkpoint trained from it) pinned in a config that relied on v1 being the default name."""
+    from mammo_retrieval.core.errors import WeightsError
+    if any(k.startswith("backbone.") for k in state) or not any(k.startswith("conv1.") for k in state):
+        return
+    raise WeightsError(f"{path}: these are a plain network's weights (conv1.*, no backbone.* or histogram_* "
+                       f"keys), and the encoder is mammo-simclr-v2, a network fused with an intensity histogram",
+                       hint="for the built-in v1 or a checkpoint trained from it, set encoder.name: mammo-simclr "
+                            "(the default encoder was mammo-simclr before v2)")

@@ -105,7 +105,11 @@ def _build_timm(spec: EncoderSpec, cfg: EncoderConfig,
     if weights:
         path = Path(weights).expanduser()
         checkpoint = read_checkpoint(path)
-        load_into(model, extract_encoder_state(checkpoint, path), path, layout=describe_layout(checkpoint))
+        state = extract_encoder_state(checkpoint, path)
+        if spec.family == "intensity-fusion":
+            from mammo_retrieval.encoders.fusion import require_fused_layout
+            require_fused_layout(state, path)
+        load_into(model, state, path, layout=describe_layout(checkpoint))
         return spec, model, sha256_file(path), False, str(path)
     if cfg.allow_random_weights:
         return spec, model, sha256_state_dict(model.state_dict()), True, None

@@ -15,7 +15,9 @@ class BackboneWrapper(nn.Module):
         self.encoder = backbone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
+        # a fused encoder (encoders.fusion) trains its network only; its histogram has nothing to learn
+        learned = getattr(self.encoder, "learned", None)
+        return learned(x) if callable(learned) else self.encoder(x)
 
 
 class SimCLRModel(nn.Module):

@@ -117,7 +117,9 @@ class SimCLRTrainer:
             raise MammoRetrievalError(f"only {len(self.train_idx)} training images after the patient split",
                                       hint="ingest more images or lower --val-fraction/--holdout-fraction")
         torch.manual_seed(cfg.seed)
-        self.model = SimCLRModel(own_backbone(encoder, registry), encoder.dim).to(self.device)
+        backbone = own_backbone(encoder, registry)
+        learned_dim = getattr(backbone, "learned_dim", None) or encoder.dim  # a fused encoder: its network's
+        self.model = SimCLRModel(backbone, learned_dim).to(self.device)
         if init_checkpoint:
             self._load_init(init_checkpoint)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

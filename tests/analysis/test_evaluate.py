@@ -80,8 +80,8 @@ def test_all_versions_are_measured_on_the_same_images(tmp_path, cbis_files):
     labels = cbis_pathology_labels(ws, tmp_path / "labels.csv")
     empty = dataclasses.replace(others[0], model_version_id=None)
     report = evaluate(ws.corpus(), str(labels), ks=(1, 3), others=[*others, empty])
-    live_name, kept_name = f"encoder:{ws.corpus().identity.key} (live)", f"encoder:{first.identity.key}"
+    live_name, kept_name = f"encoder:{ws.corpus().identity.key} (serving)", f"encoder:{first.identity.key}"
     assert list(report["spaces"]) == [live_name, kept_name, "raw_pixels_32x32", "histogram_64"]
     assert report["spaces"][live_name]["labels"] == report["spaces"][kept_name]["labels"]
-    assert report["skipped_versions"] == {kept_name: "no vectors for the configured model"}
-    assert f"Not compared: {kept_name}: no vectors for the configured model." in to_markdown(report)
+    assert report["skipped_versions"] == {kept_name: "no vectors of this version in the catalog"}
+    assert f"Not compared: {kept_name}: no vectors of this version in the catalog." in to_markdown(report)

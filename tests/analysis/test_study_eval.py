@@ -45,5 +45,5 @@ def test_a_copied_study_pair_gives_the_known_precision(tmp_path):
     some = evaluate_studies(ws.corpus(), str(labels), columns=["group"], ks=(1,), patients={"P0", "P2", "P6"})
     assert some["studies"] == 3 and some["images"] == 12
     assert some["rules"]["view_best_mean"]["group"]["precision@1"] == pytest.approx(2 / 3)
-    assert "only the 3 given patients' studies" in to_markdown(some)
+    assert "only the studies of the given patients (3 of the 3 found)" in to_markdown(some)
     ws.close()

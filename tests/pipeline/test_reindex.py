@@ -232,6 +232,8 @@ def test_a_v1_home_moves_to_the_built_in_v2_and_back(tmp_path, cbis_files):
     assert ws.search.info().model_key == v1_key and ws.encoder.identity.encoder == "mammo-simclr"
     with pytest.raises(ConfigError, match="unknown encoder 'mammo-simclr-v3'"):
         ws.reindex(encoder_name="mammo-simclr-v3")
+    with pytest.raises(ConfigError, match="ships no weights: reindex --encoder resnet50 needs --model"):
+        ws.reindex(encoder_name="resnet50")  # never a whole archive silently re-embedded with random weights
     env = {"MRETRIEVE_HOME": str(home)}
     moved = CliRunner().invoke(cli, ["reindex", "--encoder", "mammo-simclr-v2", "--format", "json", "--no-progress"],
                                env=env)

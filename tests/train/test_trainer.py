@@ -116,7 +116,21 @@ def test_the_default_built_in_v2_trains_and_its_checkpoint_serves(tmp_path, cbis
     loaded = build_encoder(cfg_enc.__class__(**{**cfg_enc.__dict__, "weights": str(out)}), ws.config.preprocess)
     assert loaded.dim == 576 and loaded.identity.encoder == "mammo-simclr-v2"
     x = np.random.default_rng(0).standard_normal((2, 3, 128, 128)).astype(np.float32)
+    # the projection head saw the network's 512-d features, never the histogram
+    assert trainer.model.projection_head[0].in_features == 512
     trainer.model.eval()
-    with torch.no_grad():
-        expected = torch.nn.functional.normalize(trainer.model.encoder(torch.from_numpy(x)), dim=1).numpy()
+    with torch.no_grad():  # the checkpoint serves the whole fused module: network beside histogram
+        assert trainer.model.encoder(torch.from_numpy(x)).shape == (2, 512)
+        fused = trainer.model.encoder.encoder(torch.from_numpy(x))
+        expected = torch.nn.functional.normalize(fused, dim=1).numpy()
     np.testing.assert_allclose(loaded.embed(x), expected, atol=1e-5)
+
+
+def test_v1_weights_pinned_without_a_name_get_a_clear_error(tmp_path):
+    """A config that pinned v1-layout weights and relied on the old default name is told what to set."""
+    from mammo_retrieval.core.errors import WeightsError
+    from mammo_retrieval.encoders.model import packaged_weights
+    cfg = make_config(tmp_path / "state", encoder={"weights": str(packaged_weights("mammo-simclr-r18-128.safetensors"))})
+    with pytest.raises(WeightsError, match="plain network's weights") as info:
+        build_encoder(cfg.encoder, cfg.preprocess)
+    assert "encoder.name: mammo-simclr" in info.value.hint

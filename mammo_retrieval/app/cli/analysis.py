@@ -64,7 +64,8 @@ def clusters(ctx: click.Context, out_dir: str, k: int | None, labels_csv: str | 
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Write evaluation.json and evaluation.md here (default: print Markdown).")
 @click.option("--heldout-from", "heldout_ckpt", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Only the women this `mretrieve train` checkpoint held out of training.")
+              help="Only the women these weights never trained on: a `mretrieve train` checkpoint, or a "
+                   "built-in's .safetensors (mammo_retrieval/weights/).")
 @click.option("--level", type=click.Choice(["image", "study"]), default="image", show_default=True,
               help="study: study labels by study-level search (every fusion rule), beside the per-image baseline.")
 @click.option("--all-versions", is_flag=True,

@@ -104,4 +104,5 @@ def _print_studies(result, fmt: str) -> None:
     click.echo(format_table(rows, STUDY_COLUMNS) if rows else "  (no hits)")
     click.echo(f"\nrule {result.rule}: " + ("mean over the shared views of each query view's best cosine"
                                           if result.rule == "view_best_mean"
-                                          else "cosine of the mean-pooled study vectors"))
+                                          else "cosine of the study vectors mean-pooled over the views both "
+                                               "studies have"))
