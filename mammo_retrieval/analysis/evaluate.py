@@ -166,11 +166,10 @@ def _other_version(corpus: Corpus, sops: list[str]) -> np.ndarray | str:
     if corpus.model_version_id is None:
         return "no vectors of this version in the catalog"
     table = load_embeddings(corpus)
-    position = {sop: i for i, sop in enumerate(table.meta.sop_instance_uid)}
-    missing = sum(sop not in position for sop in sops)
+    rows, missing = table.rows_of(sops)
     if missing:
         return f"{missing} of the {len(sops)} evaluated images have no vector of this version"
-    return table.vectors[[position[sop] for sop in sops]]
+    return table.vectors[rows]
 
 
 def space_name(corpus: Corpus, live: bool = False) -> str:

@@ -76,12 +76,10 @@ def measure(corpus: Corpus, labels: pd.DataFrame, metric: GateMetric, sops: list
     """The metric of one model version's vectors over the images ``sops`` (in that order)."""
     from mammo_retrieval.analysis.vectors import load_embeddings
     table = load_embeddings(corpus)
-    position = {sop: i for i, sop in enumerate(table.meta.sop_instance_uid)}
-    missing = [sop for sop in sops if sop not in position]
+    rows, missing = table.rows_of(sops)
     if missing:
-        raise MammoRetrievalError(f"{len(missing)} labelled images have no vector of {corpus.identity.key}",
+        raise MammoRetrievalError(f"{missing} labelled images have no vector of {corpus.identity.key}",
                                   hint="the reindex must embed every image before it is gated")
-    rows = [position[sop] for sop in sops]
     ranked = RankedLists.build(l2_rows(table.vectors[rows]))
     meta = table.meta.iloc[rows]
     patients = meta.patient_id.fillna("").to_numpy(dtype=object)

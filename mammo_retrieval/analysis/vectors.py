@@ -23,6 +23,13 @@ class EmbeddingTable:
     def __len__(self) -> int:
         return len(self.meta)
 
+    def rows_of(self, sops: list[str]) -> tuple[list[int], int]:
+        """The rows holding ``sops`` (in that order; absent ones left out) and how many are absent: to
+        compare two model versions on exactly the same images."""
+        position = {sop: i for i, sop in enumerate(self.meta.sop_instance_uid)}
+        rows = [position[sop] for sop in sops if sop in position]
+        return rows, len(sops) - len(rows)
+
 
 def load_embeddings(corpus: Corpus) -> EmbeddingTable:
     """All vectors of the corpus's model, filled into one preallocated array (held once in memory)."""

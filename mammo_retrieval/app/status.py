@@ -11,6 +11,7 @@ from mammo_retrieval.storage.index.manifest import Manifest
 
 if TYPE_CHECKING:
     from mammo_retrieval.app.workspace import Workspace
+    from mammo_retrieval.core.config import IndexConfig
 
 RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: the encoder has no trained weights, so similarity reflects only "
                           "coarse intensity structure. Set encoder.weights (or $MRETRIEVE_WEIGHTS).")
@@ -43,7 +44,7 @@ def collect_status(ws: "Workspace", *, rejected_limit: int | None = None) -> dic
             manifest = Manifest.read(directory)
         except IndexCorruptError as exc:
             manifest, entry["index_error"] = None, str(exc)
-        if manifest is not None and (problem := _index_file_problem(directory, manifest)):
+        if manifest is not None and (problem := _index_file_problem(directory, manifest, cfg.index)):
             entry["index_error"] = problem
         if manifest is not None:
             entry["index"] = {"path": str(directory), "type": manifest.index_type, "metric": manifest.metric,
@@ -65,7 +66,7 @@ def collect_status(ws: "Workspace", *, rejected_limit: int | None = None) -> dic
     }
 
 
-def _index_file_problem(directory: Path, manifest: Manifest) -> str | None:
+def _index_file_problem(directory: Path, manifest: Manifest, index_cfg: "IndexConfig") -> str | None:
     """Why the manifest's index file cannot serve, or None. Cheap: the file is memory-mapped, not loaded."""
     if manifest.index_file is None:
         return None if manifest.ntotal == 0 else f"the manifest lists {manifest.ntotal} vectors but no index file"
@@ -74,19 +75,9 @@ def _index_file_problem(directory: Path, manifest: Manifest) -> str | None:
         return f"{path}: index file missing"
     if path.stat().st_size == 0:
         return f"{path}: index file is empty"
-    import faiss
-    from mammo_retrieval.storage.index.ondisk import read_on_disk
+    from mammo_retrieval.storage.index import VectorIndex
     try:
-        if manifest.on_disk:
-            for name in (manifest.lists_file, manifest.delta_file):
-                if not name or not (directory / name).is_file():
-                    return f"{directory / str(name)}: file of the on-disk index missing"
-            held = (read_on_disk(path).ntotal
-                    + faiss.read_index(str(directory / manifest.delta_file), faiss.IO_FLAG_MMAP).ntotal)
-        else:
-            held = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY).ntotal
-    except Exception as exc:  # faiss raises RuntimeError with a multi-line C++ message
-        return f"{path}: cannot read index ({' '.join(str(exc).split())[:200]})"
-    if held != manifest.ntotal:
-        return f"{path}: holds {held} vectors, manifest says {manifest.ntotal}"
+        VectorIndex.read_index_files(directory, manifest, index_cfg, mmap=True)
+    except IndexCorruptError as exc:
+        return exc.message
     return None

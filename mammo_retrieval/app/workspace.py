@@ -501,7 +501,7 @@ class Workspace:
         unless ``force``.
 
         ``encoder_name`` changes the architecture too (e.g. from built-in v1 to v2): with no ``weights``, that
-        encoder's shipped weights (or its seeded random ones)."""
+        encoder's shipped weights (one that ships none needs ``weights``)."""
         import time
 
         from mammo_retrieval.core.errors import ReindexIncompleteError

@@ -51,7 +51,7 @@ class IntensityFusion(nn.Module):
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        learned = nn.functional.normalize(self.backbone(x).float(), p=2, dim=1)
+        learned = nn.functional.normalize(self.learned(x).float(), p=2, dim=1)
         counts = histogram(grey_levels(x.float(), self.mean, self.std), self.bins) - self.histogram_reference
         intensity = nn.functional.normalize(counts, p=2, dim=1) * self.histogram_weight
         return torch.cat([learned, intensity], dim=1)

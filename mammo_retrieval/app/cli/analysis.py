@@ -82,12 +82,13 @@ def evaluate(ctx: click.Context, labels_csv: str, ks: str, columns: tuple[str, .
         raise click.UsageError(f"--k must be a comma list of integers, not '{ks}'") from None
     if min(k_values) < 1:
         raise click.UsageError(f"--k values must be at least 1, not '{ks}'")
+    if level == "study" and all_versions:
+        raise click.UsageError("--all-versions applies to --level image only")
+    patients = heldout_patients(heldout_ckpt) if heldout_ckpt else None
     if level == "study":
         from mammo_retrieval.analysis.study_eval import evaluate_studies, to_markdown as study_markdown
-        if all_versions:
-            raise click.UsageError("--all-versions applies to --level image only")
         report = evaluate_studies(workspace(ctx).corpus(), labels_csv, columns=list(columns) or None, ks=k_values,
-                                  patients=heldout_patients(heldout_ckpt) if heldout_ckpt else None)
+                                  patients=patients)
         if out_dir:
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +97,6 @@ def evaluate(ctx: click.Context, labels_csv: str, ks: str, columns: tuple[str, .
             click.echo(f"wrote {out / 'study_evaluation.json'} and {out / 'study_evaluation.md'}")
         click.echo(study_markdown(report))
         return
-    patients = heldout_patients(heldout_ckpt) if heldout_ckpt else None
     ws = workspace(ctx)
     others = ws.other_version_corpora() if all_versions else []
     with StepProgress("evaluate", enabled=not no_progress) as progress:

@@ -121,7 +121,7 @@ class VectorIndex:
         manifest.check_matches(identity)
         for _ in range(10):
             try:
-                index, delta = cls._read_index_files(directory, manifest, cfg)
+                index, delta = cls.read_index_files(directory, manifest, cfg)
                 return cls(directory, manifest, index, cfg, delta)
             except IndexCorruptError:
                 # a writer may have saved between our reading the manifest and its index file, removing the
@@ -131,7 +131,7 @@ class VectorIndex:
                     raise
                 manifest = again
                 manifest.check_matches(identity)
-        index, delta = cls._read_index_files(directory, manifest, cfg)
+        index, delta = cls.read_index_files(directory, manifest, cfg)
         return cls(directory, manifest, index, cfg, delta)
 
     @classmethod
@@ -141,11 +141,14 @@ class VectorIndex:
         return cls.open_or_create(directory, identity, cfg)
 
     @staticmethod
-    def _read_index_files(directory: Path, manifest: Manifest,
-                          cfg: IndexConfig) -> tuple[faiss.Index, faiss.Index | None]:
+    def read_index_files(directory: Path, manifest: Manifest, cfg: IndexConfig, *,
+                         mmap: bool = False) -> tuple[faiss.Index, faiss.Index | None]:
+        """The manifest's faiss files (index, and an on-disk layout's delta), checked against its counts.
+        ``mmap``: memory-mapped read-only, for a check that must not load a large index (status)."""
         if manifest.index_file is None:
             return new_faiss_index(Layout(FLAT, None), cfg, manifest.dim), None
         path = directory / manifest.index_file
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         delta = None
         try:
             if manifest.on_disk:
@@ -153,11 +156,11 @@ class VectorIndex:
                     raise FileNotFoundError(f"its lists file {manifest.lists_file} is missing")
                 index = ondisk.read_on_disk(path)
                 path = directory / str(manifest.delta_file)
-                delta = faiss.read_index(str(path))
+                delta = faiss.read_index(str(path), flags)
             else:
-                index = faiss.read_index(str(path))
-        except Exception as exc:
-            raise IndexCorruptError(f"{path}: cannot read index: {exc}",
+                index = faiss.read_index(str(path), flags)
+        except Exception as exc:  # faiss raises RuntimeError with a multi-line C++ message
+            raise IndexCorruptError(f"{path}: cannot read index ({' '.join(str(exc).split())[:200]})",
                                     remedies=[Remedy("rebuild it from the database", "index_rebuild")]) from None
         held = index.ntotal + (delta.ntotal if delta is not None else 0)
         if held != manifest.ntotal or index.d != manifest.dim:
