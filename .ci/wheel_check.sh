@@ -145,6 +145,15 @@ step "config show" "$M" config show
 expect "database_url: sqlite:///$WORK/home/mretrieve.db"
 step "ingest" "$M" ingest "$WORK/archive" --no-progress
 expect "ingested $NIMG, already present 0, rejected 0"
+# encoder.runtime: auto runs the built-in on ONNX Runtime: the export checked against torch, beside the index
+step "ingest ran the encoder on ONNX Runtime (runtime: auto)" "$PY" -c '
+import json, pathlib, sys, torch
+if torch.cuda.is_available():
+    sys.exit(print("a GPU: runtime auto keeps torch") or 0)
+[record] = pathlib.Path(sys.argv[1]).glob("*.json")
+assert json.loads(record.read_text())["check_min_cosine"] >= 0.999, record.read_text()
+print(record.name)
+' "$WORK/home/indexes/onnx"
 step "status" "$M" status
 step "status --format json" "$M" status --format json
 step "query --dicom (table)" "$M" query --dicom "$QUERY" -k 5 --timings
@@ -195,6 +204,8 @@ try:
     import json
     body = json.loads(get("api/v1/query?k=3", open(sys.argv[2], "rb").read(), "application/dicom")[1])
     sop = body["hits"][0]["sop_instance_uid"]
+    import torch
+    assert json.loads(get("api/v1/info")[1])["runtime"] == ("torch" if torch.cuda.is_available() else "onnx")
     assert json.loads(get(f"api/v1/images/{sop}/similar?k=3")[1])["hits"]
     assert get(f"api/v1/images/{sop}/thumbnail.png?size=128")[1][:4] == b"\x89PNG"
     assert b"searchBySop" in get("static/app.js")[1] and b"<script" in get("qc")[1]

@@ -21,6 +21,11 @@ def make_config(home: Path, **sections):
     return cfg
 
 
+def torch_model(encoder):
+    """The torch module behind an encoder, whichever runtime serves it (ONNX Runtime keeps its source)."""
+    return getattr(encoder, "source", encoder).model
+
+
 @pytest.fixture
 def config(tmp_path):
     return make_config(tmp_path / "state", encoder={"name": "resnet18", "batch_size": 8})

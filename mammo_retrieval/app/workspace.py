@@ -95,18 +95,12 @@ class Workspace:
 
     # --- components, built lazily (torch and faiss are slow to import) ---------------------------
     def build_encoder(self, encoder_cfg) -> "Encoder":
-        """The encoder of this config; with ``runtime: onnx`` its ONNX Runtime twin (same model version),
-        exported once into ``<index_dir>/onnx/``."""
+        """The encoder of this config, run as ``encoder.runtime`` says (auto: ONNX Runtime where measured
+        faster; the same model version either way), exported once into ``<index_dir>/onnx/``."""
         from mammo_retrieval.encoders import DEFAULT_REGISTRY, build_encoder
+        from mammo_retrieval.encoders.onnx_runtime import with_runtime
         encoder = build_encoder(encoder_cfg, self.config.preprocess, self._registry or DEFAULT_REGISTRY)
-        if encoder_cfg.runtime == "onnx":
-            from mammo_retrieval.encoders.adapter import AdaptedEncoder
-            from mammo_retrieval.encoders.onnx_runtime import onnx_encoder
-            if isinstance(encoder, AdaptedEncoder):  # the base runs on onnxruntime, the projection stays torch
-                return AdaptedEncoder(onnx_encoder(encoder.base, self.config.index_dir / "onnx"), encoder.projection,
-                                      encoder.info, Path(encoder.identity.weights_path))
-            return onnx_encoder(encoder, self.config.index_dir / "onnx")
-        return encoder
+        return with_runtime(encoder, encoder_cfg, self.config.index_dir / "onnx")
 
     @property
     def encoder(self) -> "Encoder":

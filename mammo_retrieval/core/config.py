@@ -66,7 +66,7 @@ class EncoderConfig:
     device: str
     precision: str
     channels_last: bool
-    runtime: str = "torch"
+    runtime: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ _CHOICES = {
     ("preprocess", "flip_to_side"): {None, "L", "R"},
     ("encoder", "device"): {"cpu", "cuda", "auto"},
     ("encoder", "precision"): {"fp32", "bf16"},
-    ("encoder", "runtime"): {"torch", "onnx"},
+    ("encoder", "runtime"): {"auto", "torch", "onnx"},
     ("index", "type"): {"ivf_flat", "ivf_sq8", "ivf_pq"},
 }
 

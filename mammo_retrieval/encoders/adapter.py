@@ -126,6 +126,20 @@ class AdaptedEncoder:
     def dim(self) -> int:
         return self.info.out_dim
 
+    @property
+    def runtime(self) -> str:
+        return getattr(self.base, "runtime", "torch")
+
+    @property
+    def threads(self) -> int:
+        """The base's own thread count (ONNX Runtime); an AttributeError for a torch base, whose count is
+        torch's process-wide one (EncoderThreads asks with hasattr)."""
+        return self.base.threads
+
+    @threads.setter
+    def threads(self, n: int) -> None:
+        self.base.threads = n
+
     @torch.inference_mode()
     def project(self, vectors: np.ndarray) -> np.ndarray:
         """Base vectors (N, in_dim) -> adapted unit vectors (N, out_dim)."""

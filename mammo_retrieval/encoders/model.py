@@ -31,6 +31,8 @@ def resolve_device(name: str) -> torch.device:
 class TorchEncoder:
     """An ``Encoder`` (see ``base``) over a torch backbone: wraps it with its preprocessing settings and identity; ``embed`` is batch in, vectors out."""
 
+    runtime = "torch"
+
     def __init__(self, spec: EncoderSpec, model: torch.nn.Module, settings: PreprocessSettings,
                  identity: ModelIdentity, device: torch.device, *, precision: str = "fp32",
                  channels_last: bool = False) -> None:

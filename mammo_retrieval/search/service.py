@@ -51,6 +51,7 @@ class ServingInfo:
     random_weights: bool
     index_type: str
     ntotal: int
+    runtime: str = "torch"  # what runs the encoder: torch or onnx (encoder.runtime)
 
 
 class SearchService:
@@ -144,7 +145,7 @@ class SearchService:
         index = self.index()
         identity = self.encoder.identity
         return ServingInfo(identity.key, identity.encoder, identity.random_weights, index.manifest.index_type,
-                           index.ntotal)
+                           index.ntotal, getattr(self.encoder, "runtime", "torch"))
 
     # --- embedding -----------------------------------------------------------------------------------
     def embed_file(self, source: Source, watch: Stopwatch | None = None) -> tuple[QueryImage, np.ndarray]:

@@ -85,16 +85,17 @@ def _save_atomic(obj: dict, path: Path) -> None:
 
 def own_backbone(encoder: "Encoder", registry: "EncoderRegistry | None" = None) -> torch.nn.Module:
     """A fresh backbone of the encoder's architecture, built through the registry, holding a copy of its
-    weights: training never changes the serving encoder's model in place."""
+    weights: training never changes the serving encoder's model in place. An ONNX Runtime encoder trains the
+    torch model it was exported from."""
     from mammo_retrieval.core.errors import ConfigError
     from mammo_retrieval.encoders import DEFAULT_REGISTRY
     from mammo_retrieval.encoders.model import create_backbone
     from mammo_retrieval.encoders.registry import TORCH_TRAINABLE_FAMILIES
+    encoder = getattr(encoder, "source", encoder)
     if not hasattr(encoder, "model") or getattr(encoder.spec, "family", "timm") not in TORCH_TRAINABLE_FAMILIES:
         raise ConfigError(f"`train` finetunes a timm encoder run by torch; the serving model "
                           f"{encoder.identity.key} is {type(encoder).__name__} ({getattr(encoder.spec, 'family', '?')})",
-                          hint="set encoder.runtime: torch, and serve a timm encoder (not an adapter or rad-dino) "
-                               "to train")
+                          hint="serve a timm encoder (not an adapter or rad-dino) to train")
     backbone = create_backbone(encoder.spec, registry or DEFAULT_REGISTRY)
     backbone.load_state_dict(encoder.model.state_dict())
     return backbone

@@ -12,7 +12,7 @@ from mammo_retrieval.analysis.gate import GateFailed, GateMetric, GateResult
 from mammo_retrieval.app.cli import cli
 from mammo_retrieval.app.workspace import Workspace
 from mammo_retrieval.core.errors import ConfigError
-from tests.conftest import builtin_as_state_dict, cbis_pathology_labels, link_mias, make_config
+from tests.conftest import builtin_as_state_dict, cbis_pathology_labels, link_mias, make_config, torch_model
 
 
 def test_metric_parsing_and_the_verdict():
@@ -47,7 +47,7 @@ def test_random_weights_fail_the_gate_on_mias_then_force_switches(mias_dir, tmp_
     import timm
     torch.manual_seed(3)
     # the default encoder's layout (v2: a ResNet-18 beside the histogram), its network's weights random
-    shipped = ws.encoder.model.state_dict()
+    shipped = torch_model(ws.encoder).state_dict()
     torch.save({**{f"backbone.{k}": v for k, v in timm.create_model("resnet18", num_classes=0).state_dict().items()},
                 "histogram_reference": shipped["histogram_reference"], "histogram_weight": shipped["histogram_weight"]},
                random_weights)

@@ -2,6 +2,8 @@
 mammograms, and serving an ingest and a query."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -18,8 +20,10 @@ def _real_files(cbis_files):
 
 def test_onnx_agrees_with_torch_per_image_and_is_exported_once(tmp_path, cbis_files):
     files = _real_files(cbis_files)
-    torch_ws = Workspace(make_config(tmp_path / "state"))
+    from mammo_retrieval.encoders.model import TorchEncoder
+    torch_ws = Workspace(make_config(tmp_path / "state", encoder={"runtime": "torch", "device": "cpu"}))
     onnx_ws = Workspace(make_config(tmp_path / "state", encoder={"runtime": "onnx"}))
+    assert isinstance(torch_ws.encoder, TorchEncoder)
     assert onnx_ws.encoder.identity == torch_ws.encoder.identity  # one model version, one index
     pictures = np.stack([torch_ws.prepare(f, torch_ws.encoder.settings).display for f in files])
     from mammo_retrieval.encoders.pooling import embed_pictures
@@ -41,5 +45,96 @@ def test_onnx_runtime_ingests_and_queries(tmp_path, cbis_files):
     report = ws.ingest(cbis_files[0].parent.parent, workers=1)
     assert report.ingested == len(cbis_files)
     hits = ws.query_dicom(cbis_files[0], 3).hits
-    torch_hits = Workspace(make_config(tmp_path / "state")).query_dicom(cbis_files[0], 3).hits
+    torch_hits = Workspace(make_config(tmp_path / "state", encoder={"runtime": "torch"})).query_dicom(
+        cbis_files[0], 3).hits
     assert [h.sop_instance_uid for h in hits] == [h.sop_instance_uid for h in torch_hits]
+
+
+def test_auto_runs_the_measured_architectures_with_onnxruntime_and_the_rest_with_torch(tmp_path):
+    from mammo_retrieval.encoders.model import TorchEncoder
+    from mammo_retrieval.encoders.onnx_runtime import OnnxEncoder
+    default = make_config(tmp_path / "state")
+    assert default.encoder.runtime == "auto"  # the shipped default
+    encoder = Workspace(default.replace("encoder", device="cpu")).encoder  # (auto keeps a GPU on torch)
+    assert isinstance(encoder, OnnxEncoder) and encoder.identity == encoder.source.identity
+    record = json.loads(encoder.model_path.with_suffix(".json").read_text())
+    assert record["check_min_cosine"] >= 0.999  # checked against torch before it was kept
+    for torch_only in ({"name": "timm:vit_tiny_patch16_224"}, {"precision": "bf16"}, {"channels_last": True},
+                       {"runtime": "torch"}):
+        chosen = Workspace(make_config(tmp_path / "other", encoder=torch_only)).encoder
+        assert isinstance(chosen, TorchEncoder), torch_only
+
+
+def test_auto_falls_back_to_torch_when_the_export_disagrees_and_onnx_refuses(tmp_path, monkeypatch):
+    import logging
+
+    from mammo_retrieval.encoders import onnx_runtime
+    from mammo_retrieval.encoders.model import TorchEncoder
+    monkeypatch.setattr(onnx_runtime, "AGREEMENT", 1.5)  # no export can reach it
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger(onnx_runtime.__name__).addHandler(handler)
+    try:
+        encoder = Workspace(make_config(tmp_path / "state", encoder={"name": "resnet18"})).encoder
+    finally:
+        logging.getLogger(onnx_runtime.__name__).removeHandler(handler)
+    assert isinstance(encoder, TorchEncoder)
+    assert any("disagrees with torch" in w and "running it with torch" in w for w in warnings), warnings
+    assert not list((tmp_path / "state" / "indexes" / "onnx").glob("*.onnx")), "nothing unchecked is kept"
+    with pytest.raises(onnx_runtime.OnnxUnavailable, match=r"resnet18-[0-9a-f]+-[0-9a-f]+: the ONNX export disagrees with torch"):
+        Workspace(make_config(tmp_path / "state", encoder={"name": "resnet18", "runtime": "onnx"})).encoder
+
+
+def test_a_model_the_exporter_cannot_trace_is_a_clear_error_under_onnx(tmp_path):
+    import torch
+
+    from mammo_retrieval.encoders.onnx_runtime import OnnxUnavailable
+    from mammo_retrieval.encoders.registry import EncoderRegistry, EncoderSpec
+
+    class DataDependent(torch.nn.Module):  # Python control flow on a tensor's value: not exportable
+        def forward(self, x):
+            pooled = x.mean(dim=(2, 3))
+            return pooled * 2 if float(pooled.sum()) > 0 else pooled
+
+    registry = EncoderRegistry([EncoderSpec("branchy", "branchy", 3, input_size=(32, 32), family="branchy")],
+                               families={"branchy": lambda spec: DataDependent()})
+    cfg = make_config(tmp_path / "state", encoder={"name": "branchy", "runtime": "onnx"})
+    with pytest.raises(OnnxUnavailable, match=r"branchy.*export to ONNX failed"):
+        Workspace(cfg, registry=registry).encoder
+
+
+def test_train_finetunes_the_torch_model_behind_an_onnx_encoder(tmp_path):
+    import torch
+
+    from mammo_retrieval.train.trainer import own_backbone
+    encoder = Workspace(make_config(tmp_path / "state", encoder={"runtime": "onnx"})).encoder
+    backbone = own_backbone(encoder)
+    source = encoder.source.model.state_dict()
+    assert all(torch.equal(value, source[key]) for key, value in backbone.state_dict().items())
+
+
+def test_an_ingest_tunes_the_threads_of_an_onnx_base_behind_an_adapter(tmp_path):
+    from mammo_retrieval.encoders.adapter import AdaptedEncoder, AdapterInfo, Projection
+    from mammo_retrieval.pipeline.threads import EncoderThreads
+    base = Workspace(make_config(tmp_path / "state", encoder={"runtime": "onnx"})).encoder
+    info = AdapterInfo("linear", base.dim, 8, 0, base.identity.key, "mammo-simclr-v2", None, "", None, ("tissue",))
+    path = tmp_path / "adapter.bin"
+    path.write_bytes(b"an adapter's bytes: hashed for its identity")
+    adapted = AdaptedEncoder(base, Projection("linear", base.dim, 8), info, path)
+    assert adapted.runtime == "onnx" and adapted.threads == 0  # 0: onnxruntime's default
+    with EncoderThreads(adapted, "auto", workers=1, cores=2):
+        assert base.threads == 1  # the workers get the other core
+    assert base.threads == 0  # restored
+    torch_base = Workspace(make_config(tmp_path / "state", encoder={"runtime": "torch"})).encoder
+    assert not hasattr(AdaptedEncoder(torch_base, Projection("linear", base.dim, 8), info, path), "threads")
+
+
+def test_a_cached_export_from_before_the_check_is_exported_again(tmp_path):
+    encoder = Workspace(make_config(tmp_path / "state", encoder={"runtime": "onnx"})).encoder
+    record_path = encoder.model_path.with_suffix(".json")
+    record = json.loads(record_path.read_text())
+    del record["check_min_cosine"]  # as `runtime: onnx` wrote it before every export was checked
+    record_path.write_text(json.dumps(record))
+    Workspace(make_config(tmp_path / "state", encoder={"runtime": "onnx"})).encoder
+    assert json.loads(record_path.read_text())["check_min_cosine"] >= 0.999

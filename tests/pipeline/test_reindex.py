@@ -7,7 +7,7 @@ import torch
 from mammo_retrieval.app.workspace import Workspace
 from mammo_retrieval.core.errors import NotFoundError
 from mammo_retrieval.storage.index.versions import read_live
-from tests.conftest import make_config
+from tests.conftest import make_config, torch_model
 from tests.pipeline.test_runner import synthetic_archive
 
 
@@ -15,7 +15,7 @@ def finetuned_weights(ws, path):
     """A checkpoint in PRIMER layout with weights unlike the seeded initialisation."""
     gen = torch.Generator().manual_seed(3)
     state = {f"encoder.encoder.{k}": (v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v)
-             for k, v in ws.encoder.model.state_dict().items()}
+             for k, v in torch_model(ws.encoder).state_dict().items()}
     torch.save({"model_state_dict": state}, path)
     return path
 
@@ -208,7 +208,7 @@ def test_rollback_target_from_a_user_file_is_stored_when_replaced(tmp_path):
     ws.ingest(tmp_path / "archive", workers=0)
     first_key, before = ws.encoder.identity.key, ws.query_dicom(files[0], k=3).hits
     second = tmp_path / "second.pt"
-    torch.save({k: v * 1.01 if v.is_floating_point() else v for k, v in ws.encoder.model.state_dict().items()},
+    torch.save({k: v * 1.01 if v.is_floating_point() else v for k, v in torch_model(ws.encoder).state_dict().items()},
                second)
     cfg = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 96})
     assert Workspace(cfg).reindex(str(second))["previous"] == first_key

@@ -6,7 +6,7 @@ from mammo_retrieval.app.workspace import Workspace
 from mammo_retrieval.encoders import build_encoder
 from mammo_retrieval.train.data import load_training_images
 from mammo_retrieval.train.trainer import SimCLRTrainer, TrainConfig, cosine_with_warmup, split_by_patient
-from tests.conftest import make_config
+from tests.conftest import make_config, torch_model
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +87,11 @@ def test_checkpoint_is_primer_compatible_and_resumable(small_workspace, tmp_path
 def test_training_leaves_the_serving_encoder_untouched(small_workspace, tmp_path):
     """The trainer builds its own backbone: one test's (or the server's) model never changes under it."""
     images, patients, _ = load_training_images(small_workspace.corpus(), small_workspace.encoder.settings.size)
-    before = {k: v.clone() for k, v in small_workspace.encoder.model.state_dict().items()}
+    before = {k: v.clone() for k, v in torch_model(small_workspace.encoder).state_dict().items()}
     cfg = TrainConfig(epochs=1, batch_size=8, warmup_epochs=0, val_fraction=0.2)
     trainer = SimCLRTrainer(small_workspace.encoder, images, patients, cfg, tmp_path / "t.pt", log=lambda _: None)
     trainer.fit({})
-    after = small_workspace.encoder.model.state_dict()
+    after = torch_model(small_workspace.encoder).state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     trained = trainer.model.encoder.encoder.state_dict()
     assert any(not torch.equal(before[k], trained[k]) for k in before if before[k].is_floating_point())
@@ -109,7 +109,7 @@ def test_the_default_built_in_v2_trains_and_its_checkpoint_serves(tmp_path, cbis
     trainer = SimCLRTrainer(ws.encoder, images, patients, cfg, out, log=lambda _: None)
     trainer.fit()
     state = torch.load(out, map_location="cpu", weights_only=True)["model_state_dict"]
-    shipped = ws.encoder.model.state_dict()
+    shipped = torch_model(ws.encoder).state_dict()
     torch.testing.assert_close(state["encoder.encoder.histogram_reference"], shipped["histogram_reference"])
     assert not torch.equal(state["encoder.encoder.backbone.conv1.weight"], shipped["backbone.conv1.weight"])
     cfg_enc = ws.config.encoder

@@ -157,6 +157,8 @@ def test_status_and_info(client, archive):
     assert status == Workspace(cfg).status()
     info = client.get("/api/v1/info").json()
     assert info["ntotal"] == 10 and info["model_key"] == status["model_versions"][0]["key"]
+    import torch
+    assert info["runtime"] == ("torch" if torch.cuda.is_available() else "onnx")  # auto: a ResNet on the CPU
 
 
 def test_docs_and_pages_are_served(client):

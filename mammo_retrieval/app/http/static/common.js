@@ -45,7 +45,7 @@ async function showServing() {
   const target = document.getElementById("serving");
   try {
     const info = await api.json("/api/v1/info");
-    target.textContent = `live model ${info.model_key} (${info.encoder}${info.random_weights ? ", RANDOM weights" : ""}) · ${info.ntotal} images indexed (${info.index_type}) · v${info.version}`;
+    target.textContent = `live model ${info.model_key} (${info.encoder} on ${info.runtime}${info.random_weights ? ", RANDOM weights" : ""}) · ${info.ntotal} images indexed (${info.index_type}) · v${info.version}`;
   } catch (error) {
     target.textContent = `not serving yet: ${error.message}`;
   }
