@@ -23,7 +23,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_ingest import cbis_corpus  # noqa: E402
+
+from bench.report import emit  # noqa: E402
 
 
 def fresh_home(home: Path, keep_exports: bool) -> None:
@@ -61,11 +64,14 @@ def main() -> None:
     ap.add_argument("--a-config", type=Path, help="a config file for A ($MRETRIEVE_CONFIG)")
     ap.add_argument("--b-config", type=Path, help="a config file for B")
     ap.add_argument("--keep-exports", action="store_true", help="keep each home's ONNX exports between runs")
+    ap.add_argument("--out", type=Path, help="also write the JSON here")
     ap.add_argument("--copies", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench_ab_ingest")
     a = ap.parse_args()
     archive = a.work / "archive"
+    for side in ("a", "b"):  # an export left by an interrupted earlier run must not spare a first run its own
+        shutil.rmtree(a.work / f"home-{side}-onnx", ignore_errors=True)
     cbis_corpus(archive, a.copies)
     times = {"a": [], "b": []}
     for _ in range(a.repeat):
@@ -73,10 +79,9 @@ def main() -> None:
             times[name].append(round(ingest_seconds(getattr(a, name), archive, a.work / f"home-{name}",
                                                     getattr(a, f"{name}_config"), a.keep_exports), 2))
     ma, mb = statistics.median(times["a"]), statistics.median(times["b"])
-    print(json.dumps({"files": a.copies, "a": a.a, "b": a.b, "a_config": str(a.a_config or ""),
-                      "b_config": str(a.b_config or ""), "keep_exports": a.keep_exports, "seconds_a": times["a"], "seconds_b": times["b"],
-                      "median_a": ma, "median_b": mb, "b_over_a": round(mb / ma, 3)}, indent=2))
-
+    emit({"files": a.copies, "a": a.a, "b": a.b, "a_config": str(a.a_config or ""),
+          "b_config": str(a.b_config or ""), "keep_exports": a.keep_exports, "seconds_a": times["a"],
+          "seconds_b": times["b"], "median_a": ma, "median_b": mb, "b_over_a": round(mb / ma, 3)}, a.out)
 
 if __name__ == "__main__":
     main()

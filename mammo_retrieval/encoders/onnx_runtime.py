@@ -4,8 +4,8 @@ its identity (weights hash, preprocessing digest, input size), then run by onnxr
 ``encoder.runtime: auto`` (the default) picks it where it was measured faster than torch fp32 and agreeing
 (``ONNX_FASTER``; bench/bench_onnx.py), ``onnx`` always, ``torch`` never. It is the same model version as the
 torch encoder it came from (same identity, same index): the export is an execution detail. Every export is
-checked against torch on a fixed input before it is used (cosine >= ``AGREEMENT`` per image) and a cached
-file against the sha256 recorded beside it; a mismatch is exported again.
+checked against torch on fixed random-noise inputs before it is used (cosine >= ``AGREEMENT`` per input)
+and a cached file against the sha256 recorded beside it; a mismatch is exported again.
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+import torch
 
 from mammo_retrieval.core.errors import ConfigError
 from mammo_retrieval.core.fileio import sha256_file, write_atomic, write_bytes_atomic
@@ -30,8 +31,6 @@ from mammo_retrieval.core.private import make_private_dir
 from mammo_retrieval.encoders.model import TorchEncoder
 
 if TYPE_CHECKING:
-    import torch
-
     from mammo_retrieval.core.config import EncoderConfig
     from mammo_retrieval.encoders.base import Encoder
 
@@ -51,32 +50,36 @@ class OnnxUnavailable(ConfigError):
     """The ONNX twin cannot be made or trusted here (no onnxruntime, a failed export, disagreement)."""
 
 
-def _cpu():
-    import torch
-    return torch.device("cpu")
-
-
 def onnx_path(cache_dir: Path, encoder: TorchEncoder) -> Path:
+    """Where ``encoder``'s export lives: one file per model version and input size."""
     identity, (h, w) = encoder.identity, encoder.settings.size
     return Path(cache_dir) / f"{identity.key}-{h}x{w}.onnx"
 
 
-def _cached(path: Path) -> bool:
-    """A file exported and checked by this version of the exporter, unchanged since (its sha256)."""
-    meta = path.with_suffix(".json")
-    if not path.is_file() or not meta.is_file():
-        return False
+def _record(path: Path) -> dict | None:
+    """The JSON record beside an export, or None where it is missing or unreadable."""
     try:
-        record = json.loads(meta.read_text())
-        return (record["sha256"] == sha256_file(path) and record.get("opset") == OPSET
-                and record.get("check_min_cosine", -1.0) >= AGREEMENT)
-    except (ValueError, KeyError, TypeError, OSError):
+        record = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _cached(path: Path) -> bool:
+    """An export checked against torch at this opset and unchanged since (the sha256 in its record)."""
+    record = _record(path)
+    if record is None or record.get("opset") != OPSET:
+        return False
+    cosine = record.get("check_min_cosine")
+    try:
+        return (isinstance(cosine, (int, float)) and cosine >= AGREEMENT
+                and record.get("sha256") == sha256_file(path))
+    except OSError:
         return False
 
 
-def _exported_bytes(model: "torch.nn.Module", size: tuple[int, int]) -> bytes:
+def _exported_bytes(model: torch.nn.Module, size: tuple[int, int]) -> bytes:
     """``model`` as ONNX (batch dimension dynamic), with torch's exporter."""
-    import torch
     example = torch.zeros(2, 3, *size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with tempfile.TemporaryDirectory(prefix="mretrieve-onnx-") as scratch:
@@ -90,10 +93,10 @@ def _exported_bytes(model: "torch.nn.Module", size: tuple[int, int]) -> bytes:
         return tmp.read_bytes()
 
 
-def _agreement(model: "torch.nn.Module", data: bytes, size: tuple[int, int]) -> float:
-    """The least per-image cosine between the export and ``model`` (fp32, CPU) on a fixed input (3 images)."""
+def _agreement(model: torch.nn.Module, data: bytes, size: tuple[int, int]) -> float:
+    """The least per-row cosine between the export and ``model`` (fp32, CPU) on three fixed random-noise
+    inputs: a numerical check of the translation, not of retrieval quality."""
     import onnxruntime as ort
-    import torch
     x = np.random.default_rng(0).standard_normal((3, 3, *size)).astype(np.float32)
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     (ours,) = session.run(None, {"pixels": x})
@@ -103,63 +106,93 @@ def _agreement(model: "torch.nn.Module", data: bytes, size: tuple[int, int]) -> 
     return float(np.min(np.sum(ours * theirs, axis=1)))
 
 
-def _make_checked(encoder: TorchEncoder) -> tuple[bytes, float]:
+def _export_and_check(encoder: TorchEncoder) -> tuple[bytes, float]:
     """Export an fp32 CPU copy of the model and check it against that copy (the serving model, perhaps on a
-    GPU, is left as it is)."""
-    model = copy.deepcopy(encoder.model).float().cpu().eval()
+    GPU, is left as it is). The exporter's and onnxruntime's errors become OnnxUnavailable; running out of
+    disk or memory does not (it may pass)."""
     try:
+        model = copy.deepcopy(encoder.model).float().cpu().eval()
         data = _exported_bytes(model, encoder.settings.size)
         return data, _agreement(model, data, encoder.settings.size)
+    except (OSError, MemoryError):
+        raise
     except Exception as exc:  # the exporter and onnxruntime raise many kinds; all mean "no ONNX twin"
         raise OnnxUnavailable(f"{encoder.identity.key}: the export to ONNX failed: {type(exc).__name__}: "
                               f"{str(exc)[:300]}", hint="set encoder.runtime: torch") from exc
 
 
-# What this process learnt about each (model version, input size, opset): small values, never model bytes.
-_checks: dict[tuple, float] = {}   # the export's least cosine against torch
-_written: dict[tuple, Path] = {}   # a checked file it wrote: a second home copies it instead of exporting
-_failures: dict[tuple, str] = {}   # an export that failed: not tried again by this process
-_lock = threading.Lock()
+class ExportKey(NamedTuple):
+    model_version: str
+    size: tuple[int, int]
+    opset: int
 
 
-def _copy_of_written(key: tuple) -> bytes | None:
-    """The bytes of a checked export this process wrote, if that file is still there and unchanged."""
-    path = _written.get(key)
-    try:
-        record = json.loads(path.with_suffix(".json").read_text()) if path else None
-        data = path.read_bytes() if record else None
-    except (OSError, ValueError):
-        return None
-    return data if data and hashlib.sha256(data).hexdigest() == record.get("sha256") else None
+class _ExportMemo:
+    """What this process learnt per model version, so that a second home (tests, a server's reindex and
+    rollback) neither exports again nor retries what cannot work: the least cosine of a checked export,
+    the file it was written to, and exports that failed for good (the exporter's errors, disagreement).
+    Small values only, never model bytes."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cosine: dict[ExportKey, float] = {}
+        self.written: dict[ExportKey, Path] = {}
+        self.failed: dict[ExportKey, str] = {}
+
+    def copy_of_written(self, key: ExportKey) -> bytes | None:
+        """The bytes of a checked export this process wrote, if that file is still there and unchanged."""
+        path = self.written.get(key)
+        record = _record(path) if path else None
+        try:
+            data = path.read_bytes() if record else None
+        except OSError:
+            return None
+        return data if data and hashlib.sha256(data).hexdigest() == record.get("sha256") else None
+
+
+_memo = _ExportMemo()
+
+
+def _checked_bytes(encoder: TorchEncoder, key: ExportKey) -> tuple[bytes, float]:
+    """A checked export of ``encoder`` (copied from one this process wrote, or made now) and its cosine;
+    OnnxUnavailable, remembered, when it cannot be made or disagrees. Called under the memo's lock."""
+    if key in _memo.failed:
+        raise OnnxUnavailable(f"{_memo.failed[key]} (not tried again by this process)",
+                              hint="set encoder.runtime: torch")
+    data = _memo.copy_of_written(key) if key in _memo.cosine else None
+    if data is None:
+        try:
+            data, _memo.cosine[key] = _export_and_check(encoder)
+        except OnnxUnavailable as exc:
+            _memo.failed[key] = exc.message
+            raise
+    cosine = _memo.cosine[key]
+    if not cosine >= AGREEMENT:
+        _memo.failed[key] = (f"{key.model_version}: the ONNX export disagrees with torch (least cosine "
+                             f"{cosine:.6f} < {AGREEMENT})")
+        raise OnnxUnavailable(_memo.failed[key], hint="set encoder.runtime: torch")
+    return data, cosine
+
+
+def _write_with_record(path: Path, data: bytes, cosine: float, key: ExportKey) -> None:
+    """The model, then its record, each atomically: a file with a matching record is one that agreed."""
+    make_private_dir(path.parent)  # beside the index, as private as it
+    write_bytes_atomic(path, data)
+    record = {"sha256": hashlib.sha256(data).hexdigest(), "model_version": key.model_version,
+              "input_size": list(key.size), "opset": key.opset, "check_min_cosine": round(cosine, 6)}
+    write_atomic(path.with_suffix(".json"), lambda fh: fh.write(json.dumps(record).encode()))
 
 
 def export(encoder: TorchEncoder, path: Path) -> Path:
-    """Export, check against torch, then write atomically (the model, then its record): a file that is
-    there with a matching record is one that agreed. Once per process and model version."""
-    key, name = (encoder.identity.key, encoder.settings.size, OPSET), encoder.identity.key
-    with _lock:
-        if key in _failures:
-            raise OnnxUnavailable(_failures[key], hint="set encoder.runtime: torch")
-        data = _copy_of_written(key) if _checks.get(key, -1.0) >= AGREEMENT else None
-        if data is None:
-            try:
-                data, _checks[key] = _make_checked(encoder)
-            except OnnxUnavailable as exc:
-                _failures[key] = exc.message
-                raise
-        cosine = _checks[key]
-        if not cosine >= AGREEMENT:
-            raise OnnxUnavailable(f"{name}: the ONNX export disagrees with torch (least cosine {cosine:.6f} "
-                                  f"< {AGREEMENT})", hint="set encoder.runtime: torch")
-        make_private_dir(path.parent)  # beside the index, as private as it
-        write_bytes_atomic(path, data)
-        h, w = encoder.settings.size
-        write_atomic(path.with_suffix(".json"), lambda fh: fh.write(json.dumps({
-            "sha256": hashlib.sha256(data).hexdigest(), "model_version": name, "input_size": [h, w],
-            "opset": OPSET, "check_min_cosine": round(cosine, 6)}).encode()))
-        _written[key] = path
-    logger.info("exported %s to %s (%.1f MB; least cosine against torch %.6f)", name, path, len(data) / 1e6,
-                cosine)
+    """Export ``encoder`` to ``path``, checked against torch: once per process and model version, unless
+    writing it failed (then the next call exports again: disk space may have come back)."""
+    key = ExportKey(encoder.identity.key, tuple(encoder.settings.size), OPSET)
+    with _memo.lock:
+        data, cosine = _checked_bytes(encoder, key)
+        _write_with_record(path, data, cosine, key)
+        _memo.written[key] = path
+    logger.info("exported %s to %s (%.1f MB; least cosine against torch %.6f)", key.model_version, path,
+                len(data) / 1e6, cosine)
     return path
 
 
@@ -172,7 +205,7 @@ class OnnxEncoder:
     def __init__(self, source: TorchEncoder, model_path: Path, threads: int | None = None) -> None:
         self.source = source  # the torch model it was exported from: what `train` finetunes
         self.model_path = model_path
-        self.device = source.device if source.device.type == "cpu" else _cpu()  # onnxruntime runs on the CPU
+        self.device = torch.device("cpu")  # onnxruntime runs on the CPU
         self._threads = threads or 0  # 0: onnxruntime's default (every core)
         self.session = self._session()
         self.settings = source.settings
@@ -226,7 +259,7 @@ def onnx_encoder(source: TorchEncoder, cache_dir: Path) -> OnnxEncoder:
                               f"{str(exc)[:300]}", hint="set encoder.runtime: torch") from exc
 
 
-def auto_runtime(cfg: "EncoderConfig", encoder: TorchEncoder) -> str:
+def auto_runtime(cfg: "EncoderConfig", encoder: "Encoder") -> str:
     """``runtime: auto``: onnx where it was measured faster and agreeing and nothing asks for torch."""
     spec = getattr(encoder, "spec", None)
     if (not isinstance(encoder, TorchEncoder) or spec is None or spec.family not in ONNX_FAMILIES
@@ -239,7 +272,8 @@ def auto_runtime(cfg: "EncoderConfig", encoder: TorchEncoder) -> str:
 def with_runtime(encoder: "Encoder", cfg: "EncoderConfig", cache_dir: Path) -> "Encoder":
     """``encoder`` run as ``cfg.runtime`` says. Under ``auto`` a model that cannot be exported, does not
     agree or cannot be written (a full disk) runs with torch, with a warning: the export only makes it
-    faster. Under ``onnx`` each is an error. An adapter's base runs on onnxruntime, its projection in torch."""
+    faster (a later process tries again). Under ``onnx`` each is an error. An adapter's base runs on
+    onnxruntime, its projection in torch."""
     from mammo_retrieval.encoders.adapter import AdaptedEncoder
     base = encoder.base if isinstance(encoder, AdaptedEncoder) else encoder
     runtime = auto_runtime(cfg, base) if cfg.runtime == "auto" else cfg.runtime
@@ -247,11 +281,11 @@ def with_runtime(encoder: "Encoder", cfg: "EncoderConfig", cache_dir: Path) -> "
         return encoder
     try:
         twin = onnx_encoder(base, cache_dir)
-    except (OnnxUnavailable, OSError) as exc:
+    except (OnnxUnavailable, OSError, MemoryError) as exc:
         if cfg.runtime == "onnx":
             raise
         reason = (exc.message if isinstance(exc, OnnxUnavailable)
-                  else f"{base.identity.key}: cannot write its ONNX export ({exc})")
+                  else f"{base.identity.key}: no ONNX export ({type(exc).__name__}: {exc})")
         logger.warning("encoder.runtime auto: %s; running it with torch", reason)
         return encoder
     if isinstance(encoder, AdaptedEncoder):

@@ -71,12 +71,13 @@ def test_auto_falls_back_to_torch_when_the_export_disagrees_and_onnx_refuses(tmp
     from mammo_retrieval.encoders import onnx_runtime
     from mammo_retrieval.encoders.model import TorchEncoder
     monkeypatch.setattr(onnx_runtime, "AGREEMENT", 1.5)  # no export can reach it
+    monkeypatch.setattr(onnx_runtime, "_memo", onnx_runtime._ExportMemo())  # what it learns stays here
     warnings: list[str] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: warnings.append(record.getMessage())
     logging.getLogger(onnx_runtime.__name__).addHandler(handler)
     try:
-        encoder = Workspace(make_config(tmp_path / "state", encoder={"name": "resnet18"})).encoder
+        encoder = Workspace(make_config(tmp_path / "state", encoder={"name": "resnet18", "device": "cpu"})).encoder
     finally:
         logging.getLogger(onnx_runtime.__name__).removeHandler(handler)
     assert isinstance(encoder, TorchEncoder)
@@ -95,12 +96,12 @@ def test_a_model_the_exporter_cannot_trace_is_a_clear_error_under_onnx(tmp_path)
     class DataDependent(torch.nn.Module):  # Python control flow on a tensor's value: not exportable
         def forward(self, x):
             pooled = x.mean(dim=(2, 3))
-            return pooled * 2 if float(pooled.sum()) > 0 else pooled
+            return pooled if float(pooled.sum()) > 0 else -pooled  # a traced branch would disagree
 
     registry = EncoderRegistry([EncoderSpec("branchy", "branchy", 3, input_size=(32, 32), family="branchy")],
                                families={"branchy": lambda spec: DataDependent()})
     cfg = make_config(tmp_path / "state", encoder={"name": "branchy", "runtime": "onnx"})
-    with pytest.raises(OnnxUnavailable, match=r"branchy.*export to ONNX failed"):
+    with pytest.raises(OnnxUnavailable, match=r"branchy.*(export to ONNX failed|disagrees with torch)"):
         Workspace(cfg, registry=registry).encoder
 
 
@@ -130,11 +131,34 @@ def test_an_ingest_tunes_the_threads_of_an_onnx_base_behind_an_adapter(tmp_path)
     assert not hasattr(AdaptedEncoder(torch_base, Projection("linear", base.dim, 8), info, path), "threads")
 
 
-def test_a_cached_export_from_before_the_check_is_exported_again(tmp_path):
+@pytest.mark.parametrize("damage", ["no check (written before exports were checked)", "another opset",
+                                    "a failed check", "not a JSON object"])
+def test_a_cached_export_whose_record_does_not_vouch_for_it_is_replaced(tmp_path, damage):
     encoder = Workspace(make_config(tmp_path / "state", encoder={"runtime": "onnx"})).encoder
     record_path = encoder.model_path.with_suffix(".json")
     record = json.loads(record_path.read_text())
-    del record["check_min_cosine"]  # as `runtime: onnx` wrote it before every export was checked
+    if damage.startswith("no check"):
+        del record["check_min_cosine"]
+    elif damage == "another opset":
+        record["opset"] = 17
+    elif damage == "a failed check":
+        record["check_min_cosine"] = 0.5
+    else:
+        record = [record]
     record_path.write_text(json.dumps(record))
-    Workspace(make_config(tmp_path / "state", encoder={"runtime": "onnx"})).encoder
-    assert json.loads(record_path.read_text())["check_min_cosine"] >= 0.999
+    again = Workspace(make_config(tmp_path / "state", encoder={"runtime": "auto", "device": "cpu"})).encoder
+    assert again.runtime == "onnx"
+    rewritten = json.loads(record_path.read_text())
+    assert rewritten["check_min_cosine"] >= 0.999 and rewritten["opset"] == 18
+
+
+def test_an_export_that_cannot_be_written_runs_torch_and_is_tried_again_once_it_can(tmp_path):
+    onnx_dir = tmp_path / "state" / "indexes" / "onnx"
+    onnx_dir.parent.mkdir(parents=True)
+    onnx_dir.write_text("a file where the export folder should be")
+    cfg = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 64, "device": "cpu"})
+    assert Workspace(cfg).encoder.runtime == "torch"  # auto: a warning, and torch
+    with pytest.raises(OSError):
+        Workspace(cfg.replace("encoder", runtime="onnx")).encoder
+    onnx_dir.unlink()
+    assert Workspace(cfg).encoder.runtime == "onnx"  # nothing remembered the failure
