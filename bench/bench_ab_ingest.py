@@ -83,5 +83,6 @@ def main() -> None:
           "b_config": str(a.b_config or ""), "keep_exports": a.keep_exports, "seconds_a": times["a"],
           "seconds_b": times["b"], "median_a": ma, "median_b": mb, "b_over_a": round(mb / ma, 3)}, a.out)
 
+
 if __name__ == "__main__":
     main()

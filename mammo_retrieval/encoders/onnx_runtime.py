@@ -46,6 +46,9 @@ ONNX_FASTER = frozenset({"resnet18", "resnet50", "densenet121", "inception_v3"})
 ONNX_FAMILIES = ("timm", "intensity-fusion")
 
 
+TORCH_HINT = "set encoder.runtime: torch"
+
+
 class OnnxUnavailable(ConfigError):
     """The ONNX twin cannot be made or trusted here (no onnxruntime, a failed export, disagreement)."""
 
@@ -118,7 +121,7 @@ def _export_and_check(encoder: TorchEncoder) -> tuple[bytes, float]:
         raise
     except Exception as exc:  # the exporter and onnxruntime raise many kinds; all mean "no ONNX twin"
         raise OnnxUnavailable(f"{encoder.identity.key}: the export to ONNX failed: {type(exc).__name__}: "
-                              f"{str(exc)[:300]}", hint="set encoder.runtime: torch") from exc
+                              f"{str(exc)[:300]}", hint=TORCH_HINT) from exc
 
 
 class ExportKey(NamedTuple):
@@ -140,14 +143,12 @@ class _ExportMemo:
         self.failed: dict[ExportKey, str] = {}
 
     def copy_of_written(self, key: ExportKey) -> bytes | None:
-        """The bytes of a checked export this process wrote, if that file is still there and unchanged."""
+        """The bytes of a checked export this process wrote, if that file still passes ``_cached``."""
         path = self.written.get(key)
-        record = _record(path) if path else None
         try:
-            data = path.read_bytes() if record else None
+            return path.read_bytes() if path and _cached(path) else None
         except OSError:
             return None
-        return data if data and hashlib.sha256(data).hexdigest() == record.get("sha256") else None
 
 
 _memo = _ExportMemo()
@@ -158,7 +159,7 @@ def _checked_bytes(encoder: TorchEncoder, key: ExportKey) -> tuple[bytes, float]
     OnnxUnavailable, remembered, when it cannot be made or disagrees. Called under the memo's lock."""
     if key in _memo.failed:
         raise OnnxUnavailable(f"{_memo.failed[key]} (not tried again by this process)",
-                              hint="set encoder.runtime: torch")
+                              hint=TORCH_HINT)
     data = _memo.copy_of_written(key) if key in _memo.cosine else None
     if data is None:
         try:
@@ -170,7 +171,7 @@ def _checked_bytes(encoder: TorchEncoder, key: ExportKey) -> tuple[bytes, float]
     if not cosine >= AGREEMENT:
         _memo.failed[key] = (f"{key.model_version}: the ONNX export disagrees with torch (least cosine "
                              f"{cosine:.6f} < {AGREEMENT})")
-        raise OnnxUnavailable(_memo.failed[key], hint="set encoder.runtime: torch")
+        raise OnnxUnavailable(_memo.failed[key], hint=TORCH_HINT)
     return data, cosine
 
 
@@ -256,7 +257,7 @@ def onnx_encoder(source: TorchEncoder, cache_dir: Path) -> OnnxEncoder:
         return OnnxEncoder(source, path)
     except Exception as exc:  # onnxruntime's own errors (Fail, InvalidGraph, ...) derive from Exception
         raise OnnxUnavailable(f"{source.identity.key}: onnxruntime cannot load {path}: {type(exc).__name__}: "
-                              f"{str(exc)[:300]}", hint="set encoder.runtime: torch") from exc
+                              f"{str(exc)[:300]}", hint=TORCH_HINT) from exc
 
 
 def auto_runtime(cfg: "EncoderConfig", encoder: "Encoder") -> str:
