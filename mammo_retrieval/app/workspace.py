@@ -4,6 +4,7 @@ lifecycle (repairs). It holds no global state; build as many as you like."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -99,8 +100,10 @@ class Workspace:
         faster; the same model version either way), exported once into ``<index_dir>/onnx/``."""
         from mammo_retrieval.encoders import DEFAULT_REGISTRY, build_encoder
         from mammo_retrieval.encoders.onnx_runtime import with_runtime
-        encoder = build_encoder(encoder_cfg, self.config.preprocess, self._registry or DEFAULT_REGISTRY)
-        return with_runtime(encoder, encoder_cfg, self.config.index_dir / "onnx")
+        registry = self._registry or DEFAULT_REGISTRY
+        encoder = build_encoder(encoder_cfg, self.config.preprocess, registry)
+        return with_runtime(encoder, encoder_cfg, self.config.index_dir / "onnx",
+                            rebuild=functools.partial(build_encoder, encoder_cfg, self.config.preprocess, registry))
 
     @property
     def encoder(self) -> "Encoder":

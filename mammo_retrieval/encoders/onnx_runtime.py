@@ -20,7 +20,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -203,8 +203,11 @@ class OnnxEncoder:
 
     runtime = "onnx"
 
-    def __init__(self, source: TorchEncoder, model_path: Path, threads: int | None = None) -> None:
-        self.source = source  # the torch model it was exported from: what `train` finetunes
+    def __init__(self, source: TorchEncoder, model_path: Path, threads: int | None = None,
+                 rebuild: "Callable[[], TorchEncoder] | None" = None) -> None:
+        # the torch model it was exported from (what `train` finetunes); with ``rebuild`` it is let go and
+        # built again only when asked for, so a server does not hold the weights twice
+        self._source, self._rebuild = (None, rebuild) if rebuild else (source, None)
         self.model_path = model_path
         self.device = torch.device("cpu")  # onnxruntime runs on the CPU
         self._threads = threads or 0  # 0: onnxruntime's default (every core)
@@ -220,6 +223,19 @@ class OnnxEncoder:
         options.intra_op_num_threads = self._threads
         options.log_severity_level = 3  # errors only: its warnings go to stderr on their own
         return ort.InferenceSession(str(self.model_path), options, providers=["CPUExecutionProvider"])
+
+    @property
+    def source(self) -> TorchEncoder:
+        """The torch encoder this was exported from; refused if its weights are no longer the served ones."""
+        if self._source is None:
+            rebuilt = self._rebuild()
+            if rebuilt.identity.key != self.identity.key:
+                from mammo_retrieval.core.errors import WeightsError
+                raise WeightsError(f"{self.identity.key}: the torch model built again for it is "
+                                   f"{rebuilt.identity.key} (its weights file changed since it was loaded)",
+                                   hint="restart the process to serve the weights as they are now")
+            self._source = rebuilt
+        return self._source
 
     @property
     def dim(self) -> int:
@@ -245,8 +261,10 @@ class OnnxEncoder:
         return (features / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def onnx_encoder(source: TorchEncoder, cache_dir: Path) -> OnnxEncoder:
-    """The ONNX Runtime twin of ``source``, exported into ``cache_dir`` on first use."""
+def onnx_encoder(source: TorchEncoder, cache_dir: Path,
+                 rebuild: "Callable[[], TorchEncoder] | None" = None) -> OnnxEncoder:
+    """The ONNX Runtime twin of ``source``, exported into ``cache_dir`` on first use; with ``rebuild`` (a
+    function building ``source`` again) the twin does not keep ``source`` alive."""
     if importlib.util.find_spec("onnxruntime") is None:
         raise OnnxUnavailable("encoder.runtime is onnx but onnxruntime is not installed",
                               hint="pip install onnxruntime onnxscript, or set encoder.runtime: torch")
@@ -254,7 +272,7 @@ def onnx_encoder(source: TorchEncoder, cache_dir: Path) -> OnnxEncoder:
     if not _cached(path):
         export(source, path)
     try:
-        return OnnxEncoder(source, path)
+        return OnnxEncoder(source, path, rebuild=rebuild)
     except Exception as exc:  # onnxruntime's own errors (Fail, InvalidGraph, ...) derive from Exception
         raise OnnxUnavailable(f"{source.identity.key}: onnxruntime cannot load {path}: {type(exc).__name__}: "
                               f"{str(exc)[:300]}", hint=TORCH_HINT) from exc
@@ -270,18 +288,22 @@ def auto_runtime(cfg: "EncoderConfig", encoder: "Encoder") -> str:
     return "onnx"
 
 
-def with_runtime(encoder: "Encoder", cfg: "EncoderConfig", cache_dir: Path) -> "Encoder":
+def with_runtime(encoder: "Encoder", cfg: "EncoderConfig", cache_dir: Path,
+                 rebuild: "Callable[[], Encoder] | None" = None) -> "Encoder":
     """``encoder`` run as ``cfg.runtime`` says. Under ``auto`` a model that cannot be exported, does not
     agree or cannot be written (a full disk) runs with torch, with a warning: the export only makes it
     faster (a later process tries again). Under ``onnx`` each is an error. An adapter's base runs on
-    onnxruntime, its projection in torch."""
+    onnxruntime, its projection in torch. ``rebuild`` builds ``encoder`` again: given it, an ONNX twin
+    lets the torch weights go and builds them again only if `train` asks for them."""
     from mammo_retrieval.encoders.adapter import AdaptedEncoder
     base = encoder.base if isinstance(encoder, AdaptedEncoder) else encoder
     runtime = auto_runtime(cfg, base) if cfg.runtime == "auto" else cfg.runtime
     if runtime != "onnx":
         return encoder
     try:
-        twin = onnx_encoder(base, cache_dir)
+        base_again = None if rebuild is None else (
+            (lambda: rebuild().base) if isinstance(encoder, AdaptedEncoder) else rebuild)
+        twin = onnx_encoder(base, cache_dir, base_again)
     except (OnnxUnavailable, OSError, MemoryError) as exc:
         if cfg.runtime == "onnx":
             raise

@@ -110,9 +110,27 @@ def test_train_finetunes_the_torch_model_behind_an_onnx_encoder(tmp_path):
 
     from mammo_retrieval.train.trainer import own_backbone
     encoder = Workspace(make_config(tmp_path / "state", encoder={"runtime": "onnx"})).encoder
-    backbone = own_backbone(encoder)
-    source = encoder.source.model.state_dict()
-    assert all(torch.equal(value, source[key]) for key, value in backbone.state_dict().items())
+    assert encoder._source is None  # a server does not hold the torch weights beside the export
+    backbone = own_backbone(encoder)  # built again for `train`
+    served = Workspace(make_config(tmp_path / "state", encoder={"runtime": "torch"})).encoder.model.state_dict()
+    assert backbone.state_dict().keys() == served.keys()
+    assert all(torch.equal(value, served[key]) for key, value in backbone.state_dict().items())
+
+
+def test_the_torch_model_is_refused_when_its_weights_file_changed_after_the_export(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mammo_retrieval.core.errors import WeightsError
+    from mammo_retrieval.encoders.model import packaged_weights
+    from mammo_retrieval.encoders.registry import BUILTIN, DEFAULT_REGISTRY
+    weights = tmp_path / "mine.safetensors"
+    weights.write_bytes(packaged_weights(DEFAULT_REGISTRY.get(BUILTIN).weights_file).read_bytes())
+    encoder = Workspace(make_config(tmp_path / "state", encoder={"runtime": "onnx", "weights": str(weights)})).encoder
+    tensors = load_file(str(weights))
+    tensors["histogram_weight"] = tensors["histogram_weight"] * 2  # someone overwrites the file in place
+    save_file(tensors, str(weights))
+    with pytest.raises(WeightsError, match="weights file changed since it was loaded"):
+        encoder.source
 
 
 def test_an_ingest_tunes_the_threads_of_an_onnx_base_behind_an_adapter(tmp_path):
