@@ -3,9 +3,9 @@
     .venv/bin/python bench/bench_encoder_memory.py --name mammo-simclr-v2 --home /tmp/memhome
 
 Builds the serving encoder of a home (the first call in a new home exports the model; run it twice and
-read the second line), then asks it for its torch model, as `mretrieve train` does. Between the two, the
-resident set size is read after ``malloc_trim`` (glibc otherwise keeps freed pages for the process's later
-allocations, which hides what was let go).
+read the second line), then asks it for its torch model, as `mretrieve train` does. Both readings of the resident set
+are taken after ``malloc_trim`` (glibc otherwise keeps freed pages, the first build's and the second's
+temporary buffers, which would blur both); the torch model's tensor bytes are printed as a cross-check.
 """
 from __future__ import annotations
 
@@ -28,14 +28,18 @@ def main() -> None:
     cfg = load_config(env={"MRETRIEVE_HOME": str(args.home)})
     encoder = Workspace(cfg.replace("encoder", name=args.name, device="cpu", allow_random_weights=True)).encoder
     process = psutil.Process()
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    serving = process.memory_info().rss
-    encoder.source  # noqa: B018 (built again on demand)
-    gc.collect()
-    with_torch = process.memory_info().rss
+
+    def resident() -> int:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return process.memory_info().rss
+
+    serving = resident()
+    weights = sum(t.numel() * t.element_size() for t in encoder.source.model.state_dict().values())  # built again
+    with_torch = resident()
     print(f"{args.name}: {type(encoder).__name__}; RSS {serving / 1e6:.0f} MB serving, {with_torch / 1e6:.0f} MB "
-          f"with its torch model built again (+{(with_torch - serving) / 1e6:.0f} MB)")
+          f"with its torch model built again (+{(with_torch - serving) / 1e6:.0f} MB; its tensors "
+          f"{weights / 1e6:.0f} MB)")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ def make_config(home: Path, **sections):
 
 
 def torch_model(encoder):
-    """The torch module behind an encoder, whichever runtime serves it (ONNX Runtime keeps its source)."""
-    return getattr(encoder, "source", encoder).model
+    """The torch module behind an encoder, whichever runtime serves it (an ONNX encoder builds its torch
+    source again on demand)."""
+    from mammo_retrieval.encoders.onnx_runtime import OnnxEncoder
+    return (encoder.source if isinstance(encoder, OnnxEncoder) else encoder).model
 
 
 @pytest.fixture

@@ -208,6 +208,7 @@ class OnnxEncoder:
         # the torch model it was exported from (what `train` finetunes); with ``rebuild`` it is let go and
         # built again only when asked for, so a server does not hold the weights twice
         self._source, self._rebuild = (None, rebuild) if rebuild else (source, None)
+        self._source_lock = threading.Lock()
         self.model_path = model_path
         self.device = torch.device("cpu")  # onnxruntime runs on the CPU
         self._threads = threads or 0  # 0: onnxruntime's default (every core)
@@ -227,15 +228,16 @@ class OnnxEncoder:
     @property
     def source(self) -> TorchEncoder:
         """The torch encoder this was exported from; refused if its weights are no longer the served ones."""
-        if self._source is None:
-            rebuilt = self._rebuild()
-            if rebuilt.identity.key != self.identity.key:
-                from mammo_retrieval.core.errors import WeightsError
-                raise WeightsError(f"{self.identity.key}: the torch model built again for it is "
-                                   f"{rebuilt.identity.key} (its weights file changed since it was loaded)",
-                                   hint="restart the process to serve the weights as they are now")
-            self._source = rebuilt
-        return self._source
+        with self._source_lock:
+            if self._source is None:
+                rebuilt = self._rebuild()
+                if rebuilt.identity.key != self.identity.key:
+                    from mammo_retrieval.core.errors import WeightsError
+                    raise WeightsError(f"{self.identity.key}: the torch model built again for it is "
+                                       f"{rebuilt.identity.key} (its weights file changed since it was loaded)",
+                                       hint="restart the process to serve the weights as they are now")
+                self._source = rebuilt
+            return self._source
 
     @property
     def dim(self) -> int:

@@ -91,7 +91,8 @@ def own_backbone(encoder: "Encoder", registry: "EncoderRegistry | None" = None) 
     from mammo_retrieval.encoders import DEFAULT_REGISTRY
     from mammo_retrieval.encoders.model import create_backbone
     from mammo_retrieval.encoders.registry import TORCH_TRAINABLE_FAMILIES
-    encoder = getattr(encoder, "source", encoder)
+    from mammo_retrieval.encoders.onnx_runtime import OnnxEncoder
+    encoder = encoder.source if isinstance(encoder, OnnxEncoder) else encoder  # (built again on demand)
     if not hasattr(encoder, "model") or getattr(encoder.spec, "family", "timm") not in TORCH_TRAINABLE_FAMILIES:
         raise ConfigError(f"`train` finetunes a timm encoder run by torch; the serving model "
                           f"{encoder.identity.key} is {type(encoder).__name__} ({getattr(encoder.spec, 'family', '?')})",

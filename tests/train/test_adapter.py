@@ -62,6 +62,10 @@ def test_an_adapter_is_a_model_version_mapped_from_stored_vectors(tmp_path, cbis
     fresh = Workspace(ws.config)
     assert isinstance(fresh.encoder, AdaptedEncoder) and fresh.search.info().ntotal == len(cbis_files)
     assert fresh.searchable_index().manifest.dim == 16
+    from mammo_retrieval.encoders.onnx_runtime import OnnxEncoder
+    if isinstance(fresh.encoder.base, OnnxEncoder):  # (auto keeps a GPU on torch)
+        assert fresh.encoder.base._source is None  # the base's torch weights are not held twice
+        assert fresh.encoder.base.source.identity == fresh.encoder.base.identity  # built again, the same model
     # a new query goes through base + projection, and lands on the mapped vector of the same image
     from mammo_retrieval.analysis.vectors import load_embeddings
     table = load_embeddings(fresh.corpus())
