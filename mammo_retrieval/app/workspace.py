@@ -464,7 +464,8 @@ class Workspace:
                               "registry cannot be shipped to the workers", hint="use --executor local")
         embed_job = distributed.EmbedJob(job, serving_encoder_config(self.config.encoder, self.config.index_dir),
                                          self.config.preprocess, self.encoder.identity.key,
-                                         heap_reuse=self.config.ingest.heap_reuse)
+                                         heap_reuse=self.config.ingest.heap_reuse,
+                                         onnx_dir=str(self.config.index_dir / "onnx"))
         client = distributed.connect(scheduler, max(1, workers))
         try:
             distributed.run_distributed(files, embed_job, client, sink, report,

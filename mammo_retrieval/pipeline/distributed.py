@@ -2,8 +2,9 @@
 stream back to the one writer, the caller's CatalogSink (a catalog transaction, then the index).
 
 Each worker builds its encoder once (per worker process, not per task) from plain values: the encoder
-and preprocessing config. So the weights file must be readable at the same path on every worker (a shared
-filesystem), as must the DICOM files. A worker whose encoder comes out with another identity than the
+and preprocessing config (with torch, or under ``runtime: onnx`` with ONNX Runtime, loading the client's
+checked export where it can read it). So the weights file must be readable at the same path on
+every worker (a shared filesystem), as must the DICOM files. A worker whose encoder comes out with another identity than the
 client's (different weights at that path) refuses the batch, rather than mixing two models in one index.
 
 Restart safety is the local executor's: nothing is written by the workers, the writer commits batch by
@@ -43,6 +44,7 @@ class EmbedJob:
     preprocess: PreprocessConfig
     model_key: str  # the client's model: a worker building another one refuses
     heap_reuse: bool = True  # as the local workers: large decode buffers reused (half the decode time on CBIS)
+    onnx_dir: str = ""  # the client's ONNX exports: a worker that can read it loads the checked file
 
 
 @dataclass
@@ -70,18 +72,39 @@ def worker_encoder(job: EmbedJob) -> "Encoder":
             if job.prepare.options.get("fast") and job.prepare.options.get("sampled"):
                 warm_kernels()
 
-            from mammo_retrieval.encoders import DEFAULT_REGISTRY, build_encoder
-            try:
-                from distributed import get_worker
-                torch.set_num_threads(max(1, get_worker().state.nthreads))
-            except (ImportError, ValueError):
-                pass
-            _encoders[key] = build_encoder(job.encoder, job.preprocess, DEFAULT_REGISTRY)
+            _encoders[key] = _build(job)
         encoder = _encoders[key]
     if encoder.identity.key != job.model_key:
         raise WeightsError(f"this worker built model {encoder.identity.key}, the client {job.model_key}: the "
                            f"weights at {job.encoder.weights} differ between machines",
                            hint="give every worker the same weights file at the same path")
+    return encoder
+
+
+def _build(job: EmbedJob) -> "Encoder":
+    """The job's encoder with the worker's thread count: torch, unless the config says ``runtime: onnx``.
+    ``auto`` keeps workers on torch: whole Dask ingests were not faster on ONNX Runtime (README, "Scale-out").
+    Under ``onnx`` the export is the client's where this worker can read its folder (same machine, or a
+    shared filesystem); otherwise the worker exports and checks its own copy there."""
+    import functools
+
+    import torch
+
+    from mammo_retrieval.encoders import DEFAULT_REGISTRY, build_encoder
+    from mammo_retrieval.encoders.onnx_runtime import with_runtime
+    try:
+        from distributed import get_worker
+        threads = max(1, get_worker().state.nthreads)
+    except (ImportError, ValueError):
+        threads = None
+    if threads:
+        torch.set_num_threads(threads)
+    encoder = build_encoder(job.encoder, job.preprocess, DEFAULT_REGISTRY)
+    if job.onnx_dir and job.encoder.runtime == "onnx":
+        encoder = with_runtime(encoder, job.encoder, Path(job.onnx_dir),
+                               rebuild=functools.partial(build_encoder, job.encoder, job.preprocess, DEFAULT_REGISTRY))
+    if threads and getattr(encoder, "runtime", "torch") == "onnx":
+        encoder.threads = threads  # onnxruntime's own pool: the worker's share, not every core
     return encoder
 
 

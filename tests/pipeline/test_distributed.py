@@ -60,7 +60,31 @@ def test_dask_gives_the_local_executors_vectors_rejections_and_copies(tmp_path, 
     # each worker built the encoder once, whatever the number of batches it ran
     with distributed.Client(cluster.scheduler_address) as client:
         built = client.run(lambda: len(dist._encoders))
+        runtimes = client.run(lambda: sorted({e.runtime for e in dist._encoders.values()}))
+        exported = client.run(lambda: len(__import__("mammo_retrieval.encoders.onnx_runtime",
+                                                     fromlist=["_memo"])._memo.written))
     assert set(built.values()) <= {0, 1} and sum(built.values()) >= 1
+    # under auto the workers run torch (whole Dask ingests were not faster on ONNX Runtime), and export nothing
+    assert {r for rs in runtimes.values() for r in rs} == {"torch"}
+    assert set(exported.values()) == {0}
+
+
+def test_under_runtime_onnx_the_workers_load_the_clients_checked_export(tmp_path, cluster):
+    synthetic_archive(tmp_path / "archive", 6)
+    remote = Workspace(make_config(tmp_path / "dask", encoder={**TINY, "runtime": "onnx"}))
+    remote.ingest(tmp_path / "archive", executor="dask", scheduler=cluster.scheduler_address)
+    assert remote.encoder.runtime == "onnx" and _counts(remote.config) == (6, 6, 6)
+    key = (remote.config.encoder, remote.config.preprocess)
+
+    def worker_side():
+        from mammo_retrieval.encoders import onnx_runtime
+        encoder = dist._encoders.get(key)
+        return None if encoder is None else (encoder.runtime, encoder.threads, len(onnx_runtime._memo.written))
+
+    with distributed.Client(cluster.scheduler_address) as client:
+        seen = [v for v in client.run(worker_side).values() if v is not None]
+    # one thread each, as the worker has; none exported: each loaded the client's checked file
+    assert seen and set(seen) == {("onnx", 1, 0)}
 
 
 def test_a_batch_is_one_task_of_many_paths(tmp_path):
