@@ -20,40 +20,29 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_builtin_v2 import MEAN, STD, V1, build_v1_backbone, read_mias  # noqa: E402
-from cv_builtin import RECIPES, finetune  # noqa: E402
+from build_builtin_v2 import MEAN, STD, V1, build_v1_backbone  # noqa: E402
+from cv_builtin import RECIPES, add_recipe_arguments, finetune, training_data  # noqa: E402
 
-from mammo_retrieval.encoders.fusion import HISTOGRAM_BINS, IntensityFusion  # noqa: E402
+from mammo_retrieval.encoders.fusion import IntensityFusion  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 OUT_NAME = "mammo-simclr-cv-r18-128.safetensors"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mias", type=Path, default=ROOT.parent / "shared" / "data" / "mias")
     parser.add_argument("--out", type=Path, required=True, help="folder for the weights")
     parser.add_argument("--recipe", choices=RECIPES, default="views")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--histogram-weight", type=float, default=0.3)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--supcon-weight", type=float, default=2.0)
-    parser.add_argument("--batch-size", type=int, default=64)
+    add_recipe_arguments(parser)
     args = parser.parse_args()
-    labels, pictures = read_mias(args.mias, 128)
-    _, heldout = build_v1_backbone()
+    labels, heldout, rows, tissue, grey, counts = training_data(args.mias)
     patients = labels.PatientID.to_numpy(object)
-    rows = np.nonzero(~np.isin(patients, heldout))[0]
     print(f"training on {len(set(patients[rows]))} women ({len(rows)} images); "
           f"{len(set(heldout) & set(patients))} held-out women never used")
-    codes = {c: i for i, c in enumerate(sorted(set(labels.tissue)))}
-    tissue = torch.tensor([codes[t] for t in labels.tissue])
-    grey = torch.from_numpy(pictures).float().div(255)[:, None]
-    counts = np.stack([np.histogram(p, bins=HISTOGRAM_BINS, range=(0, 256))[0] for p in pictures]) / pictures[0].size
     final: dict = {}
 
     def keep(epoch: int, backbone: torch.nn.Module) -> None:

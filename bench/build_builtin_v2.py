@@ -87,6 +87,25 @@ def scores(vectors: np.ndarray, labels: pd.DataFrame, rows: np.ndarray) -> tuple
     return float(contra["contralateral@5"]), float(tissue["precision@10"])
 
 
+def train_step(backbone: torch.nn.Module, head: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               grey: torch.Tensor, tissue: torch.Tensor, pair: tuple[np.ndarray, np.ndarray],
+               augmentation: AugmentConfig, generator: torch.Generator, supcon_weight: float) -> None:
+    """One step of the recipe: NT-Xent between an augmented view of each image of ``pair[0]`` and one of the
+    image at the same place in ``pair[1]`` (the same image for v2), plus ``supcon_weight`` x supervised
+    contrastive on tissue over the backbone's pooled features."""
+    first, second = pair
+    views = [to_model_input(augment(grey[rows], augmentation, generator), MEAN, STD) for rows in pair]
+    features = backbone(torch.cat(views))
+    z = torch.nn.functional.normalize(head(features), dim=1)
+    loss = nt_xent(z[:len(first)], z[len(first):], 0.07)
+    loss = loss + supcon_weight * supervised_contrastive(
+        torch.nn.functional.normalize(features, dim=1), torch.cat([tissue[first], tissue[second]]), 0.1)
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(backbone.parameters()) + list(head.parameters()), 1.0)
+    optimizer.step()
+
+
 def choose_histogram_weight(learned: np.ndarray, counts: np.ndarray, labels: pd.DataFrame,
                             rows: np.ndarray) -> tuple[float, dict]:
     """The weight with the best mean contralateral@5 over 4 folds of women (``rows`` only), each fold's
@@ -173,16 +192,8 @@ def main() -> None:
             batch = order[start:start + args.batch_size]
             if len(batch) < 8:
                 continue
-            views = [to_model_input(augment(grey[batch], augmentation, generator), MEAN, STD) for _ in range(2)]
-            features = backbone(torch.cat(views))
-            z = torch.nn.functional.normalize(head(features), dim=1)
-            loss = nt_xent(z[:len(batch)], z[len(batch):], 0.07)
-            loss = loss + args.supcon_weight * supervised_contrastive(
-                torch.nn.functional.normalize(features, dim=1), torch.cat([tissue[batch], tissue[batch]]), 0.1)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            train_step(backbone, head, optimizer, grey, tissue, (batch, batch), augmentation, generator,
+                       args.supcon_weight)
     entry, state = best
     from safetensors.torch import save_file
     tensors = {k: (v.half() if k.startswith("backbone.") and v.is_floating_point() else v.float()).contiguous()

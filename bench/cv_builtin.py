@@ -29,24 +29,52 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_builtin_v2 import MEAN, STD, build_v1_backbone, read_mias  # noqa: E402
+from build_builtin_v2 import MEAN, STD, build_v1_backbone, read_mias, train_step  # noqa: E402
 
 from mammo_retrieval.analysis.evaluate import RankedLists, contralateral_hit_rate, l2_rows, retrieval_metrics  # noqa: E402
 from mammo_retrieval.encoders.fusion import HISTOGRAM_BINS  # noqa: E402
-from mammo_retrieval.train.adapter import supervised_contrastive  # noqa: E402
-from mammo_retrieval.train.augment import AugmentConfig, augment, to_model_input  # noqa: E402
-from mammo_retrieval.train.losses import nt_xent  # noqa: E402
+from mammo_retrieval.train.augment import AugmentConfig, to_model_input  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ("views", "bilateral")
 CHECKPOINTS = (0, 20, 40, 60, 80)
 HISTOGRAM_WEIGHTS = (0.0, 0.3, 0.5, 0.7, 1.0)
 FOLDS = 4
+
+
+class TrainingData(NamedTuple):
+    labels: pd.DataFrame        # labels.csv, one row per image
+    heldout: list[str]          # the women v1 held out (never trained on or chosen by)
+    rows: np.ndarray            # the other women's images
+    tissue: torch.Tensor        # tissue label codes, one per image
+    grey: torch.Tensor          # (N, 1, 128, 128) pictures in [0, 1], as ingest preprocesses them
+    counts: np.ndarray          # (N, 64) histograms of the pictures, fractions of pixels
+
+
+def training_data(mias: Path) -> TrainingData:
+    """The 200 MIAS images as the recipes see them; the held-out women's rows are left out of ``rows``."""
+    labels, pictures = read_mias(mias, 128)
+    _, heldout = build_v1_backbone()
+    rows = np.nonzero(~np.isin(labels.PatientID.to_numpy(object), heldout))[0]
+    codes = {c: i for i, c in enumerate(sorted(set(labels.tissue)))}
+    counts = np.stack([np.histogram(p, bins=HISTOGRAM_BINS, range=(0, 256))[0] for p in pictures]) / pictures[0].size
+    return TrainingData(labels, heldout, rows, torch.tensor([codes[t] for t in labels.tissue]),
+                        torch.from_numpy(pictures).float().div(255)[:, None], counts)
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The finetuning's own settings, v2's by default."""
+    parser.add_argument("--mias", type=Path, default=ROOT.parent / "shared" / "data" / "mias")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--supcon-weight", type=float, default=2.0)
+    parser.add_argument("--batch-size", type=int, default=64)
 
 
 def pooled_scores(vectors: np.ndarray, labels, rows: np.ndarray) -> tuple[float, float, int]:
@@ -96,19 +124,9 @@ def finetune(recipe: str, grey: torch.Tensor, tissue: torch.Tensor, labels, trai
             for s in range(0, len(order), half):
                 chosen = [pair_of[women[i]] for i in order[s:s + half]]
                 batches.append((np.array([r for r, _ in chosen]), np.array([left for _, left in chosen])))
-        for first, second in batches:
-            if len(first) < 4:
-                continue
-            views = [to_model_input(augment(grey[rows], augmentation, generator), MEAN, STD) for rows in (first, second)]
-            features = backbone(torch.cat(views))
-            z = torch.nn.functional.normalize(head(features), dim=1)
-            loss = nt_xent(z[:len(first)], z[len(first):], 0.07)
-            loss = loss + args.supcon_weight * supervised_contrastive(
-                torch.nn.functional.normalize(features, dim=1), torch.cat([tissue[first], tissue[second]]), 0.1)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+        for pair in batches:
+            if len(pair[0]) >= 4:
+                train_step(backbone, head, optimizer, grey, tissue, pair, augmentation, generator, args.supcon_weight)
 
 
 def finetune_fold(recipe: str, grey: torch.Tensor, tissue: torch.Tensor, labels, train_rows: np.ndarray,
@@ -172,26 +190,17 @@ def choose(summary: dict) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mias", type=Path, default=ROOT.parent / "shared" / "data" / "mias")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--supcon-weight", type=float, default=2.0)
-    parser.add_argument("--batch-size", type=int, default=64)
+    add_recipe_arguments(parser)
     args = parser.parse_args()
     from sklearn.model_selection import GroupKFold
-    labels, pictures = read_mias(args.mias, 128)
-    _, heldout = build_v1_backbone()
+    labels, heldout, rows, tissue, grey, counts = training_data(args.mias)
     patients = labels.PatientID.to_numpy(object)
-    rows = np.nonzero(~np.isin(patients, heldout))[0]  # the held-out women are never touched
-    women = np.unique(patients[rows])
+    women = np.unique(patients[rows])  # the held-out women are never touched
     folds = []
     for fit, held in GroupKFold(n_splits=FOLDS).split(women, groups=women):
         folds.append(tuple(rows[np.isin(patients[rows], women[f])] for f in (fit, held)))
-    codes = {c: i for i, c in enumerate(sorted(set(labels.tissue)))}
-    tissue = torch.tensor([codes[t] for t in labels.tissue])
-    grey = torch.from_numpy(pictures).float().div(255)[:, None]
-    counts = np.stack([np.histogram(p, bins=HISTOGRAM_BINS, range=(0, 256))[0] for p in pictures]) / pictures[0].size
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"{len(women)} women, {len(rows)} images in {FOLDS} folds; "
           f"{len(set(heldout) & set(patients))} held-out MIAS women untouched")

@@ -100,10 +100,9 @@ class Workspace:
         faster; the same model version either way), exported once into ``<index_dir>/onnx/``."""
         from mammo_retrieval.encoders import DEFAULT_REGISTRY, build_encoder
         from mammo_retrieval.encoders.onnx_runtime import with_runtime
-        registry = self._registry or DEFAULT_REGISTRY
-        encoder = build_encoder(encoder_cfg, self.config.preprocess, registry)
-        return with_runtime(encoder, encoder_cfg, self.config.index_dir / "onnx",
-                            rebuild=functools.partial(build_encoder, encoder_cfg, self.config.preprocess, registry))
+        build = functools.partial(build_encoder, encoder_cfg, self.config.preprocess,
+                                  self._registry or DEFAULT_REGISTRY)
+        return with_runtime(build, encoder_cfg, self.config.index_dir / "onnx")
 
     @property
     def encoder(self) -> "Encoder":

@@ -290,22 +290,20 @@ def auto_runtime(cfg: "EncoderConfig", encoder: "Encoder") -> str:
     return "onnx"
 
 
-def with_runtime(encoder: "Encoder", cfg: "EncoderConfig", cache_dir: Path,
-                 rebuild: "Callable[[], Encoder] | None" = None) -> "Encoder":
-    """``encoder`` run as ``cfg.runtime`` says. Under ``auto`` a model that cannot be exported, does not
-    agree or cannot be written (a full disk) runs with torch, with a warning: the export only makes it
-    faster (a later process tries again). Under ``onnx`` each is an error. An adapter's base runs on
-    onnxruntime, its projection in torch. ``rebuild`` builds ``encoder`` again: given it, an ONNX twin
-    lets the torch weights go and builds them again only if `train` asks for them."""
+def with_runtime(build: "Callable[[], Encoder]", cfg: "EncoderConfig", cache_dir: Path) -> "Encoder":
+    """The encoder ``build()`` makes, run as ``cfg.runtime`` says. Under ``auto`` a model that cannot be
+    exported, does not agree or cannot be written (a full disk) runs with torch, with a warning: the export
+    only makes it faster (a later process tries again). Under ``onnx`` each is an error. An adapter's base
+    runs on onnxruntime, its projection in torch. An ONNX twin lets the torch weights go: ``build`` makes
+    them again only if `train` asks for them."""
     from mammo_retrieval.encoders.adapter import AdaptedEncoder
+    encoder = build()
     base = encoder.base if isinstance(encoder, AdaptedEncoder) else encoder
     runtime = auto_runtime(cfg, base) if cfg.runtime == "auto" else cfg.runtime
     if runtime != "onnx":
         return encoder
     try:
-        base_again = None if rebuild is None else (
-            (lambda: rebuild().base) if isinstance(encoder, AdaptedEncoder) else rebuild)
-        twin = onnx_encoder(base, cache_dir, base_again)
+        twin = onnx_encoder(base, cache_dir, (lambda: build().base) if isinstance(encoder, AdaptedEncoder) else build)
     except (OnnxUnavailable, OSError, MemoryError) as exc:
         if cfg.runtime == "onnx":
             raise

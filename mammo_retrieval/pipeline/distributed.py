@@ -64,8 +64,6 @@ def worker_encoder(job: EmbedJob) -> "Encoder":
     key = (job.encoder, job.preprocess)
     with _encoders_lock:
         if key not in _encoders:
-            import torch
-
             from mammo_retrieval.pipeline.worker import keep_freed_buffers, warm_kernels
             if job.heap_reuse:
                 keep_freed_buffers()
@@ -99,10 +97,9 @@ def _build(job: EmbedJob) -> "Encoder":
         threads = None
     if threads:
         torch.set_num_threads(threads)
-    encoder = build_encoder(job.encoder, job.preprocess, DEFAULT_REGISTRY)
-    if job.onnx_dir and job.encoder.runtime == "onnx":
-        encoder = with_runtime(encoder, job.encoder, Path(job.onnx_dir),
-                               rebuild=functools.partial(build_encoder, job.encoder, job.preprocess, DEFAULT_REGISTRY))
+    build = functools.partial(build_encoder, job.encoder, job.preprocess, DEFAULT_REGISTRY)
+    encoder = (with_runtime(build, job.encoder, Path(job.onnx_dir))
+               if job.onnx_dir and job.encoder.runtime == "onnx" else build())
     if threads and getattr(encoder, "runtime", "torch") == "onnx":
         encoder.threads = threads  # onnxruntime's own pool: the worker's share, not every core
     return encoder
