@@ -24,6 +24,23 @@ LATERALITY_WORDS = {"L": "L", "LEFT": "L", "LT": "L", "R": "R", "RIGHT": "R", "R
 TEXT_FIELDS = ("SeriesDescription", "ProtocolName", "StudyDescription", "ImageComments",
                "PerformedProcedureStepDescription", "RequestedProcedureDescription")
 _TOKEN = re.compile(r"[A-Za-z]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Identity fields kept in the catalog, with the longest value its columns hold (the DICOM VR's own limit,
+# or twice it where archives are known to overrun). A longer value, or one with a control character, is
+# a broken header: the file is refused, never stored cut short (two studies could then share a key).
+IDENTITY_LIMITS = {"sop_instance_uid": 64, "study_instance_uid": 64, "series_instance_uid": 64,
+                   "sop_class_uid": 64, "accession_number": 64, "study_key": 128, "patient_id": 128,
+                   "transfer_syntax": 64}
+KEYWORDS = {"sop_instance_uid": "SOPInstanceUID", "study_instance_uid": "StudyInstanceUID",
+            "series_instance_uid": "SeriesInstanceUID", "sop_class_uid": "SOPClassUID",
+            "accession_number": "AccessionNumber", "study_key": "AccessionNumber or StudyInstanceUID",
+            "patient_id": "PatientID", "transfer_syntax": "TransferSyntaxUID"}
+DESCRIPTION_LIMIT = 128  # Manufacturer (LO, 64): descriptive only, so it is cleaned and cut instead
+
+
+class HeaderValueError(ValueError):
+    """An identity field the catalog cannot store as it is. The message names the field, never its value
+    (it may be the PatientID)."""
 _COMBINED = re.compile(r"^(L|R)(CC|MLO|ML|LM|XCCL|XCCM)$")
 
 
@@ -114,8 +131,28 @@ def read_view(ds: Dataset) -> tuple[str | None, str | None]:
     return None, None
 
 
+def check_storable(fields: HeaderFields) -> None:
+    """Raise HeaderValueError when an identity field is too long or holds a control character (a NUL
+    inside a PatientID makes PostgreSQL refuse the row, and with it a whole batch)."""
+    for name, limit in IDENTITY_LIMITS.items():
+        value = getattr(fields, name) or ""
+        if name == "study_key" and fields.study_key_source == "study_uid":
+            continue  # the StudyInstanceUID itself, checked above
+        if len(value) > limit:
+            raise HeaderValueError(f"{KEYWORDS[name]} is {len(value)} characters long; at most {limit} can be "
+                                   "stored (the DICOM standard allows 64)")
+        if _CONTROL.search(value):
+            raise HeaderValueError(f"{KEYWORDS[name]} contains a control character (a NUL byte or similar), "
+                                   "which no DICOM string value may hold")
+
+
+def _description(text: str) -> str | None:
+    return _CONTROL.sub("", text)[:DESCRIPTION_LIMIT].strip() or None
+
+
 def read_header_fields(ds: Dataset) -> HeaderFields:
-    """Extract identity and description fields. Raises KeyError naming a missing identity UID."""
+    """Extract identity and description fields. Raises KeyError naming a missing identity UID, and
+    HeaderValueError for an identity field the catalog cannot store (see ``check_storable``)."""
     sop = _text(ds, "SOPInstanceUID")
     if not sop:
         raise KeyError("SOPInstanceUID")
@@ -130,7 +167,7 @@ def read_header_fields(ds: Dataset) -> HeaderFields:
     laterality, lat_source = read_laterality(ds)
     view, view_source = read_view(ds)
     meta = getattr(ds, "file_meta", None)
-    return HeaderFields(
+    fields = HeaderFields(
         sop_instance_uid=sop,
         study_instance_uid=study_uid,
         series_instance_uid=_text(ds, "SeriesInstanceUID"),
@@ -142,7 +179,7 @@ def read_header_fields(ds: Dataset) -> HeaderFields:
         laterality_source=lat_source,
         view=view,
         view_source=view_source,
-        manufacturer=_text(ds, "Manufacturer") or None,
+        manufacturer=_description(_text(ds, "Manufacturer")),
         modality=_text(ds, "Modality").upper(),
         rows=int(ds.get("Rows") or 0),
         columns=int(ds.get("Columns") or 0),
@@ -151,3 +188,5 @@ def read_header_fields(ds: Dataset) -> HeaderFields:
         transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
         sop_class_uid=_text(ds, "SOPClassUID"),
     )
+    check_storable(fields)
+    return fields

@@ -10,8 +10,10 @@ import hashlib
 import io
 import math
 import os
+import re
 import struct
 import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from mammo_retrieval.core.errors import FATAL_EXCEPTIONS, DicomRejected
 from mammo_retrieval.core.errors import RejectionCode as C
 from mammo_retrieval.core.fileio import sha256_file
 from mammo_retrieval.dicom.codestream import j2k_dimensions, jpeg_dimensions, power_of_two_reduction
-from mammo_retrieval.dicom.header import HeaderFields, read_header_fields
+from mammo_retrieval.dicom.header import HeaderFields, HeaderValueError, read_header_fields
 from mammo_retrieval.dicom.pixels import to_presentation
 
 FOR_PROCESSING_SOP_CLASSES = {
@@ -36,6 +38,9 @@ FOR_PROCESSING_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image - For Processing
     "1.2.840.10008.5.1.4.1.1.1.3.1",  # Digital Intra-Oral X-Ray Image - For Processing
 }
+DEFLATED_TRANSFER_SYNTAXES = (b"1.2.840.10008.1.2.1.99", b"1.2.840.10008.1.2.4.95")  # deflated; JPIP deflated
+HEADER_ALLOWANCE = 64 * 2 ** 20  # bytes a deflated dataset may hold beyond one maximal 16-bit frame
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 # Rescale values whose products stay far inside float32 (3.4e38): larger ones make inf or a constant image.
 MAX_RESCALED = 1e30
 
@@ -114,7 +119,8 @@ def _quiet_pydicom() -> Iterator[None]:
         try:
             yield
         except DicomRejected as exc:
-            notes = list(dict.fromkeys(str(w.message).strip() for w in caught))
+            # pydicom quotes the offending value, which may be a PatientName or PatientID: keep the words
+            notes = list(dict.fromkeys(_QUOTED.sub("'...'", str(w.message)).strip() for w in caught))
             if not notes:
                 raise
             note = notes[0] if len(notes[0]) <= 200 else notes[0][:197] + "..."
@@ -123,13 +129,90 @@ def _quiet_pydicom() -> Iterator[None]:
                                 hint=exc.hint) from None
 
 
-def _dcmread(path: Path) -> Dataset:
+def _head(src: "Path | InMemoryDicom", n: int) -> bytes:
+    if isinstance(src, InMemoryDicom):
+        return src.data[:n]
+    with open(src, "rb") as fh:
+        return fh.read(n)
+
+
+def _chunks(src: "Path | InMemoryDicom", start: int, size: int = 2 ** 20) -> Iterator[bytes]:
+    if isinstance(src, InMemoryDicom):
+        yield from (src.data[i:i + size] for i in range(start, len(src.data), size))
+        return
+    with open(src, "rb") as fh:
+        fh.seek(start)
+        while chunk := fh.read(size):
+            yield chunk
+
+
+def _check_inflated_size(path: "Path | InMemoryDicom", limit: int) -> None:
+    """pydicom inflates a deflated dataset whole, in memory, before anything can be checked: a 1 MB file
+    can hold gigabytes of zeros. Count what it inflates to first, as a stream, and refuse past ``limit``."""
+    head = _head(path, 4096)
+    if head[128:132] != b"DICM" or not any(ts in head for ts in DEFLATED_TRANSFER_SYNTAXES):
+        return
+    # group 0002 is explicit VR little endian and starts with its own length (UL, Type 1)
+    if head[132:140] != b"\x02\x00\x00\x00UL\x04\x00":
+        raise _reject(path, C.UNREADABLE_HEADER, "deflated file without its File Meta group length")
+    start = 144 + struct.unpack("<I", head[140:144])[0]
+    inflater, inflated = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    try:
+        for chunk in _chunks(path, start):
+            while chunk and not inflater.eof:
+                inflated += len(inflater.decompress(chunk, 2 ** 22))
+                chunk = inflater.unconsumed_tail
+                if inflated > limit:
+                    raise _reject(path, C.TOO_LARGE, f"the deflated dataset inflates to more than {limit // 2 ** 20} "
+                                  "MB (one frame of reader.max_pixels at 2 bytes a pixel, plus 64 MB)",
+                                  hint="raise reader.max_pixels if such images are real")
+    except zlib.error as exc:
+        raise _reject(path, C.UNREADABLE_HEADER, f"corrupt deflated dataset: {exc}") from None
+
+
+def _check_complete(path: "Path | InMemoryDicom", ds: Dataset, size: int) -> None:
+    """pydicom reads a value cut short by the end of the file without a word (a PhotometricInterpretation
+    'MONOCHROME2' cut to 'MO' would be refused as a colour image): compare the last element's declared
+    length with what the file holds."""
+    if not len(ds):
+        raise _reject(path, C.UNREADABLE_HEADER, "no data set after the File Meta Information (a truncated copy "
+                      "or an interrupted transfer)")
+    last = ds.get_item(max(ds.keys()))
+    tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
+    if tell is None or length is None or length == 0xFFFFFFFF:
+        return
+    end = tell + length
+    if end > size:
+        what = "pixel data truncated: element" if last.tag == 0x7FE00010 else "file ends inside element"
+        raise _reject(path, C.TRUNCATED_PIXEL_DATA if last.tag == 0x7FE00010 else C.UNREADABLE_HEADER,
+                      f"{what} {last.tag} declares {length} bytes, the file holds {size - tell} "
+                      "(a truncated copy or an interrupted transfer)")
+    if size - end < 8 and any(_tail(path, size - end)):  # pydicom drops a cut element header silently
+        raise _reject(path, C.UNREADABLE_HEADER, f"file ends inside the header of the element after {last.tag} "
+                      "(a truncated copy or an interrupted transfer)")
+
+
+def _tail(src: "Path | InMemoryDicom", n: int) -> bytes:
+    if n <= 0:
+        return b""
+    if isinstance(src, InMemoryDicom):
+        return src.data[-n:]
+    with open(src, "rb") as fh:
+        fh.seek(-n, os.SEEK_END)
+        return fh.read(n)
+
+
+def _dcmread(path: Path, cfg: ReaderConfig) -> Dataset:
     try:
         size = _size(path)
     except OSError as exc:
         raise _reject(path, C.UNREADABLE_FILE, f"cannot read file: {exc.strerror or exc}") from None
     if size == 0:
         raise _reject(path, C.EMPTY_FILE, "empty file (0 bytes)")
+    try:
+        _check_inflated_size(path, cfg.max_pixels * 2 + HEADER_ALLOWANCE)
+    except OSError as exc:
+        raise _reject(path, C.UNREADABLE_FILE, f"cannot read file: {exc.strerror or exc}") from None
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -148,7 +231,15 @@ def _dcmread(path: Path) -> Dataset:
     if any("End of file reached" in str(w.message) for w in caught):
         raise _reject(path, C.TRUNCATED_PIXEL_DATA, "file ends before its encapsulated pixel data does "
                       "(truncated copy or interrupted transfer)")
+    if not _is_deflated(ds):  # a deflated dataset's offsets are in the inflated stream
+        _check_complete(path, ds, size)
     return ds
+
+
+def _is_deflated(ds: Dataset) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    return ts.encode() in DEFLATED_TRANSFER_SYNTAXES
 
 
 def _fields(path: Path, ds: Dataset) -> HeaderFields:
@@ -156,6 +247,8 @@ def _fields(path: Path, ds: Dataset) -> HeaderFields:
         return read_header_fields(ds)
     except KeyError as exc:
         raise _reject(path, C.MISSING_UID, f"missing {exc.args[0]}") from None
+    except HeaderValueError as exc:
+        raise _reject(path, C.UNREADABLE_HEADER, str(exc)) from None
     except Exception as exc:
         raise _reject(path, C.UNREADABLE_HEADER, f"corrupt header value: {type(exc).__name__}: {exc}") from None
 
@@ -221,6 +314,9 @@ def _check_header_values(path: Path, ds: Dataset, f: HeaderFields, cfg: ReaderCo
         raise _reject(path, C.FOR_PROCESSING, "FOR PROCESSING (raw detector) image, skipped by configuration",
                       hint="set reader.skip_for_processing: false to ingest it")
     spp = int(ds.get("SamplesPerPixel") or 1)
+    if not f.photometric:  # Type 1: a file without it is cut short or broken, not a colour image
+        raise _reject(path, C.INVALID_PIXEL_MODULE, "PhotometricInterpretation is missing (Type 1 in the Image "
+                      "Pixel module; a file cut short between two elements looks like this)")
     if spp != 1 or f.photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise _reject(path, C.COLOUR_IMAGE, f"colour image (SamplesPerPixel={spp}, "
                       f"PhotometricInterpretation={f.photometric or 'missing'}); mammograms are greyscale")
@@ -249,7 +345,7 @@ def read_header(path: "str | os.PathLike | InMemoryDicom", cfg: ReaderConfig) ->
     """Identity and validity from the header alone (pixels are not read)."""
     path = _as_source(path)
     with _quiet_pydicom():
-        ds = _dcmread(path)
+        ds = _dcmread(path, cfg)
         fields = _fields(path, ds)
         _check_header(path, ds, fields, cfg)
         return fields
@@ -260,14 +356,9 @@ def _check_pixel_data(path: Path, ds: Dataset, f: HeaderFields) -> None:
     tsyntax = UID(f.transfer_syntax) if f.transfer_syntax else UID("1.2.840.10008.1.2")
     bits = int(ds.get("BitsAllocated") or 16)
     elem = ds.get_item("PixelData", keep_deferred=True)  # a deferred value stays on disk
-    file_size = _size(path)
-    if not tsyntax.is_encapsulated:
+    if not tsyntax.is_encapsulated:  # a file ending inside the pixel data was refused by _check_complete
         expected = (f.rows * f.columns * f.number_of_frames * bits + 7) // 8
         length = getattr(elem, "length", None)
-        tell = getattr(elem, "value_tell", None)
-        if length is not None and tell is not None and tell + length > file_size:
-            raise _reject(path, C.TRUNCATED_PIXEL_DATA, f"pixel data truncated: element declares {length} bytes, "
-                          f"file ends after {max(0, file_size - tell)}")
         deferred = getattr(elem, "value", None) is None and length not in (None, 0xFFFFFFFF)
         actual = length if deferred else len(ds.PixelData)  # a deferred volume is never loaded to be measured
         if actual > expected + 1:  # one pad byte makes an odd length even
@@ -419,7 +510,7 @@ def read_stored_frames(path: "str | os.PathLike | InMemoryDicom", cfg: ReaderCon
 
 
 def _read_stored(path: Path, cfg: ReaderConfig, reduce_to: int | None, mode: str | None):
-    ds = _dcmread(path)
+    ds = _dcmread(path, cfg)
     fields = _fields(path, ds)
     _check_header(path, ds, fields, cfg)
     try:

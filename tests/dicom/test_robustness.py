@@ -196,3 +196,114 @@ def test_every_code_the_package_uses_is_in_the_one_list():
 def test_an_unknown_code_is_a_bug_not_a_row():
     with pytest.raises(ValueError):
         DicomRejected("x.dcm", "made_up_code", "reason")
+
+
+# ---- cut files, deflate bombs, and identity values the catalog cannot store ------------------------------------
+
+def test_a_file_cut_anywhere_in_its_header_is_refused_as_cut(tmp_path, cfg):
+    """pydicom reads a value cut short by the end of the file without a word: 'MONOCHROME2' cut to 'MO' was
+    refused as a colour image, a cut before the UIDs as a missing UID."""
+    data = make_file(tmp_path / "whole.dcm").read_bytes()
+    pixel_start = data.index(b"\xe0\x7f\x10\x00")
+    codes, cut_reasons = {}, 0
+    for cut in range(132, pixel_start + 8, 3):
+        path = tmp_path / "cut.dcm"
+        path.write_bytes(data[:cut])
+        with pytest.raises(DicomRejected) as info:
+            read_stored(path, cfg)
+        codes[cut] = info.value.code
+        cut_reasons += "truncated copy" in info.value.reason
+    assert "colour_image" not in codes.values() and "wrong_modality" not in codes.values()
+    # only a cut exactly between two elements cannot be seen as one: the file then lacks what follows
+    assert cut_reasons >= 0.8 * len(codes), codes
+
+
+def test_a_cut_within_pixel_data_says_so(tmp_path, cfg):
+    data = make_file(tmp_path / "whole.dcm").read_bytes()
+    path = tmp_path / "short.dcm"
+    path.write_bytes(data[:-100])
+    with pytest.raises(DicomRejected) as info:
+        read_stored(path, cfg)
+    assert info.value.code == "truncated_pixel_data" and "(7FE0,0010)" in info.value.reason
+
+
+def deflated(ds, path: Path, pad_zeros: int = 0) -> Path:
+    """``ds`` written in Deflated Explicit VR Little Endian, with ``pad_zeros`` zero bytes of a private
+    element appended before deflating (a file of a few kB that inflates to that many bytes)."""
+    import struct
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    with open(path, "wb") as out:
+        out.write(b"\0" * 128 + b"DICM" + meta.getvalue())
+        out.write(deflate.compress(body.getvalue()))
+        if pad_zeros:  # (FFFC,FFFC) Data Set Trailing Padding, OB
+            out.write(deflate.compress(struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, pad_zeros)))
+            block = b"\0" * 2 ** 20
+            for start in range(0, pad_zeros, len(block)):
+                out.write(deflate.compress(block[:min(len(block), pad_zeros - start)]))
+        out.write(deflate.flush())
+    return path
+
+
+def test_a_deflated_file_is_read_and_a_deflate_bomb_refused_before_pydicom_inflates_it(tmp_path, cfg):
+    ds = make_dataset()
+    plain = read_stored(write(ds, tmp_path / "plain.dcm"), cfg).stored
+    assert np.array_equal(read_stored(deflated(make_dataset(), tmp_path / "deflated.dcm"), cfg).stored, plain)
+    small = dataclasses.replace(cfg, max_pixels=1000)  # the limit is one frame of max_pixels, plus 64 MB
+    bombed = make_dataset()
+    bomb = deflated(bombed, tmp_path / "bomb.dcm", pad_zeros=80 * 2 ** 20)
+    assert bomb.stat().st_size < 200_000
+    with pytest.raises(DicomRejected) as info:
+        read_header(bomb, small)
+    assert info.value.code == "too_large" and "inflates to more than 64 MB" in info.value.reason
+    assert read_header(bomb, cfg).sop_instance_uid == bombed.SOPInstanceUID  # under the default limit: read
+
+
+@pytest.mark.parametrize("keyword, value, words", [
+    ("PatientID", "SECRET\x00PID", "PatientID contains a control character"),
+    ("AccessionNumber", "A" * 65, "AccessionNumber is 65 characters long; at most 64"),
+    ("SOPInstanceUID", "1." * 40, "SOPInstanceUID is 80 characters long"),
+])
+def test_an_identity_value_the_catalog_cannot_store_is_refused_without_quoting_it(tmp_path, cfg, keyword,
+                                                                                   value, words):
+    """A NUL inside a PatientID made PostgreSQL refuse the whole batch, and its error quoted the value."""
+    import warnings
+    ds = make_dataset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the very values under test
+        setattr(ds, keyword, value)
+        path = write(ds, tmp_path / "bad.dcm")
+    with pytest.raises(DicomRejected) as info:
+        read_header(path, cfg)
+    assert info.value.code == "unreadable_header" and words in info.value.reason
+    assert "SECRET" not in str(info.value) and "AAAA" not in str(info.value)
+
+
+def test_a_long_manufacturer_is_cut_not_refused(tmp_path, cfg):
+    path = make_file(tmp_path / "maker.dcm", Manufacturer="Vendor\x01" + "x" * 200)
+    assert read_header(path, cfg).manufacturer == "Vendor" + "x" * 122
+
+
+def test_pydicom_warnings_quoted_in_a_reason_lose_their_values(tmp_path, cfg, monkeypatch):
+    import warnings
+    ct = make_file(tmp_path / "ct.dcm", modality="CT")
+    original = reader.pydicom.dcmread
+
+    def warning_dcmread(*args, **kwargs):
+        warnings.warn("Invalid value for VR UI: 'SECRETPID01'. Please see the standard", UserWarning)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(reader.pydicom, "dcmread", warning_dcmread)
+    with pytest.raises(DicomRejected) as info:
+        read_header(ct, cfg)
+    assert "Invalid value for VR UI: '...'" in info.value.reason and "SECRET" not in info.value.reason

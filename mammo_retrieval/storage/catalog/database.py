@@ -95,7 +95,8 @@ class Database:
         if self.backend.startswith("postgres"):  # names this process in pg_stat_activity (a busy writer's holder)
             connect_args["application_name"] = f"mretrieve pid {os.getpid()} on {socket.gethostname()}"[:63]
         try:
-            self.engine: Engine = create_engine(url, future=True, connect_args=connect_args)
+            self.engine: Engine = create_engine(url, future=True, connect_args=connect_args,
+                                                hide_parameters=True)  # row values are patient data
         except ImportError as exc:
             raise _driver_error(url, exc) from None
         except Exception as exc:
@@ -210,7 +211,7 @@ class Database:
         if self.backend != "sqlite":
             yield self.engine
             return
-        engine = create_engine(self.url, future=True, poolclass=NullPool)
+        engine = create_engine(self.url, future=True, poolclass=NullPool, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _connect(dbapi_connection, record):
