@@ -70,6 +70,8 @@ class RejectionCode(StrEnum):
     TRUNCATED_PIXEL_DATA = "truncated_pixel_data"
     UNDECODABLE_PIXEL_DATA = "undecodable_pixel_data"
     UNREADABLE_FOLDER = "unreadable_folder"  # a folder the walk cannot list
+    BROKEN_LINK = "broken_link"  # a symbolic link to nothing, or to itself (a loop)
+    WORKER_DIED = "worker_died"  # its decoding process died on it, alone (a decoder crash, out of memory)
     TRANSFER_FAILED = "transfer_failed"  # a PACS kept failing to list or send it (after retries)
 
 

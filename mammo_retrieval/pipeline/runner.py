@@ -7,14 +7,18 @@ machine; embed an encoder; the sink a catalog, an index and a cache. ``run_pipel
 Consistency: each batch is committed to the catalog first, then added to the index; the index is saved
 atomically every few batches and at the end (by the caller). If the process dies in between, the catalog
 is ahead of the index and the next open adds the missing vectors from the catalog.
+
+A worker process that dies (a segfault in a C decoder, the OOM killer) breaks its pool and every future in
+it. The scheduler then starts a fresh pool and retries the files that were in flight one at a time: a file
+whose worker dies alone is the culprit, rejected as ``worker_died``; the others go on as usual.
 """
 from __future__ import annotations
 
 import logging
-
 import time
 from collections import deque
 from concurrent.futures import Executor, Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -22,7 +26,9 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from mammo_retrieval.core.config import ReaderConfig
+from mammo_retrieval.core.errors import RejectionCode, display_path
 from mammo_retrieval.dicom.reader import InMemoryDicom
+from mammo_retrieval.pipeline.executors import Restartable, WorkersKeepDying
 from mammo_retrieval.pipeline.prepare import Prepared, Rejected, prepare_file
 from mammo_retrieval.pipeline.screen import Copies, screen
 from mammo_retrieval.preprocess import PreprocessSettings
@@ -38,6 +44,7 @@ if TYPE_CHECKING:
     from mammo_retrieval.storage.index import VectorIndex
 
 HEADER_CHUNK = 256
+WORKER_DIED_REASON = "the decoding process died while reading this file (a crash in a decoder, or out of memory)"
 Progress = Callable[[int, int], None]
 
 
@@ -130,14 +137,23 @@ class _Scheduler:
         self.threads, self.report = threads, report
         self.batch_size, self.max_in_flight = batch_size, max_in_flight
         self.copies = Copies()
-        self.in_flight: deque[tuple[Future, str]] = deque()
+        self.in_flight: deque[tuple[Future, "Path | InMemoryDicom", str]] = deque()
         self.batch: list[Prepared] = []
         self.rejections: list[Rejected] = []
         self.present: list[str] = []
         self.done = 0
 
-    def submit(self, path: Path, uid: str) -> None:
-        self.in_flight.append((self.job.submit(self.executor, path), uid))
+    def submit(self, path: "Path | InMemoryDicom", uid: str) -> None:
+        self.in_flight.append((self._start(path), path, uid))
+
+    def _start(self, path: "Path | InMemoryDicom") -> Future:
+        """The prepare stage of one file; a pool already broken gives a failed future, handled in collect."""
+        try:
+            return self.job.submit(self.executor, path)
+        except BrokenProcessPool as exc:
+            future: Future = Future()
+            future.set_exception(exc)
+            return future
 
     def drain_to(self, limit: int) -> None:
         """Collect results until fewer than ``limit`` are in flight (back-pressure on the workers)."""
@@ -145,10 +161,64 @@ class _Scheduler:
             self.collect()
 
     def collect(self) -> None:
-        future, uid = self.in_flight.popleft()
+        future, path, uid = self.in_flight.popleft()
         waiting = time.perf_counter()
-        result = future.result()
+        try:
+            result = future.result()
+        except BrokenProcessPool:
+            self.threads.waited(time.perf_counter() - waiting)
+            self._recover((future, path, uid))
+            return
         self.threads.waited(time.perf_counter() - waiting)
+        self._handle(result, uid)
+
+    def _recover(self, broken: tuple[Future, "Path | InMemoryDicom", str]) -> None:
+        """A worker died: keep the results that came back, start a fresh pool, retry the rest one at a time.
+
+        Every unfinished future of a broken pool fails, so the files in flight are all suspects; alone in
+        a fresh pool, the one that kills its worker again is the culprit. All retries finish before any
+        result is handled, since handling can submit (the next copy of a rejected file), and only one file
+        may be in the pool while it is on trial."""
+        flying = [broken, *self.in_flight]
+        self.in_flight.clear()
+        finished: list[tuple[Prepared | Rejected, str]] = []
+        suspects: list[tuple["Path | InMemoryDicom", str]] = []
+        for future, path, uid in flying:
+            if future.exception() is None:  # waits: a broken pool fails every unfinished future at once
+                finished.append((future.result(), uid))
+            elif isinstance(future.exception(), BrokenProcessPool):
+                suspects.append((path, uid))
+            else:
+                raise future.exception()  # a bug in the stage itself (prepare_file never raises for a file)
+        logger.warning("a decoding worker process died; retrying the %d file(s) in flight one at a time",
+                       len(suspects))
+        self._restart(suspects)
+        finished += [(self._on_trial(path), uid) for path, uid in suspects]
+        for result, uid in finished:
+            self._handle(result, uid)
+
+    def _on_trial(self, path: "Path | InMemoryDicom") -> Prepared | Rejected:
+        """Prepare one file alone in the pool; if its worker dies, it is the culprit."""
+        try:
+            return self._start(path).result()
+        except BrokenProcessPool:
+            logger.warning("rejected [%s] %s: its decoding process died", RejectionCode.WORKER_DIED.value,
+                           display_path(path))
+            self._restart([])
+            return Rejected.of(str(path), RejectionCode.WORKER_DIED, WORKER_DIED_REASON)
+
+    def _restart(self, suspects: list[tuple["Path | InMemoryDicom", str]]) -> None:
+        """A fresh pool (WorkerPool.restart gives up, with a clear error, when fresh pools die on their own)."""
+        if isinstance(self.executor, Restartable):
+            self.executor.restart()
+            return
+        named = ", ".join(display_path(p) for p, _ in suspects[:3]) + (" ..." if len(suspects) > 3 else "")
+        raise WorkersKeepDying(f"a decoding worker process died while reading one of: {named or 'no file'}; "
+                               f"this executor ({type(self.executor).__name__}) cannot be restarted",
+                               hint="use pipeline.executors.local_executor, which replaces a dead pool")
+
+    def _handle(self, result: Prepared | Rejected, uid: str) -> None:
+        """One file's outcome: into the batch, or a rejection (then the next copy of its UID, if any)."""
         if isinstance(result, Rejected):
             self.rejected([result])
             if (next_copy := self.copies.failed(uid)) is not None:

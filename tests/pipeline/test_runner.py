@@ -311,3 +311,30 @@ def test_cli_ingest_skipped_empty_and_busy(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "ingested 1, already present 0, rejected 0" in result.output
     assert "skipped 1 not DICOM by extension" in result.output
+
+
+def test_symlinked_folder_ingested_broken_links_rejected_loop_walked_once(tmp_path, cbis_files):
+    """The README's "any depth ... symlinks kept": real files reached through a linked folder are ingested
+    under the linked path; a dangling and a looping link are rejections naming them; a link back up ends."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    cases = cbis_files[0].parents[1]  # the package's folder of CBIS-DDSM cases, linked in, never copied
+    os.symlink(cases, archive / "cbis")
+    os.symlink(archive, archive / "back_up")  # a loop: the archive inside itself
+    os.symlink(tmp_path / "moved_away.dcm", archive / "dangling.dcm")
+    os.symlink(archive / "self", archive / "self")
+    ws = Workspace(make_config(tmp_path / "state", encoder={"name": "resnet18"}))
+
+    report = ws.ingest(archive, workers=0)
+    assert (report.files_seen, report.ingested) == (8, 8)
+    assert sorted(stored_paths(ws)) == sorted(str(archive / "cbis" / f.relative_to(cases)) for f in cbis_files)
+    expected = {str(archive / "dangling.dcm"): f"broken or looping symbolic link (to {tmp_path / 'moved_away.dcm'})",
+                str(archive / "self"): f"broken or looping symbolic link (to {archive / 'self'})"}
+    assert {r.path: r.reason for r in report.rejected} == expected
+    assert {r.code for r in report.rejected} == {"broken_link"}
+    assert {r["path"]: r["code"] for r in ws.status()["rejected"]} == dict.fromkeys(expected, "broken_link")
+
+    again = ws.ingest(archive, workers=0)  # nothing doubled, the links still reported
+    assert (again.ingested, again.already_present, len(again.rejected)) == (0, 8, 2)
+    counts = ws.status()["counts"]
+    assert (counts["images"], counts["embeddings"], counts["rejected_files"]) == (8, 8, 2)

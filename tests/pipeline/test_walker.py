@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from mammo_retrieval.pipeline import source as walker
-from mammo_retrieval.pipeline.source import UNREADABLE_FOLDER, WalkError, absolute_root, plainly_not_dicom, walk
+from mammo_retrieval.core.errors import NotFoundError
+from mammo_retrieval.pipeline.source import (BROKEN_LINK, UNREADABLE_FOLDER, WalkError, absolute_root, nothing_to_ingest,
+                                             plainly_not_dicom, walk)
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:
@@ -109,3 +111,60 @@ def test_absolute_root_keeps_symlinks(tmp_path, monkeypatch):
     (tmp_path / "work" / "other").mkdir()
     # link/.. is nas, not work: folding ".." lexically would name another folder, so it is kept
     assert absolute_root("link/../other") == tmp_path / "work" / "link" / ".." / "other"
+
+
+def walk_in_child(root: Path, timeout: float = 60) -> dict:
+    """``walk`` in a child process with a deadline: a walk that loops fails the test instead of hanging it."""
+    script = ("import json, sys\n"
+              "from mammo_retrieval.pipeline.source import walk\n"
+              "found = walk(sys.argv[1])\n"
+              "print(json.dumps({'files': [str(p) for p in found.files], 'skipped': [str(p) for p in found.skipped],"
+              " 'folders': [str(p) for p in found.folders],"
+              " 'errors': [[e.path, e.code, e.reason] for e in found.errors]}))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True, text=True,
+                          timeout=timeout, cwd=Path(walker.__file__).parents[2])
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_symlinked_folders_followed_once_and_broken_links_reported(tmp_path):
+    """Issue: broken and looping links vanished without a word, and symlinked folders were not entered."""
+    root = tmp_path / "archive"
+    own = touch(root / "own" / "a.dcm")
+    elsewhere = tmp_path / "nas" / "2019"  # a folder outside the archive, linked in
+    touch(elsewhere / "b.dcm")
+    touch(elsewhere / "deeper" / "IM-0001")
+    os.symlink(elsewhere, root / "linked")
+    os.symlink(elsewhere, root / "own" / "same_again")  # a second link to a folder already walked
+    os.symlink(root, root / "own" / "up")  # a loop back to the archive itself
+    os.symlink(root / "own", root / "a_link_to_own")  # sorts before "own", but "own" itself keeps its path
+    os.symlink(tmp_path / "gone.dcm", root / "dangling.dcm")
+    os.symlink(root / "own" / "self", root / "own" / "self")  # a link to itself
+    os.symlink(tmp_path / "gone.csv", root / "labels.csv")  # a dangling sidecar is still just a sidecar
+    os.symlink(elsewhere / "b.dcm", root / "file_link.dcm")  # a link to a file: a file, as before
+
+    out = walk_in_child(root)
+    assert sorted(out["files"]) == sorted(map(str, [own, root / "linked" / "b.dcm", root / "linked" / "deeper" / "IM-0001",
+                                                    root / "file_link.dcm"]))  # paths as reached, not resolved
+    assert out["skipped"] == [str(root / "labels.csv")]
+    assert sorted(out["errors"]) == [
+        [str(root / "dangling.dcm"), BROKEN_LINK, f"broken or looping symbolic link (to {tmp_path / 'gone.dcm'})"],
+        [str(root / "own" / "self"), BROKEN_LINK, f"broken or looping symbolic link (to {root / 'own' / 'self'})"]]
+    assert sorted(out["folders"]) == sorted(map(str, [root, root / "linked", root / "linked" / "deeper", root / "own"]))
+    assert walk(root).errors[0].code == BROKEN_LINK  # in this process too
+
+
+def test_a_folder_of_links_only_to_nothing_says_so(tmp_path):
+    root = tmp_path / "archive"
+    root.mkdir()
+    os.symlink(tmp_path / "gone", root / "image")
+    os.symlink(root / "loop", root / "loop")
+    found = walk(root)
+    assert not found.files and [e.code for e in found.errors] == [BROKEN_LINK, BROKEN_LINK]
+    error = nothing_to_ingest(root, found)
+    assert isinstance(error, NotFoundError)
+    assert "2 broken or looping link(s), e.g. " + str(root / "image") in error.message
+    assert "unreadable" not in error.message
+    assert walk(root / "image").errors == [WalkError(str(root / "image"),
+                                                     f"broken or looping symbolic link (to {tmp_path / 'gone'})",
+                                                     BROKEN_LINK)]

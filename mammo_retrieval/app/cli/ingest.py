@@ -35,7 +35,10 @@ def ingest(ctx: click.Context, source: str, workers: int | None, executor: str, 
 
     Paths are stored absolute. Files whose extension marks them as plainly not DICOM (.csv, .txt, .json,
     .png, .pdf, .db, ... see README) are skipped unread and counted as "skipped"; a folder that cannot be
-    listed is recorded as a rejection (unreadable_folder). Exits 7 when SOURCE holds no candidate
+    listed is recorded as a rejection (unreadable_folder), and so is a broken or looping symbolic link
+    (broken_link); linked folders are followed, each real folder walked once. A file whose decoding
+    process dies (a decoder crash, out of memory) is retried alone and then rejected (worker_died); the
+    run goes on. Exits 7 when SOURCE holds no candidate
     file (or study) at all, 9 at once when another mretrieve process holds the write lock, 12 when the
     PACS's search fails.
     """
