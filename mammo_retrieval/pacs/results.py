@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Callable
 
-from mammo_retrieval.core.errors import NotFoundError
+from mammo_retrieval.core.errors import NotFoundError, PacsError
 from mammo_retrieval.pacs.kos import Reference, key_object_selection
 from mammo_retrieval.storage.catalog import repository as repo
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HeaderOf = Callable[[str], "Dataset"]  # SOPInstanceUID -> its DICOM header (read from its stored path)
+GONE = (NotFoundError, PacsError)  # what reading an indexed image's header raises when its source is gone
 
 
 def reference_of_header(header: "Dataset") -> Reference:
@@ -60,7 +61,9 @@ def qc_documents(db: "Database", header_of: HeaderOf, *, top: int, study: str | 
     """One KOS per study with flagged images in the latest sweep (its ``top`` outliers and any image with a
     header-check flag), or only ``study``'s: a document belongs to one patient, so a sweep across patients
     is never one. A flagged image that is gone (deleted, its file moved, its PACS down) is left out with a
-    warning; the other documents are still made."""
+    warning; the other documents are still made. An image is referenced by its catalogued UIDs, so only
+    the header a document copies its patient and study from is read: that of the study's first flagged
+    image whose source can still be read (a study none of whose sources can be read has no document)."""
     with db.session() as s:
         sweep = repo.latest_qc_sweep(s, top)
     if sweep is None:
@@ -71,7 +74,7 @@ def qc_documents(db: "Database", header_of: HeaderOf, *, top: int, study: str | 
     for row in flagged:
         try:
             references[row["sop_instance_uid"]] = stored_reference(db, row["sop_instance_uid"], header_of)
-        except NotFoundError as exc:
+        except GONE as exc:
             logger.warning("QC KOS: flagged image %s left out: %s", row["sop_instance_uid"], exc.message)
             continue
         by_study.setdefault(references[row["sop_instance_uid"]].study_instance_uid, []).append(row)
@@ -79,11 +82,25 @@ def qc_documents(db: "Database", header_of: HeaderOf, *, top: int, study: str | 
     for study_uid, rows in by_study.items():
         if study is not None and study_uid != study:
             continue
+        header, rows = _study_header(rows, header_of)
+        if header is None:
+            continue
         refs = [references[r["sop_instance_uid"]] for r in rows]
         lines = [f"mammo_retrieval QC sweep {sweep.run_id} ({sweep.method}, model {sweep.model_key}, "
                  f"{sweep.created_at}): images of this study among the {top} most outlying of {sweep.n_images}, "
                  f"or flagged by a header check. Rank 1 is the most outlying."]
         lines += [f"rank {r['rank']} score {r['score']:.4f} {r['sop_instance_uid']}"
                   + (f" flags {';'.join(r['flags'])}" if r["flags"] else "") for r in rows]
-        documents.append(key_object_selection(header_of(refs[0].sop_instance_uid), refs, "\n".join(lines)))
+        documents.append(key_object_selection(header, refs, "\n".join(lines)))
     return documents
+
+
+def _study_header(rows: list[dict], header_of: HeaderOf) -> tuple["Dataset | None", list[dict]]:
+    """The header of the first of a study's flagged images whose source can be read, and the rows from
+    that image on; the images found gone before it are left out with a warning."""
+    for i, row in enumerate(rows):
+        try:
+            return header_of(row["sop_instance_uid"]), rows[i:]
+        except GONE as exc:
+            logger.warning("QC KOS: flagged image %s left out: %s", row["sop_instance_uid"], exc.message)
+    return None, []

@@ -7,17 +7,20 @@ import base64
 import logging
 import threading
 import time
+from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import PurePath
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from mammo_retrieval import __version__
 from mammo_retrieval.app.http import auth
@@ -38,14 +41,29 @@ DEFAULT_MAX_UPLOAD = 512 * 1024 * 1024  # a full-field DBT frame set is far belo
 DICOM_TYPES = ("application/dicom", "application/octet-stream")
 CACHE_CONTROL = "private, max-age=86400"  # patient data: browsers may keep it, shared caches may not
 
+# Path parameters are checked here, at the edge, so that no malformed value reaches the catalog (PostgreSQL
+# refuses a NUL in a text parameter with an error of its own); a bad one is 422 invalid_request naming it.
+# What ingest stores (dicom.header.check_storable): at most 64 characters, no control character. The
+# standard allows digits and dots only, but archives hold UIDs that break it, and ingest keeps those images.
+UID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$"
+UID_MAX = 64
+STUDY_KEY_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$"  # printable: no control characters
+STUDY_KEY_MAX = 128  # the catalog's studies.study_key column
+SopInstanceUid = Annotated[str, Path(pattern=UID_PATTERN, max_length=UID_MAX,
+                                     description="an indexed image's SOPInstanceUID")]
+StudyInstanceUid = Annotated[str, Path(pattern=UID_PATTERN, max_length=UID_MAX,
+                                       description="a StudyInstanceUID")]
+StudyKey = Annotated[str, Path(pattern=STUDY_KEY_PATTERN, max_length=STUDY_KEY_MAX,
+                               description="a study's AccessionNumber, or its StudyInstanceUID where that is empty")]
+
 
 class UploadError(MammoRetrievalError):
     """A request body that is not a DICOM upload (wrong content type, too large, empty)."""
 
     code = "bad_upload"
 
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, status: int, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
         self.status = status
 
 
@@ -109,34 +127,65 @@ def _result_body(result: QueryResult, watch: Stopwatch, *, picture: bool = False
     return body
 
 
+class InMemoryMultiPartParser(MultiPartParser):
+    """Starlette's multipart parser with its file parts kept in memory. Starlette spools a file part to a
+    temporary file past 1 MiB; here the spool threshold is the upload limit, which the whole body is held
+    to before the parser sees it, so a part never reaches it."""
+
+    def __init__(self, headers: Headers, stream: AsyncGenerator[bytes, None], limit: int) -> None:
+        super().__init__(headers, stream, max_files=1, max_fields=16, max_part_size=limit)
+        self.spool_max_size = limit
+
+
+def _too_large(message: str) -> UploadError:
+    return UploadError(message, 413, hint="send a smaller file, or raise the server's --max-upload-mb")
+
+
+async def capped_body(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+    """The request body a chunk at a time, refused (413) as soon as it passes ``limit`` bytes: a declared
+    Content-Length before anything is read, a chunked body while it is read."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _too_large(f"upload of {declared} bytes exceeds the limit of {limit} bytes")
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(f"upload exceeds the limit of {limit} bytes")
+        yield chunk
+
+
 async def read_upload(request: Request, limit: int) -> InMemoryDicom:
-    """The request's DICOM file, held in memory only: a raw ``application/dicom`` body or one multipart file."""
+    """The request's DICOM file, held in memory only: a raw ``application/dicom`` body or one multipart file,
+    either of at most ``limit`` bytes (a multipart body counts whole, its framing included)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind in DICOM_TYPES:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise UploadError(f"upload of {declared} bytes exceeds the limit of {limit}", 413)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise UploadError(f"upload exceeds the limit of {limit} bytes", 413)
-            chunks.append(chunk)
-        name, data = "upload.dcm", b"".join(chunks)
+        name, data = "upload.dcm", b"".join([chunk async for chunk in capped_body(request, limit)])
     elif kind == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=16, max_part_size=limit)
-        files = [v for v in form.values() if hasattr(v, "read")]
-        if not files:
-            raise UploadError("multipart upload holds no file", 400)
-        data = await files[0].read()
-        name = PurePath(files[0].filename or "upload.dcm").name
-        await form.close()
+        name, data = await _multipart_file(request, limit)
     else:
         raise UploadError(f"unsupported content type '{kind or 'none'}': send one DICOM file as "
                           "application/dicom, or as a multipart form file", 415)
     if not data:
         raise UploadError("empty upload", 400)
     return InMemoryDicom(name, data)
+
+
+async def _multipart_file(request: Request, limit: int) -> tuple[str, bytes]:
+    body = capped_body(request, limit)
+    try:
+        form = await InMemoryMultiPartParser(request.headers, body, limit).parse()
+    except MultiPartException as exc:
+        raise UploadError(f"malformed multipart upload: {exc.message}", 400) from None
+    finally:
+        await body.aclose()
+    try:
+        files = [v for v in form.values() if hasattr(v, "read")]
+        if not files:
+            raise UploadError("multipart upload holds no file", 400)
+        return PurePath(files[0].filename or "upload.dcm").name, await files[0].read()
+    finally:
+        await form.close()
 
 
 def api_router() -> APIRouter:
@@ -154,7 +203,7 @@ def api_router() -> APIRouter:
         return _result_body(result, watch, picture=thumbnail)
 
     @router.get("/images/{sop_instance_uid}/similar", summary="Neighbours of an indexed image (nothing decoded)")
-    def similar(sop_instance_uid: str, k: int = K, filters: QueryFilters = Depends(query_filters),
+    def similar(sop_instance_uid: SopInstanceUid, k: int = K, filters: QueryFilters = Depends(query_filters),
                 state: ServerState = Depends(get_state)) -> dict:
         watch = Stopwatch()
         result = state.workspace.search.similar(sop_instance_uid, k, filters, watch)
@@ -162,14 +211,14 @@ def api_router() -> APIRouter:
         return _result_body(result, watch)
 
     @router.get("/studies/{study_key}/similar", summary="The k most similar studies, fused view by view")
-    def similar_studies(study_key: str, k: int = K, exclude_same_patient: bool = False,
+    def similar_studies(study_key: StudyKey, k: int = K, exclude_same_patient: bool = False,
                         rule: Literal["mean_pooled", "view_best_mean"] = "mean_pooled",
                         state: ServerState = Depends(get_state)) -> dict:
         return state.workspace.search.similar_studies(study_key, k, rule=rule,
                                                       exclude_same_patient=exclude_same_patient).as_dict()
 
     @router.get("/images/{sop_instance_uid}", summary="An indexed image's metadata")
-    def image(sop_instance_uid: str, state: ServerState = Depends(get_state)) -> dict:
+    def image(sop_instance_uid: SopInstanceUid, state: ServerState = Depends(get_state)) -> dict:
         record = state.workspace.search.record(sop_instance_uid)
         body = {k: v for k, v in asdict(record).items() if k not in ("image_id", "vector_id")}
         body["thumbnail"] = f"/api/v1/images/{sop_instance_uid}/thumbnail.png"
@@ -177,7 +226,7 @@ def api_router() -> APIRouter:
 
     @router.get("/images/{sop_instance_uid}/thumbnail.png", summary="PNG from the preprocessed cache",
                 response_class=Response, responses={200: {"content": {"image/png": {}}}})
-    def thumbnail(request: Request, sop_instance_uid: str, size: int = Query(256, ge=32, le=1024),
+    def thumbnail(request: Request, sop_instance_uid: SopInstanceUid, size: int = Query(256, ge=32, le=1024),
                   state: ServerState = Depends(get_state)) -> Response:
         state.workspace.search.record(sop_instance_uid)  # only indexed images, and 404 before any decoding
         settings = state.workspace.encoder.settings
@@ -199,7 +248,7 @@ def api_router() -> APIRouter:
     @router.get("/images/{sop_instance_uid}/similar.kos", response_class=Response,
                 summary="Neighbours of an indexed image as a DICOM Key Object Selection document",
                 responses={200: {"content": {"application/dicom": {}}}})
-    def similar_kos(sop_instance_uid: str, k: int = K, filters: QueryFilters = Depends(query_filters),
+    def similar_kos(sop_instance_uid: SopInstanceUid, k: int = K, filters: QueryFilters = Depends(query_filters),
                     state: ServerState = Depends(get_state)) -> Response:
         _, document = state.workspace.similar_kos(k=k, sop_instance_uid=sop_instance_uid, filters=filters)
         return _dicom(document, f"similar-{sop_instance_uid}.dcm")
@@ -213,7 +262,7 @@ def api_router() -> APIRouter:
     @router.get("/qc/kos/{study_instance_uid}", response_class=Response,
                 summary="One study's flagged images of the latest QC sweep as a Key Object Selection document",
                 responses={200: {"content": {"application/dicom": {}}}})
-    def qc_kos(study_instance_uid: str, top: int = Query(50, ge=1, le=10000),
+    def qc_kos(study_instance_uid: StudyInstanceUid, top: int = Query(50, ge=1, le=10000),
                state: ServerState = Depends(get_state)) -> Response:
         for document in state.workspace.qc_kos(top, study=study_instance_uid):
             return _dicom(document, f"qc-{study_instance_uid}.dcm")
@@ -244,6 +293,12 @@ def _dicom(document, filename: str) -> Response:
     document.save_as(buffer, enforce_file_format=True)
     return Response(buffer.getvalue(), media_type="application/dicom",
                     headers={"Content-Disposition": f'attachment; filename="{filename}"', "Cache-Control": "no-store"})
+
+
+def same_origin(path: str) -> str:
+    """``path`` as a redirect target on this origin: its leading slashes and backslashes become one slash,
+    for a browser reads ``//host/x`` (and ``/\\host/x``) as another host."""
+    return "/" + path.lstrip("/\\")
 
 
 def _page(name: str) -> str:
@@ -290,7 +345,8 @@ def create_app(workspace: Workspace, *, token: str | None = None, max_upload: in
             given = request.query_params.get("token")
             if given is not None and request.method == "GET" and auth.token_matches(token, given):
                 clean = request.url.remove_query_params("token")
-                response = RedirectResponse(str(clean.path) + (f"?{clean.query}" if clean.query else ""), 303)
+                response = RedirectResponse(same_origin(clean.path) + (f"?{clean.query}" if clean.query else ""),
+                                            303)
                 response.set_cookie(auth.COOKIE, token, httponly=True, samesite="strict",
                                     secure=request.url.scheme == "https")
                 return response

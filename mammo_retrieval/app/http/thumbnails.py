@@ -2,11 +2,14 @@
 
 Sizes up to the model's input come from the model's own cache. A larger view (a side-by-side comparison)
 is prepared once at a display size of 256, 512 or 1024 px with the same PRIMER transforms, stored in the
-image cache under that preprocessing's digest, and scaled from there."""
+image cache under that preprocessing's digest, and scaled from there. A picture that is in no cache is
+prepared from the image's stored file; when that file is gone or unreadable, the image is not found (the
+server's archive is at fault, not the request)."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import threading
 from collections import OrderedDict
 from typing import Callable
@@ -14,8 +17,10 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from mammo_retrieval.core.errors import ConfigError
+from mammo_retrieval.core.errors import ConfigError, DicomRejected, NotFoundError
 from mammo_retrieval.preprocess import PreprocessSettings
+
+logger = logging.getLogger(__name__)
 
 MIN_SIZE, MAX_SIZE = 32, 1024
 DISPLAY_SIZES = (256, 512, 1024)
@@ -65,7 +70,15 @@ class ThumbnailCache:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        png = encode_png(self._picture(sop_instance_uid, settings), size)
+        try:
+            picture = self._picture(sop_instance_uid, settings)
+        except DicomRejected as exc:  # the indexed image's own file, rejected: no fault of the request
+            logger.warning("thumbnail of %s: its stored file cannot be prepared: %s", sop_instance_uid, exc.message)
+            raise NotFoundError(f"indexed image {sop_instance_uid} has no cached picture at {size} px and its "
+                                f"stored file cannot be read ({exc.code})",
+                                hint="was the archive's file moved or deleted? restore it, or ingest it again "
+                                     "from where it is now") from None
+        png = encode_png(picture, size)
         with self._lock:
             self._cache[key] = png
             while len(self._cache) > self._entries:

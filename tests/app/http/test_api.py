@@ -271,3 +271,177 @@ def test_another_process_ingest_and_reindex_are_picked_up_while_serving(tmp_path
         Workspace(cfg).rollback()
         assert client.get("/api/v1/info").json()["model_key"] == before["model_key"]
     ws.close()
+
+
+# --- the boundary: path parameters, upload size, redirects, missing sources -------------------------------
+
+def pydicom_sop(path) -> str:
+    import pydicom
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+@pytest.fixture
+def served(database_url, tmp_path):
+    """Four phantoms (two studies) ingested into SQLite or a real PostgreSQL, served in-process."""
+    from tests.conftest import make_config
+    from tests.pipeline.test_runner import synthetic_archive
+    files = synthetic_archive(tmp_path / "archive", 4)
+    cfg = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 64, "batch_size": 4},
+                      paths={"database_url": database_url})
+    ws = Workspace(cfg)
+    assert ws.ingest(tmp_path / "archive", workers=0).ingested == 4
+    with TestClient(create_app(ws, warm_up=False), raise_server_exceptions=False) as client:  # a 500 is a status
+        yield client, files
+    ws.close()
+
+
+MALFORMED = [("/api/v1/images/%00", "sop_instance_uid"),
+             ("/api/v1/images/a%00b/similar", "sop_instance_uid"),
+             ("/api/v1/images/%00/thumbnail.png", "sop_instance_uid"),
+             ("/api/v1/images/a%00b/similar.kos", "sop_instance_uid"),
+             ("/api/v1/images/" + "1." * 40 + "1/similar", "sop_instance_uid"),  # 81 characters
+             ("/api/v1/studies/%00/similar", "study_key"),
+             ("/api/v1/studies/ACC%0A0000/similar", "study_key"),
+             ("/api/v1/studies/" + "A" * 129 + "/similar", "study_key"),
+             ("/api/v1/qc/kos/1.2%003", "study_instance_uid")]
+
+
+def test_malformed_path_parameters_are_422_naming_them_on_both_databases(served):
+    client, files = served
+    for path, parameter in MALFORMED:
+        response = client.get(path)
+        assert response.status_code == 422, (path, response.status_code, response.text)
+        body = response.json()
+        assert body["error"] == "invalid_request" and f"path.{parameter}" in body["message"], path
+    # well-formed ones still reach the catalog: unknown is 404, indexed is 200
+    sop = pydicom_sop(files[0])
+    assert client.get("/api/v1/images/1.2.3.404").status_code == 404
+    assert client.get("/api/v1/images/1.2.840.abc").status_code == 404  # off the standard, as archives have
+    assert client.get("/api/v1/studies/NO-SUCH-ACC/similar").status_code == 404
+    assert client.get(f"/api/v1/images/{sop}").status_code == 200
+    assert client.get(f"/api/v1/images/{sop}/similar?k=2").status_code == 200
+    assert client.get("/api/v1/studies/ACC0000/similar?k=1").status_code == 200
+
+
+def _multipart(name: str, data: bytes) -> tuple[bytes, str]:
+    boundary = "mretrieve-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+            "Content-Type: application/dicom\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def _chunked(data: bytes, size: int = 1024):
+    for start in range(0, len(data), size):  # a generator body: httpx sends it chunked, no Content-Length
+        yield data[start:start + size]
+
+
+def test_uploads_over_the_limit_are_413_in_every_form(archive):
+    cfg, files, _ = archive
+    data = files[0].read_bytes()
+    limit = len(data) // 2
+    multipart, kind = _multipart("big.dcm", data)
+    ws = Workspace(cfg)
+    with TestClient(create_app(ws, max_upload=limit, warm_up=False)) as small:
+        for label, response in [
+            ("multipart", small.post("/api/v1/query", files={"file": ("big.dcm", data, "application/dicom")})),
+            ("raw, chunked", small.post("/api/v1/query", content=_chunked(data), headers=DICOM)),
+            ("multipart, chunked", small.post("/api/v1/query", content=_chunked(multipart),
+                                              headers={"Content-Type": kind}))]:
+            assert response.status_code == 413, (label, response.status_code, response.text)
+            body = response.json()
+            assert body["error"] == "bad_upload" and f"limit of {limit} bytes" in body["message"], label
+    ws.close()
+
+
+def test_uploads_under_the_limit_are_served_in_every_form(archive):
+    cfg, files, _ = archive
+    data = files[1].read_bytes()
+    multipart, kind = _multipart("mine.dcm", data)
+    ws = Workspace(cfg)
+    with TestClient(create_app(ws, max_upload=len(data) + 1024, warm_up=False)) as exact:  # room for the framing
+        expected = _hits(exact.post("/api/v1/query?k=3", content=data, headers=DICOM).json())
+        for label, response in [
+            ("multipart", exact.post("/api/v1/query?k=3", files={"file": ("mine.dcm", data, "application/dicom")})),
+            ("raw, chunked", exact.post("/api/v1/query?k=3", content=_chunked(data), headers=DICOM)),
+            ("multipart, chunked", exact.post("/api/v1/query?k=3", content=_chunked(multipart),
+                                              headers={"Content-Type": kind}))]:
+            assert response.status_code == 200, (label, response.text)
+            assert _hits(response.json()) == expected, label
+    ws.close()
+
+
+def test_a_multipart_upload_is_never_spilled_to_disk(archive, tmp_path, monkeypatch):
+    import tempfile
+    cfg, _, _ = archive
+    big = make_file(tmp_path / "big.dcm", breast_phantom(1024, 768, seed=3))  # ~1.5 MB: past Starlette's 1 MiB spool
+    assert big.stat().st_size > 1024 * 1024
+
+    def spill(self):
+        raise AssertionError("the upload was written to a temporary file")
+    monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", spill)
+    ws = Workspace(cfg)
+    with TestClient(create_app(ws, warm_up=False)) as client:
+        response = client.post("/api/v1/query?k=1", files={"file": ("big.dcm", big.read_bytes(), "application/dicom")})
+        assert response.status_code == 200, response.text
+        assert response.json()["query"]["path"] == "big.dcm"
+    ws.close()
+
+
+def test_a_malformed_multipart_upload_is_400(client):
+    response = client.post("/api/v1/query", content=b"--x\r\nnot a part",
+                           headers={"Content-Type": "multipart/form-data"})  # no boundary
+    assert response.status_code == 400 and response.json()["error"] == "bad_upload"
+    assert "multipart" in response.json()["message"]
+
+
+def _raw_get(app, path: str, query: str) -> tuple[int, dict[str, str]]:
+    """One GET straight through ASGI, ``path`` as a server hands it on (percent-decoded, unnormalised)."""
+    import asyncio
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": query.encode(), "root_path": "",
+             "headers": [(b"host", b"mretrieve.example")], "server": ("mretrieve.example", 80),
+             "client": ("127.0.0.1", 5000)}
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], {k.decode().lower(): v.decode() for k, v in start["headers"]}
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("//evil.example/x", "/evil.example/x"), ("///evil.example/x", "/evil.example/x"),
+    ("/\\evil.example/x", "/%5Cevil.example/x"), ("//\\evil.example/x", "/%5Cevil.example/x"),  # a path: %5C
+    ("/\\/evil.example/x", "/%5C/evil.example/x")])
+def test_the_token_redirect_stays_on_this_origin(archive, path, expected):
+    cfg, _, _ = archive
+    token = "s3cret-token-0123456789"
+    ws = Workspace(cfg)
+    app = create_app(ws, token=token, warm_up=False)
+    status, headers = _raw_get(app, path, f"token={token}&k=2")
+    assert status == 303 and headers["location"] == f"{expected}?k=2", headers["location"]
+    status, headers = _raw_get(app, "/", f"token={token}")
+    assert status == 303 and headers["location"] == "/" and "httponly" in headers["set-cookie"].lower()
+    ws.close()
+
+
+def test_a_thumbnail_whose_source_is_gone_is_404_without_blaming_the_request(tmp_path):
+    from tests.conftest import make_config
+    from tests.pipeline.test_runner import synthetic_archive
+    files = synthetic_archive(tmp_path / "archive", 2)
+    ws = Workspace(make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 64, "batch_size": 4}))
+    ws.ingest(tmp_path / "archive", workers=0)
+    sop = pydicom_sop(files[0])
+    files[0].rename(tmp_path / "moved.dcm")
+    with TestClient(create_app(ws, warm_up=False)) as client:
+        assert client.get(f"/api/v1/images/{sop}/thumbnail.png?size=64").status_code == 200  # the model's cache
+        response = client.get(f"/api/v1/images/{sop}/thumbnail.png?size=512")  # never prepared: needs the file
+        assert response.status_code == 404, response.text
+        body = response.json()
+        assert body["error"] == "not_found" and sop in body["message"]
+        assert str(tmp_path) not in body["message"] + str(body["hint"])
+    ws.close()
