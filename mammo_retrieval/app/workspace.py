@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from mammo_retrieval.core.config import Config, load_config
-from mammo_retrieval.core.errors import ConfigError, DatabaseError, NotFoundError
+from mammo_retrieval.core.errors import ConfigError, DatabaseError, NotFoundError, WeightsError
 from mammo_retrieval.search.query import QueryFilters, QueryImage, QueryResult
 from mammo_retrieval.search.service import SearchService
 from mammo_retrieval.storage.catalog import Database
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from mammo_retrieval.encoders import Encoder, EncoderRegistry
     from mammo_retrieval.pacs.listener import Listener
     from mammo_retrieval.pipeline.prepare import Prepared, Rejected
+    from mammo_retrieval.pipeline.reindex import Reembedded
     from mammo_retrieval.pipeline.runner import IngestReport
     from mammo_retrieval.storage.cache import ImageCache
     from mammo_retrieval.storage.catalog.corpus import Corpus
@@ -502,7 +503,6 @@ class Workspace:
         import time
 
         from mammo_retrieval.core.errors import ReindexIncompleteError
-        from mammo_retrieval.pipeline.reindex import reembed
         from mammo_retrieval.storage.index import VectorIndex
         from mammo_retrieval.storage.index.versions import (ServingModel, read_live, serving_encoder_config,
                                                             store_model_weights, switch_live)
@@ -520,12 +520,11 @@ class Workspace:
             encoder = self.build_encoder(new_cfg)
             identity = encoder.identity
             live, _ = read_live(self.config.index_dir)
+            if live is None:  # a first ingest killed before it recorded its model: record it, to roll back to
+                self._record_first_live_model()
+                live, _ = read_live(self.config.index_dir)
             old_key = live.key if live else self.encoder.identity.key
-            with self.db.session() as s:
-                mv_id = repo.get_or_create_model_version(s, identity, encoder.settings.as_dict()).id
-            self._map_adapter_base(encoder, mv_id)  # an adapter: from its base's stored vectors, nothing decoded
-            result = reembed(self.db, encoder, mv_id, self.model_input, batch_size=self.config.encoder.batch_size,
-                             on_progress=on_progress)
+            mv_id, result = self._embed_missing(encoder, on_progress)
             if result.failures and not allow_missing:
                 # the vectors written so far stay stored, so a rerun (or --allow-missing) resumes from here
                 listing = "\n".join(f"  {f['sop_instance_uid']}  {f['path']}: {f['reason']}" for f in result.failures)
@@ -574,6 +573,16 @@ class Workspace:
         shipped = str(packaged_weights(spec.weights_file)) if spec.weights_file else None
         # the size is the new architecture's own (a configured input_size belonged to the old one)
         return dataclasses.replace(base, name=name, weights=shipped, input_size=None)
+
+    def _embed_missing(self, encoder: "Encoder", on_progress) -> tuple[int, "Reembedded"]:
+        """Give ``encoder``'s model version a vector for every stored image that lacks one (an adapter maps
+        its base's stored vectors, nothing decoded); resumable, as the vectors are stored batch by batch."""
+        from mammo_retrieval.pipeline.reindex import reembed
+        with self.db.session() as s:
+            mv_id = repo.get_or_create_model_version(s, encoder.identity, encoder.settings.as_dict()).id
+        self._map_adapter_base(encoder, mv_id)
+        return mv_id, reembed(self.db, encoder, mv_id, self.model_input, batch_size=self.config.encoder.batch_size,
+                              on_progress=on_progress)
 
     def _map_adapter_base(self, encoder, mv_id: int) -> None:
         from mammo_retrieval.encoders.adapter import AdaptedEncoder
@@ -631,13 +640,31 @@ class Workspace:
         return gate(Corpus(self.db, live, live_mv, self.cached_image),
                     Corpus(self.db, identity, mv_id, self.cached_image), labels_csv, metric, tolerance)
 
-    def rollback(self) -> dict:
-        from mammo_retrieval.storage.index.versions import rollback
+    def rollback(self, on_progress: Callable[[int, int], None] | None = None) -> dict:
+        """Make the previous version live again. Images ingested since it was live are embedded with it
+        first (only those: the others kept their vectors), so none drops out of search; one that cannot be
+        embedded any more (its file gone) is listed in ``failed``, and the switch happens anyway: a
+        rollback is what one reaches for when the live model is wrong."""
+        from mammo_retrieval.storage.index import VectorIndex
+        from mammo_retrieval.storage.index.versions import rollback, rollback_target
         with self.write_lock():
-            target = rollback(self.config.index_dir)
+            target = rollback_target(self.config.index_dir)
+            encoder = self.build_encoder(dataclasses.replace(self.config.encoder, name=target.encoder,
+                                                             weights=target.weights, input_size=target.input_size))
+            if encoder.identity.key != target.key:
+                raise WeightsError(f"the kept version {target.key} builds as {encoder.identity.key} with this "
+                                   "installation: rolling back would serve vectors of another model",
+                                   hint="reindex with the weights you want instead")
+            mv_id, result = self._embed_missing(encoder, on_progress)
+            index = VectorIndex.open_or_create(self.config.index_dir / target.key, encoder.identity,
+                                               self.config.index)
+            self.lifecycle.sync(index, mv_id)
+            index.save()
+            rollback(self.config.index_dir)
         self.search.forget_model()
-        return {"live": target.key, "encoder": target.encoder, "weights": target.weights,
-                "weights_sha256": target.weights_sha256}
+        return {"live": target.key, "encoder": target.encoder, "weights": encoder.identity.weights_path,
+                "weights_sha256": target.weights_sha256, "random_weights": encoder.identity.random_weights,
+                "embedded": result.embedded, "failed": result.failures, "ntotal": index.ntotal}
 
     def embed_file(self, path: "str | os.PathLike | InMemoryDicom",
                    watch: "Stopwatch | None" = None) -> tuple[QueryImage, "np.ndarray"]:

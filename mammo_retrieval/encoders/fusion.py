@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mammo_retrieval.core.errors import WeightsError
+
 HISTOGRAM_BINS = 64
 
 
@@ -60,7 +62,6 @@ class IntensityFusion(nn.Module):
 def require_fused_layout(state: dict, path) -> None:
     """A clear error for weights of a plain network given to the fused encoder: most likely the built-in
     v1 (or a checkpoint trained from it) pinned in a config that relied on v1 being the default name."""
-    from mammo_retrieval.core.errors import WeightsError
     if any(k.startswith("backbone.") for k in state) or not any(k.startswith("conv1.") for k in state):
         return
     raise WeightsError(f"{path}: these are a plain network's weights (conv1.*, no backbone.* or histogram_* "

@@ -12,6 +12,7 @@ from mammo_retrieval.core.config import EncoderConfig, PreprocessConfig
 from mammo_retrieval.core.errors import ConfigError, WeightsError
 from mammo_retrieval.preprocess import PreprocessSettings
 from mammo_retrieval.core.identity import ModelIdentity
+from mammo_retrieval.encoders.fusion import require_fused_layout
 from mammo_retrieval.encoders.registry import DEFAULT_REGISTRY, EncoderRegistry, EncoderSpec
 from mammo_retrieval.core.fileio import sha256_file
 from mammo_retrieval.encoders.weights import (describe_layout, extract_encoder_state, load_into, read_checkpoint,
@@ -109,7 +110,6 @@ def _build_timm(spec: EncoderSpec, cfg: EncoderConfig,
         checkpoint = read_checkpoint(path)
         state = extract_encoder_state(checkpoint, path)
         if spec.family == "intensity-fusion":
-            from mammo_retrieval.encoders.fusion import require_fused_layout
             require_fused_layout(state, path)
         load_into(model, state, path, layout=describe_layout(checkpoint))
         return spec, model, sha256_file(path), False, str(path)

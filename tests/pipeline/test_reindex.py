@@ -1,6 +1,6 @@
 import json
 
-import numpy as np
+import pydicom
 import pytest
 import torch
 
@@ -67,6 +67,49 @@ def test_rollback_without_history(tmp_path):
     ws.ingest(tmp_path / "archive", workers=0)
     with pytest.raises(NotFoundError, match="no earlier index version"):
         ws.rollback()
+
+
+def test_rollback_embeds_the_images_ingested_since_and_reports_those_it_cannot(tmp_path):
+    """They dropped out of search silently: a rollback now catches the old version up before it switches."""
+    synthetic_archive(tmp_path / "archive", 6)
+    made = synthetic_archive(tmp_path / "late", 10)
+    late = made[6:]  # four more women's images (pictures unlike the first six)
+    for path in made[:6]:
+        path.unlink()
+    cfg = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 96})
+    ws = Workspace(cfg)
+    ws.ingest(tmp_path / "archive", workers=0)
+    old_key = ws.encoder.identity.key
+    new_key = Workspace(cfg).reindex(str(finetuned_weights(ws, tmp_path / "new.pt")))["live"]
+    Workspace(cfg).ingest(tmp_path / "late", workers=0)  # with the new model only
+    gone = str(pydicom.dcmread(late[3], stop_before_pixels=True).SOPInstanceUID)
+    late[3].unlink()  # neither its file nor its cached picture is left to embed it with the old model
+    Workspace(cfg).image_cache.discard(gone)
+    result = Workspace(cfg).rollback()
+    assert result["live"] == old_key and result["embedded"] == 3 and result["ntotal"] == 9
+    assert [(f["sop_instance_uid"], f["path"]) for f in result["failed"]] == [(gone, str(late[3]))]
+    assert result["random_weights"]  # this test's resnet18 has seeded random weights, and says so
+    for path in late[:3]:
+        sop = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        assert Workspace(cfg).similar(sop, k=2).hits  # it has a vector in the live version again
+    status = Workspace(cfg).status()
+    vectors = {m["key"]: m["vectors"] for m in status["model_versions"]}
+    assert vectors[old_key] == 9 and vectors[new_key] == 10
+    again = Workspace(cfg).rollback()  # forward again: the new version had them all
+    assert again["live"] == new_key and again["embedded"] == 0 and again["failed"] == []
+
+
+def test_reindex_after_a_first_ingest_killed_before_it_recorded_its_model_can_roll_back(tmp_path):
+    """kill -9 at the end of a first ingest left no live record; reindex then kept nothing to roll back to."""
+    synthetic_archive(tmp_path / "archive", 4)
+    cfg = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 96})
+    ws = Workspace(cfg)
+    ws.ingest(tmp_path / "archive", workers=0)
+    old_key = ws.encoder.identity.key
+    (cfg.index_dir / "live.json").unlink()  # the state such a kill leaves
+    result = Workspace(cfg).reindex(str(finetuned_weights(ws, tmp_path / "new.pt")))
+    assert result["previous"] == old_key
+    assert Workspace(cfg).rollback()["live"] == old_key
 
 
 def test_reindex_rebuilds_a_lost_cache_entry_and_reports_a_vanished_file(tmp_path):

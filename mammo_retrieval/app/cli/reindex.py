@@ -42,12 +42,9 @@ def reindex(ctx: click.Context, model_path: str | None, encoder_name: str | None
         raise click.UsageError("--gate-metric and --force go with --gate LABELS_CSV")
     ws = workspace(ctx)
     if rollback:
-        result = ws.rollback()
-        if fmt == "json":
-            click.echo(dumps(result))
-        else:
-            click.echo(f"live: {result['live']} (encoder {result['encoder']}, "
-                       f"weights {result['weights'] or 'seeded random'})")
+        with progress_bar("image", disable=no_progress, desc="rollback") as progress:
+            result = ws.rollback(on_progress=progress)
+        click.echo(dumps(result) if fmt == "json" else format_rollback(result))
         return
     with progress_bar("image", disable=no_progress, desc="reindex") as progress:
         result = ws.reindex(model_path, encoder_name=encoder_name, allow_missing=allow_missing,
@@ -60,6 +57,17 @@ def reindex(ctx: click.Context, model_path: str | None, encoder_name: str | None
     if result["random_weights"]:
         from mammo_retrieval.app.status import RANDOM_WEIGHTS_WARNING
         click.secho(f"WARNING: {RANDOM_WEIGHTS_WARNING}", fg="yellow", err=True)
+
+
+def format_rollback(result: dict) -> str:
+    """The rollback result for a person: what is live, and the images it had to catch up with."""
+    weights = "seeded random" if result["random_weights"] else (result["weights"] or "the encoder's own")
+    lines = [f"live: {result['live']} (encoder {result['encoder']}, weights {weights})",
+             f"embedded {result['embedded']} images ingested since it was live; index of {result['ntotal']} vectors"]
+    if result["failed"]:
+        lines.append("missing from search (their files cannot be read any more):")
+        lines += [f"  {f['sop_instance_uid']}  {f['path']}: {f['reason']}" for f in result["failed"]]
+    return "\n".join(lines)
 
 
 def format_summary(result: dict) -> str:

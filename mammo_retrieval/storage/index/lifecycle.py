@@ -48,23 +48,21 @@ class LayoutRequest:
         if not self.pins:
             return plan_layout(count, config)
         index_type = self.index_type or config.type
-        if self.opq and index_type != "ivf_pq":
-            raise ConfigError(f"--opq rotates vectors for product quantisation; it does not apply to {index_type}",
-                              hint="use --type ivf_pq with --opq")
         on_disk = self.on_disk if self.on_disk is not None else config.on_disk
         if self.shards and (index_type == FLAT or not on_disk):
             raise ConfigError("--shards splits an on-disk build; this layout is built in memory",
                               hint="add --on-disk (or set index.on_disk), or drop --shards")
         if index_type == FLAT:
-            return Layout(FLAT, None)
+            return Layout(FLAT, None, opq=bool(self.opq))
         nlist = self.nlist or (auto_nlist(count) if config.nlist == "auto" else int(config.nlist))
+        opq = self.opq if self.opq is not None else (config.opq and index_type == "ivf_pq")
+        layout = Layout(index_type, nlist, opq=opq, on_disk=on_disk)   # refuses OPQ without PQ first
         needed = config.min_points_per_list * nlist
         if count < needed:
             raise ConfigError(f"an {index_type} index of {nlist} lists needs at least {needed} vectors to train "
                               f"({config.min_points_per_list} a list); the database holds {count}",
                               hint="choose a smaller --nlist, or keep the exact (flat) index until the archive grows")
-        opq = self.opq if self.opq is not None else (config.opq and index_type == "ivf_pq")
-        return Layout(index_type, nlist, opq=opq, on_disk=on_disk)
+        return layout
 
     def shard_size(self, count: int) -> int:
         return math.ceil(max(count, 1) / self.shards) if self.shards else SHARD_VECTORS

@@ -45,6 +45,12 @@ class Layout:
     opq: bool = False
     on_disk: bool = False
 
+    def __post_init__(self) -> None:
+        # the one place this rule lives: config, `index rebuild` and manifests all make a Layout
+        if self.opq and self.index_type != "ivf_pq":
+            raise ConfigError(f"OPQ rotates vectors for product quantisation; it does not apply to {self.index_type}",
+                              hint="use index type ivf_pq with OPQ (index rebuild --type ivf_pq --opq), or drop OPQ")
+
     def describe(self) -> str:
         if self.index_type == FLAT:
             return "flat (exact)"
@@ -69,9 +75,6 @@ def _factory_string(layout: Layout, cfg: IndexConfig, dim: int) -> str:
     if layout.index_type == "ivf_pq" and dim % cfg.pq_m:
         raise ConfigError(f"index.pq_m={cfg.pq_m} does not divide dim {dim}",
                           hint="choose a pq_m that divides the encoder's dimension (e.g. 16, 32 or 64 for 512)")
-    if layout.opq and layout.index_type != "ivf_pq":
-        raise ConfigError(f"OPQ rotates vectors for product quantisation; it does not apply to {layout.index_type}",
-                          hint="use index type ivf_pq with OPQ, or drop OPQ")
     return ("OPQ{m},".format(m=cfg.pq_m) if layout.opq else "") + f"IVF{layout.nlist},{codec}"
 
 

@@ -119,15 +119,21 @@ def switch_live(index_dir: Path, new: ServingModel) -> ServingModel | None:
     return live if live is not None and live.key != new.key else None
 
 
-def rollback(index_dir: Path) -> ServingModel:
-    """Make the newest kept version live again, after checking its stored weights are intact."""
+def rollback_target(index_dir: Path) -> ServingModel:
+    """The version ``rollback`` would make live (the newest kept one), its stored weights checked."""
     live, previous = read_live(index_dir)
     candidates = [m for m in previous if (index_dir / m.key / "manifest.json").exists()]
     if live is None or not candidates:
         raise NotFoundError("no earlier index version to roll back to",
                             remedies=[Remedy("the status lists the kept versions", "status")])
-    target = candidates[-1]
-    verify_model_weights(target)
+    verify_model_weights(candidates[-1])
+    return candidates[-1]
+
+
+def rollback(index_dir: Path) -> ServingModel:
+    """Make the newest kept version live again, after checking its stored weights are intact."""
+    live, previous = read_live(index_dir)
+    target = rollback_target(index_dir)
     remaining = [m for m in previous if m.key != target.key] + [live]
     _write(index_dir, ServingModel(**{**asdict(target), "switched_at": datetime.now(timezone.utc).isoformat()}),
            remaining)

@@ -69,7 +69,10 @@ def test_index_rebuild_refuses_a_layout_the_catalog_cannot_train(run):
     out = run("index", "rebuild", "--type", "ivf_pq", "--nlist", "64", "--force", code=2).output
     assert "ivf_pq index of 64 lists needs at least 2496 vectors" in out and "holds 0" in out
     out = run("index", "rebuild", "--type", "ivf_flat", "--nlist", "1", "--opq", "--force", code=2).output
-    assert "--opq rotates vectors for product quantisation; it does not apply to ivf_flat" in out
+    assert "OPQ rotates vectors for product quantisation; it does not apply to ivf_flat" in out
+    assert "--type ivf_pq --opq" in out
+    out = run("index", "rebuild", "--type", "flat", "--opq", "--force", code=2).output
+    assert "it does not apply to flat" in out
 
 
 def test_errors_render_remedies_as_commands():

@@ -190,9 +190,10 @@ def test_layout_requests():
     assert not LayoutRequest().pins
     with pytest.raises(ConfigError, match="needs at least 2496 vectors"):
         request.layout(1000, PQ_CFG)
-    with pytest.raises(ConfigError, match="OPQ"):
-        from mammo_retrieval.storage.index.store import new_faiss_index
-        new_faiss_index(Layout("ivf_flat", 16, opq=True), PQ_CFG, 64)
+    with pytest.raises(ConfigError, match="OPQ .* does not apply to ivf_flat"):
+        Layout("ivf_flat", 16, opq=True)
+    with pytest.raises(ConfigError, match="does not apply to ivf_sq8"):
+        LayoutRequest("ivf_sq8", 16, True).layout(0, PQ_CFG)    # before the count check: the request is wrong
 
 
 def test_rebuild_pins_a_layout_that_ingest_keeps(tmp_path, database_url):
