@@ -521,6 +521,9 @@ class Workspace:
             identity = encoder.identity
             live, _ = read_live(self.config.index_dir)
             if live is None:  # a first ingest killed before it recorded its model: record it, to roll back to
+                old_index = self.open_index(create=True)  # and its index, caught up with the catalog and saved
+                self.lifecycle.sync(old_index, self.model_version_id())
+                old_index.save()
                 self._record_first_live_model()
                 live, _ = read_live(self.config.index_dir)
             old_key = live.key if live else self.encoder.identity.key

@@ -146,16 +146,42 @@ def _chunks(src: "Path | InMemoryDicom", start: int, size: int = 2 ** 20) -> Ite
             yield chunk
 
 
+META_LIMIT = 2 ** 20  # a File Meta group is a few hundred bytes; past this it is not one to trust
+_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def _meta_transfer_syntax(meta: bytes) -> bytes | None:
+    """(0002,0010) read from the File Meta group's bytes (explicit VR little endian), or None."""
+    at = 0
+    while at + 8 <= len(meta):
+        group, element = struct.unpack("<HH", meta[at:at + 4])
+        vr = meta[at + 4:at + 6]
+        if vr in _LONG_LENGTH_VRS:
+            if at + 12 > len(meta):
+                return None
+            length, start = struct.unpack("<I", meta[at + 8:at + 12])[0], at + 12
+        else:
+            length, start = struct.unpack("<H", meta[at + 6:at + 8])[0], at + 8
+        if (group, element) == (0x0002, 0x0010):
+            return meta[start:start + length].rstrip(b"\0 ")
+        at = start + length
+    return None
+
+
 def _check_inflated_size(path: "Path | InMemoryDicom", limit: int) -> None:
     """pydicom inflates a deflated dataset whole, in memory, before anything can be checked: a 1 MB file
     can hold gigabytes of zeros. Count what it inflates to first, as a stream, and refuse past ``limit``."""
-    head = _head(path, 4096)
-    if head[128:132] != b"DICM" or not any(ts in head for ts in DEFLATED_TRANSFER_SYNTAXES):
-        return
+    head = _head(path, 144)
     # group 0002 is explicit VR little endian and starts with its own length (UL, Type 1)
-    if head[132:140] != b"\x02\x00\x00\x00UL\x04\x00":
-        raise _reject(path, C.UNREADABLE_HEADER, "deflated file without its File Meta group length")
-    start = 144 + struct.unpack("<I", head[140:144])[0]
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:140] != b"\x02\x00\x00\x00UL\x04\x00":
+        return  # no File Meta group length: pydicom reads such a file, and a deflated one needs it
+    meta_length = struct.unpack("<I", head[140:144])[0]
+    if meta_length > META_LIMIT:
+        raise _reject(path, C.UNREADABLE_HEADER, f"File Meta group claims {meta_length} bytes "
+                      f"(more than {META_LIMIT}): not a DICOM file meta header")
+    start = 144 + meta_length
+    if _meta_transfer_syntax(_head(path, start)[144:]) not in DEFLATED_TRANSFER_SYNTAXES:
+        return
     inflater, inflated = zlib.decompressobj(-zlib.MAX_WBITS), 0
     try:
         for chunk in _chunks(path, start):
@@ -187,9 +213,21 @@ def _check_complete(path: "Path | InMemoryDicom", ds: Dataset, size: int) -> Non
         raise _reject(path, C.TRUNCATED_PIXEL_DATA if last.tag == 0x7FE00010 else C.UNREADABLE_HEADER,
                       f"{what} {last.tag} declares {length} bytes, the file holds {size - tell} "
                       "(a truncated copy or an interrupted transfer)")
-    if size - end < 8 and any(_tail(path, size - end)):  # pydicom drops a cut element header silently
+    if 0 < size - end < 8 and _starts_an_element_after(_tail(path, size - end), int(last.tag)):
         raise _reject(path, C.UNREADABLE_HEADER, f"file ends inside the header of the element after {last.tag} "
                       "(a truncated copy or an interrupted transfer)")
+
+
+def _starts_an_element_after(stray: bytes, last_tag: int) -> bool:
+    """Whether a few bytes left after the last element are the start of a later one (pydicom drops a cut
+    element header without a word), rather than junk some writers append (a newline, a DOS Ctrl-Z, zeros)."""
+    if len(stray) >= 4:
+        group, element = struct.unpack("<HH", stray[:4])
+        return (group << 16 | element) > last_tag
+    if len(stray) >= 2:
+        group = struct.unpack("<H", stray[:2])[0]
+        return group >= last_tag >> 16  # the same group or a later one
+    return False
 
 
 def _tail(src: "Path | InMemoryDicom", n: int) -> bytes:

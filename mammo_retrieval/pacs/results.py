@@ -60,10 +60,11 @@ def similar_cases_document(db: "Database", query_header: "Dataset", result: "Que
 def qc_documents(db: "Database", header_of: HeaderOf, *, top: int, study: str | None = None) -> list["Dataset"]:
     """One KOS per study with flagged images in the latest sweep (its ``top`` outliers and any image with a
     header-check flag), or only ``study``'s: a document belongs to one patient, so a sweep across patients
-    is never one. A flagged image that is gone (deleted, its file moved, its PACS down) is left out with a
-    warning; the other documents are still made. An image is referenced by its catalogued UIDs, so only
-    the header a document copies its patient and study from is read: that of the study's first flagged
-    image whose source can still be read (a study none of whose sources can be read has no document)."""
+    is never one. An image is referenced by its catalogued UIDs, so only the header a document copies its
+    patient and study from is read: that of the study's first flagged image whose source can still be read
+    (a study none of whose sources can be read has no document). Flagged images found gone on the way
+    (deleted, moved, their PACS down) are left out with a warning; one after it is not checked, and stays
+    referenced by its UIDs, which is all a KOS holds. The other documents are made either way."""
     with db.session() as s:
         sweep = repo.latest_qc_sweep(s, top)
     if sweep is None:

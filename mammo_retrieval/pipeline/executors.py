@@ -91,6 +91,9 @@ def _fork_workers(pool: ProcessPoolExecutor) -> None:
     objects frozen out of the garbage collector meanwhile. A forked child's collector would otherwise run
     the destructors of the parent's uncollected garbage: an ONNX Runtime session's waits on condition
     variables of threads that do not exist in the child, and the worker hangs for ever (seen in tests)."""
+    if gc.get_freeze_count():  # the host program froze its own objects already: leave its choice alone
+        pool.submit(os.getpid).result()
+        return
     gc.collect()
     gc.freeze()
     try:

@@ -106,7 +106,8 @@ def test_reindex_after_a_first_ingest_killed_before_it_recorded_its_model_can_ro
     ws = Workspace(cfg)
     ws.ingest(tmp_path / "archive", workers=0)
     old_key = ws.encoder.identity.key
-    (cfg.index_dir / "live.json").unlink()  # the state such a kill leaves
+    (cfg.index_dir / "live.json").unlink()  # the state such a kill leaves (before the first index save, too)
+    (cfg.index_dir / old_key / "manifest.json").unlink()
     result = Workspace(cfg).reindex(str(finetuned_weights(ws, tmp_path / "new.pt")))
     assert result["previous"] == old_key
     assert Workspace(cfg).rollback()["live"] == old_key

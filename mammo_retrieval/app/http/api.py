@@ -45,9 +45,9 @@ CACHE_CONTROL = "private, max-age=86400"  # patient data: browsers may keep it, 
 # refuses a NUL in a text parameter with an error of its own); a bad one is 422 invalid_request naming it.
 # What ingest stores (dicom.header.check_storable): at most 64 characters, no control character. The
 # standard allows digits and dots only, but archives hold UIDs that break it, and ingest keeps those images.
-UID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$"
+UID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 UID_MAX = 64
-STUDY_KEY_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$"  # printable: no control characters
+STUDY_KEY_PATTERN = UID_PATTERN  # as ingest: no C0 control character nor DEL (Latin-1 text keeps 0x80-0x9f)
 STUDY_KEY_MAX = 128  # the catalog's studies.study_key column
 SopInstanceUid = Annotated[str, Path(pattern=UID_PATTERN, max_length=UID_MAX,
                                      description="an indexed image's SOPInstanceUID")]
