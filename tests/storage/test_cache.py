@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -91,28 +89,3 @@ def test_the_cache_is_private_whatever_the_umask(tmp_path):
     for path in [tmp_path / "cache", *(tmp_path / "cache").rglob("*")]:
         assert not stat.S_IMODE(path.stat().st_mode) & 0o077, path
     cache.close()
-
-
-def _write_entries(root: str, prefix: str, count: int) -> None:
-    cache = ImageCache(Path(root), "d", (32, 32))
-    for start in range(0, count, 4):
-        cache.put_many([(f"{prefix}{i}", np.full((32, 32), (i * 7 + len(prefix)) % 251, np.uint8))
-                        for i in range(start, start + 4)])
-
-
-def test_two_processes_writing_at_once_lose_no_entry(tmp_path):
-    """A server rebuilding entries while an ingest writes: both handed out the same free slot, and one
-    entry was replaced by the other's (found by an audit). Slots are now taken under a lock on the folder."""
-    import multiprocessing
-    ctx = multiprocessing.get_context("fork")
-    writers = [ctx.Process(target=_write_entries, args=(str(tmp_path), prefix, 120)) for prefix in ("a", "bb")]
-    for w in writers:
-        w.start()
-    for w in writers:
-        w.join(120)
-        assert w.exitcode == 0
-    cache = ImageCache(tmp_path, "d", (32, 32))
-    for prefix in ("a", "bb"):
-        for i in range(120):
-            image = cache.get(f"{prefix}{i}")  # raises CacheCorruptError for a slot the other overwrote
-            assert image is not None and image[0, 0] == (i * 7 + len(prefix)) % 251, (prefix, i)
