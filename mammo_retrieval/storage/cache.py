@@ -9,6 +9,7 @@ One folder per preprocessing digest, so images made with other settings are neve
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
@@ -98,29 +99,47 @@ class ImageCache:
             items = list(items)
             if not items:
                 return
-            with self._guard():
-                existing = dict(self._db.execute(
-                    f"SELECT sop, slot FROM entries WHERE sop IN ({','.join('?' * len(items))})",
-                    [sop for sop, _ in items]).fetchall())
-                # COALESCE, not `or -1`: a max slot of 0 is falsy, and slot 0 would be handed out again
-                next_slot = self._db.execute("SELECT COALESCE(MAX(slot), -1) + 1 FROM entries").fetchone()[0]
-            rows, touched = [], set()
-            for sop, image in items:
-                if image.shape != self.size or image.dtype != np.uint8:
-                    raise ValueError(f"cache expects uint8 {self.size}, got {image.dtype} {image.shape}")
-                slot = existing.get(sop)
-                if slot is None:
-                    slot, next_slot = next_slot, next_slot + 1
-                    existing[sop] = slot
-                data = np.ascontiguousarray(image).tobytes()
-                self._write_slot(slot, data)
-                touched.add(slot // SHARD_CAPACITY)
-                rows.append((sop, slot, zlib.crc32(data)))
-            for shard in touched:
-                with self._guard(self._shard_path(shard)):
-                    os.fdatasync(self._fds[shard])
-            with self._guard(), self._db:
-                self._db.executemany("INSERT OR REPLACE INTO entries (sop, slot, crc32) VALUES (?, ?, ?)", rows)
+            with self._writer():
+                self._put(items)
+
+    @contextmanager
+    def _writer(self) -> Iterator[None]:
+        """Another process may write this cache at the same time (a server rebuilding an entry during an
+        ingest): slots are handed out and filled under one lock on the folder, or both take the same slot
+        and one entry is lost. The lock goes with its file descriptor, even on kill -9."""
+        path = self.directory / "writer.lock"
+        with self._guard(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _put(self, items: list[tuple[str, np.ndarray]]) -> None:
+        with self._guard():
+            existing = dict(self._db.execute(
+                f"SELECT sop, slot FROM entries WHERE sop IN ({','.join('?' * len(items))})",
+                [sop for sop, _ in items]).fetchall())
+            # COALESCE, not `or -1`: a max slot of 0 is falsy, and slot 0 would be handed out again
+            next_slot = self._db.execute("SELECT COALESCE(MAX(slot), -1) + 1 FROM entries").fetchone()[0]
+        rows, touched = [], set()
+        for sop, image in items:
+            if image.shape != self.size or image.dtype != np.uint8:
+                raise ValueError(f"cache expects uint8 {self.size}, got {image.dtype} {image.shape}")
+            slot = existing.get(sop)
+            if slot is None:
+                slot, next_slot = next_slot, next_slot + 1
+                existing[sop] = slot
+            data = np.ascontiguousarray(image).tobytes()
+            self._write_slot(slot, data)
+            touched.add(slot // SHARD_CAPACITY)
+            rows.append((sop, slot, zlib.crc32(data)))
+        for shard in touched:
+            with self._guard(self._shard_path(shard)):
+                os.fdatasync(self._fds[shard])
+        with self._guard(), self._db:
+            self._db.executemany("INSERT OR REPLACE INTO entries (sop, slot, crc32) VALUES (?, ?, ?)", rows)
 
     def get(self, sop: str) -> np.ndarray | None:
         """The cached image, or None if absent. Raises CacheCorruptError if its checksum fails."""

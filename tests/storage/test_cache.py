@@ -89,3 +89,37 @@ def test_the_cache_is_private_whatever_the_umask(tmp_path):
     for path in [tmp_path / "cache", *(tmp_path / "cache").rglob("*")]:
         assert not stat.S_IMODE(path.stat().st_mode) & 0o077, path
     cache.close()
+
+
+COUNT = 400
+_WRITER = """
+import sys
+from pathlib import Path
+import numpy as np
+from mammo_retrieval.storage.cache import ImageCache
+root, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cache = ImageCache(Path(root), "d", (32, 32))
+for start in range(0, count, 4):
+    cache.put_many([(f"{prefix}{i}", np.full((32, 32), (i * 7 + len(prefix)) % 251, np.uint8))
+                    for i in range(start, start + 4)])
+cache.close()
+"""
+
+
+def test_two_processes_writing_at_once_lose_no_entry(tmp_path):
+    """A server rebuilding entries while an ingest writes: both handed out the same free slot, and one
+    entry was replaced by the other's (found by an audit). Slots are now taken under a lock on the folder.
+    The writers are fresh interpreters, not forks of the test process (a fork of a threaded process can
+    hang)."""
+    import subprocess
+    import sys
+    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), prefix, str(COUNT)])
+               for prefix in ("a", "bb")]
+    for w in writers:
+        assert w.wait(timeout=120) == 0
+    cache = ImageCache(tmp_path, "d", (32, 32))
+    for prefix in ("a", "bb"):
+        for i in range(COUNT):
+            image = cache.get(f"{prefix}{i}")  # raises CacheCorruptError for a slot the other overwrote
+            assert image is not None and image[0, 0] == (i * 7 + len(prefix)) % 251, (prefix, i)
+    cache.close()
