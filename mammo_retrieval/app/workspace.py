@@ -649,11 +649,10 @@ class Workspace:
         embedded any more (its file gone) is listed in ``failed``, and the switch happens anyway: a
         rollback is what one reaches for when the live model is wrong."""
         from mammo_retrieval.storage.index import VectorIndex
-        from mammo_retrieval.storage.index.versions import rollback, rollback_target
+        from mammo_retrieval.storage.index.versions import model_encoder_config, rollback, rollback_target
         with self.write_lock():
             target = rollback_target(self.config.index_dir)
-            encoder = self.build_encoder(dataclasses.replace(self.config.encoder, name=target.encoder,
-                                                             weights=target.weights, input_size=target.input_size))
+            encoder = self.build_encoder(model_encoder_config(self.config.encoder, target))
             if encoder.identity.key != target.key:
                 raise WeightsError(f"the kept version {target.key} builds as {encoder.identity.key} with this "
                                    "installation: rolling back would serve vectors of another model",

@@ -24,7 +24,8 @@ LATERALITY_WORDS = {"L": "L", "LEFT": "L", "LT": "L", "R": "R", "RIGHT": "R", "R
 TEXT_FIELDS = ("SeriesDescription", "ProtocolName", "StudyDescription", "ImageComments",
                "PerformedProcedureStepDescription", "RequestedProcedureDescription")
 _TOKEN = re.compile(r"[A-Za-z]+")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL_CHARACTERS = r"\x00-\x1f\x7f"  # a regex class body: C0 controls and DEL (Latin-1 keeps 0x80-0x9f)
+_CONTROL = re.compile(f"[{CONTROL_CHARACTERS}]")
 # Identity fields kept in the catalog, with the longest value its columns hold (the DICOM VR's own limit,
 # or twice it where archives are known to overrun). A longer value, or one with a control character, is
 # a broken header: the file is refused, never stored cut short (two studies could then share a key).

@@ -30,6 +30,7 @@ from mammo_retrieval.app.http.thumbnails import ThumbnailCache, encode_png
 from mammo_retrieval.app.workspace import Workspace
 from mammo_retrieval.core.errors import MammoRetrievalError, NotFoundError, Remedy
 from mammo_retrieval.core.timing import Stopwatch
+from mammo_retrieval.dicom.header import CONTROL_CHARACTERS, IDENTITY_LIMITS
 from mammo_retrieval.dicom.reader import InMemoryDicom
 from mammo_retrieval.pacs.kos import referenced_sops
 from mammo_retrieval.search.query import QueryFilters, QueryResult
@@ -43,12 +44,13 @@ CACHE_CONTROL = "private, max-age=86400"  # patient data: browsers may keep it, 
 
 # Path parameters are checked here, at the edge, so that no malformed value reaches the catalog (PostgreSQL
 # refuses a NUL in a text parameter with an error of its own); a bad one is 422 invalid_request naming it.
-# What ingest stores (dicom.header.check_storable): at most 64 characters, no control character. The
-# standard allows digits and dots only, but archives hold UIDs that break it, and ingest keeps those images.
-UID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
-UID_MAX = 64
-STUDY_KEY_PATTERN = UID_PATTERN  # as ingest: no C0 control character nor DEL (Latin-1 text keeps 0x80-0x9f)
-STUDY_KEY_MAX = 128  # the catalog's studies.study_key column
+# The rule is ingest's own (dicom.header.check_storable: no control character, the catalog's lengths), so
+# the two cannot drift apart. The standard allows digits and dots only in UIDs, but archives hold UIDs
+# that break it, and ingest keeps those images.
+UID_PATTERN = f"^[^{CONTROL_CHARACTERS}]+$"
+UID_MAX = IDENTITY_LIMITS["sop_instance_uid"]
+STUDY_KEY_PATTERN = UID_PATTERN
+STUDY_KEY_MAX = IDENTITY_LIMITS["study_key"]
 SopInstanceUid = Annotated[str, Path(pattern=UID_PATTERN, max_length=UID_MAX,
                                      description="an indexed image's SOPInstanceUID")]
 StudyInstanceUid = Annotated[str, Path(pattern=UID_PATTERN, max_length=UID_MAX,

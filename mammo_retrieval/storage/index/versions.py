@@ -91,7 +91,13 @@ def serving_encoder_config(configured: EncoderConfig, index_dir: Path) -> Encode
     if live is None or configured.weights:
         return configured
     verify_model_weights(live)
-    return replace(configured, name=live.encoder, weights=live.weights, input_size=live.input_size)
+    return model_encoder_config(configured, live)
+
+
+def model_encoder_config(configured: EncoderConfig, model: ServingModel) -> EncoderConfig:
+    """``configured`` (runtime, batch size, ...) building a recorded model: its architecture, its stored
+    weights and its input size."""
+    return replace(configured, name=model.encoder, weights=model.weights, input_size=model.input_size)
 
 
 def live_model_differs(configured: EncoderConfig, index_dir: Path, serving_key: str) -> bool:
