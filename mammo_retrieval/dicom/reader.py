@@ -171,7 +171,7 @@ def _meta_transfer_syntax(meta: bytes) -> bytes | None:
 def _check_inflated_size(path: "Path | InMemoryDicom", limit: int) -> None:
     """pydicom inflates a deflated dataset whole, in memory, before anything can be checked: a 1 MB file
     can hold gigabytes of zeros. Count what it inflates to first, as a stream, and refuse past ``limit``."""
-    head = _head(path, 144)
+    head = _head(path, 8192)  # the File Meta group too, unless it is unusually long
     # group 0002 is explicit VR little endian and starts with its own length (UL, Type 1)
     if len(head) < 144 or head[128:132] != b"DICM" or head[132:140] != b"\x02\x00\x00\x00UL\x04\x00":
         return  # no File Meta group length: pydicom reads such a file, and a deflated one needs it
@@ -180,7 +180,8 @@ def _check_inflated_size(path: "Path | InMemoryDicom", limit: int) -> None:
         raise _reject(path, C.UNREADABLE_HEADER, f"File Meta group claims {meta_length} bytes "
                       f"(more than {META_LIMIT}): not a DICOM file meta header")
     start = 144 + meta_length
-    if _meta_transfer_syntax(_head(path, start)[144:]) not in DEFLATED_TRANSFER_SYNTAXES:
+    meta = head[144:start] if start <= len(head) else _head(path, start)[144:]
+    if _meta_transfer_syntax(meta) not in DEFLATED_TRANSFER_SYNTAXES:
         return
     inflater, inflated = zlib.decompressobj(-zlib.MAX_WBITS), 0
     try:
