@@ -95,12 +95,12 @@ class ImageCache:
     def put_many(self, items: Iterable[tuple[str, np.ndarray]]) -> None:
         """Pixels first (fdatasync'd), then the entry rows in one transaction: a crash or a full disk leaves no
         bad entry, and a rerun reuses the slots of entries already committed."""
-        with self._mutex:
-            items = list(items)
-            if not items:
-                return
-            with self._writer():
-                self._put(items)
+        items = list(items)
+        if not items:
+            return
+        # the folder's lock first: waiting on another process's batch must not hold up this one's readers
+        with self._writer(), self._mutex:
+            self._put(items)
 
     @contextmanager
     def _writer(self) -> Iterator[None]:
@@ -111,7 +111,8 @@ class ImageCache:
         with self._guard(path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            with self._guard(path):
+                fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)

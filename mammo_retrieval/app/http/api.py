@@ -53,7 +53,7 @@ STUDY_KEY_PATTERN = UID_PATTERN
 STUDY_KEY_MAX = IDENTITY_LIMITS["study_key"]
 SopInstanceUid = Annotated[str, Path(pattern=UID_PATTERN, max_length=UID_MAX,
                                      description="an indexed image's SOPInstanceUID")]
-StudyInstanceUid = Annotated[str, Path(pattern=UID_PATTERN, max_length=UID_MAX,
+StudyInstanceUid = Annotated[str, Path(pattern=UID_PATTERN, max_length=IDENTITY_LIMITS["study_instance_uid"],
                                        description="a StudyInstanceUID")]
 StudyKey = Annotated[str, Path(pattern=STUDY_KEY_PATTERN, max_length=STUDY_KEY_MAX,
                                description="a study's AccessionNumber, or its StudyInstanceUID where that is empty")]
