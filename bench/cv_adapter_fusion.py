@@ -11,8 +11,9 @@ against each other: the fused vector may keep both. This measures it out of fold
 each fold v2's recipe (finetuning v1 on the other three folds) is run again and *every* image of the 71
 women is embedded at epochs 0, 20, 40 and 60 (cv_builtin kept only the fold's own images, and an adapter
 needs the training folds' vectors); an adapter is trained on the training folds' vectors and tissue
-labels only, then the fold's images are ranked in [adapter, weight x centred histogram] (and with the
-backbone's own unit vector beside them). The held-out women are not read.
+labels only (and, for the joint adapters, a second term whose positive is the woman's other breast), then
+the fold's images are ranked in [adapter, weight x centred histogram] (and with the backbone's own unit
+vector beside them). The held-out women are not read.
 """
 from __future__ import annotations
 
@@ -37,7 +38,10 @@ from mammo_retrieval.train.augment import to_model_input  # noqa: E402
 EPOCHS = (0, 20, 40, 60)
 HISTOGRAM_WEIGHTS = (0.0, 0.3, 0.5, 0.7, 1.0)
 BACKBONE_WEIGHTS = (0.0, 0.5, 1.0)
-ADAPTERS = {"linear-32": ("linear", 32, 0), "linear-128": ("linear", 128, 0), "mlp-32": ("mlp", 32, 256)}
+# name: (kind, output dimension, hidden units, weight of a second SupCon term whose label is the woman)
+ADAPTERS = {"linear-32": ("linear", 32, 0, 0.0), "linear-128": ("linear", 128, 0, 0.0), "mlp-32": ("mlp", 32, 256, 0.0),
+            "linear-32 + woman x2": ("linear", 32, 0, 2.0), "linear-128 + woman x1": ("linear", 128, 0, 1.0),
+            "linear-128 + woman x2": ("linear", 128, 0, 2.0)}
 
 
 def embed_all(grey, tissue, labels, fit_rows, all_rows, args) -> dict[int, np.ndarray]:
@@ -52,17 +56,24 @@ def embed_all(grey, tissue, labels, fit_rows, all_rows, args) -> dict[int, np.nd
     return out
 
 
-def train_projection(x: np.ndarray, codes: np.ndarray, kind: str, out_dim: int, hidden: int) -> Projection:
+def train_projection(x: np.ndarray, codes: np.ndarray, women: np.ndarray, kind: str, out_dim: int, hidden: int,
+                     woman_weight: float) -> Projection:
     """The product's adapter (``mretrieve adapt``'s defaults: AdamW 1e-3, 300 full-batch epochs, SupCon at
-    temperature 0.1) on every given vector."""
+    temperature 0.1) on every given vector; with ``woman_weight``, plus that times a SupCon whose positive
+    is the woman's other breast, so that the adapter keeps what finds her (a joint adapter)."""
     torch.manual_seed(0)
     projection = Projection(kind, x.shape[1], out_dim, hidden)
     optimiser = torch.optim.AdamW(projection.parameters(), lr=1e-3, weight_decay=1e-4)
-    xt, ct = torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(codes)
+    xt, ct, wt = (torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(codes),
+                  torch.from_numpy(women))
     projection.train()
     for _ in range(300):
         optimiser.zero_grad()
-        supervised_contrastive(projection(xt), ct, 0.1).backward()
+        z = projection(xt)
+        loss = supervised_contrastive(z, ct, 0.1)
+        if woman_weight:
+            loss = loss + woman_weight * supervised_contrastive(z, wt, 0.1)
+        loss.backward()
         optimiser.step()
     return projection.eval()
 
@@ -90,16 +101,18 @@ def main() -> None:
         partial.replace(target)
         print(f"fold {k}: {time.time() - started:.0f} s", flush=True)
     codes = tissue.numpy()
+    woman_codes = np.unique(patients, return_inverse=True)[1].astype(np.int64)
     position = {r: i for i, r in enumerate(rows)}
     table = {}
     stored = [np.load(args.out / f"fold{k}.npz") for k in range(FOLDS)]
     for epoch in EPOCHS:
-        for name, (kind, out_dim, hidden) in ADAPTERS.items():
+        for name, (kind, out_dim, hidden, woman_weight) in ADAPTERS.items():
             adapted = []
             for (fit_rows, held_rows), data in zip(folds, stored):
                 features = data[f"epoch{epoch}"]
                 fit_i, held_i = [position[r] for r in fit_rows], [position[r] for r in held_rows]
-                projection = train_projection(features[fit_i], codes[fit_rows], kind, out_dim, hidden)
+                projection = train_projection(features[fit_i], codes[fit_rows], woman_codes[fit_rows], kind,
+                                              out_dim, hidden, woman_weight)
                 with torch.inference_mode():
                     adapted.append(projection(torch.from_numpy(features[held_i])).numpy())
             for bw in BACKBONE_WEIGHTS:
