@@ -32,7 +32,7 @@ from cv_builtin import FOLDS, add_recipe_arguments, finetune, pooled_scores, tra
 
 from mammo_retrieval.analysis.evaluate import l2_rows  # noqa: E402
 from mammo_retrieval.encoders.adapter import Projection  # noqa: E402
-from mammo_retrieval.train.adapter import supervised_contrastive  # noqa: E402
+from mammo_retrieval.train.adapter import AdaptConfig, fit_projection  # noqa: E402
 from mammo_retrieval.train.augment import to_model_input  # noqa: E402
 
 EPOCHS = (0, 20, 40, 60)
@@ -58,24 +58,13 @@ def embed_all(grey, tissue, labels, fit_rows, all_rows, args) -> dict[int, np.nd
 
 def train_projection(x: np.ndarray, codes: np.ndarray, women: np.ndarray, kind: str, out_dim: int, hidden: int,
                      woman_weight: float) -> Projection:
-    """The product's adapter (``mretrieve adapt``'s defaults: AdamW 1e-3, 300 full-batch epochs, SupCon at
-    temperature 0.1) on every given vector; with ``woman_weight``, plus that times a SupCon whose positive
-    is the woman's other breast, so that the adapter keeps what finds her (a joint adapter)."""
-    torch.manual_seed(0)
-    projection = Projection(kind, x.shape[1], out_dim, hidden)
-    optimiser = torch.optim.AdamW(projection.parameters(), lr=1e-3, weight_decay=1e-4)
-    xt, ct, wt = (torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(codes),
-                  torch.from_numpy(women))
-    projection.train()
-    for _ in range(300):
-        optimiser.zero_grad()
-        z = projection(xt)
-        loss = supervised_contrastive(z, ct, 0.1)
-        if woman_weight:
-            loss = loss + woman_weight * supervised_contrastive(z, wt, 0.1)
-        loss.backward()
-        optimiser.step()
-    return projection.eval()
+    """The product's adapter training (``fit_projection``, ``mretrieve adapt``'s defaults otherwise) on every
+    given vector; with ``woman_weight``, plus that times a SupCon whose positive is the woman's other
+    breast, so that the adapter keeps what finds her (a joint adapter)."""
+    cfg = AdaptConfig(kind=kind, out_dim=out_dim, hidden=hidden)
+    if not woman_weight:
+        return fit_projection(x, [codes], cfg)[0]
+    return fit_projection(x, [codes, women], cfg, weights=(1.0, woman_weight))[0]
 
 
 def main() -> None:

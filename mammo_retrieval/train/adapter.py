@@ -7,6 +7,7 @@ mAP are measured before (the base vectors) and after (the adapted ones) on the h
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +68,29 @@ def _heldout_metrics(vectors: np.ndarray, labels: dict[str, np.ndarray], patient
     return out
 
 
+def fit_projection(x: np.ndarray, codes: list[np.ndarray], cfg: AdaptConfig,
+                   weights: Sequence[float] | None = None) -> tuple[Projection, list[float]]:
+    """A projection trained on every row of ``x``: one supervised contrastive term per label column
+    (integer codes, < 0 for missing), averaged, or summed with ``weights``. Returns it in eval mode, with the
+    loss of each epoch. Its own function so that experiments (bench/) train exactly what `adapt` trains."""
+    torch.manual_seed(cfg.seed)
+    projection = Projection(cfg.kind, x.shape[1], cfg.out_dim, cfg.hidden)
+    optimiser = torch.optim.AdamW(projection.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    inputs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    targets = [torch.from_numpy(c) for c in codes]
+    losses = []
+    projection.train()
+    for _ in range(cfg.epochs):
+        optimiser.zero_grad()
+        z = projection(inputs)
+        terms = [supervised_contrastive(z, t, cfg.temperature) for t in targets]
+        loss = torch.stack(terms).mean() if weights is None else sum(w * t for w, t in zip(weights, terms))
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+    return projection.eval(), losses
+
+
 def train_adapter(vectors: np.ndarray, labels: dict[str, np.ndarray], patients: np.ndarray,
                   cfg: AdaptConfig) -> tuple[Projection, dict]:
     """A projection trained on the women outside the held-out fraction; the report holds the split and
@@ -82,21 +106,7 @@ def train_adapter(vectors: np.ndarray, labels: dict[str, np.ndarray], patients: 
         raise MammoRetrievalError(f"{int(train.sum())} training images and {len(set(patients[held]))} held-out "
                                   f"women: too few to train and measure an adapter (at least 4 and 2)", hint="label more images, or change "
                                                                            "--heldout-fraction")
-    torch.manual_seed(cfg.seed)
-    projection = Projection(cfg.kind, vectors.shape[1], cfg.out_dim, cfg.hidden)
-    optimiser = torch.optim.AdamW(projection.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    x = torch.from_numpy(np.ascontiguousarray(vectors[train], dtype=np.float32))
-    codes = [torch.from_numpy(_codes(values[train])) for values in labels.values()]
-    losses = []
-    projection.train()
-    for _ in range(cfg.epochs):
-        optimiser.zero_grad()
-        z = projection(x)
-        loss = torch.stack([supervised_contrastive(z, c, cfg.temperature) for c in codes]).mean()
-        loss.backward()
-        optimiser.step()
-        losses.append(float(loss.detach()))
-    projection.eval()
+    projection, losses = fit_projection(vectors[train], [_codes(values[train]) for values in labels.values()], cfg)
     with torch.inference_mode():
         adapted = projection(torch.from_numpy(np.ascontiguousarray(vectors[held], dtype=np.float32))).numpy()
     held_labels = {c: v[held] for c, v in labels.items()}
