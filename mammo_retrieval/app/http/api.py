@@ -47,15 +47,13 @@ CACHE_CONTROL = "private, max-age=86400"  # patient data: browsers may keep it, 
 # The rule is ingest's own (dicom.header.check_storable: no control character, the catalog's lengths), so
 # the two cannot drift apart. The standard allows digits and dots only in UIDs, but archives hold UIDs
 # that break it, and ingest keeps those images.
-UID_PATTERN = f"^[^{CONTROL_CHARACTERS}]+$"
-UID_MAX = IDENTITY_LIMITS["sop_instance_uid"]
-STUDY_KEY_PATTERN = UID_PATTERN
-STUDY_KEY_MAX = IDENTITY_LIMITS["study_key"]
-SopInstanceUid = Annotated[str, Path(pattern=UID_PATTERN, max_length=UID_MAX,
+NO_CONTROL_CHARACTER = f"^[^{CONTROL_CHARACTERS}]+$"
+SopInstanceUid = Annotated[str, Path(pattern=NO_CONTROL_CHARACTER, max_length=IDENTITY_LIMITS["sop_instance_uid"],
                                      description="an indexed image's SOPInstanceUID")]
-StudyInstanceUid = Annotated[str, Path(pattern=UID_PATTERN, max_length=IDENTITY_LIMITS["study_instance_uid"],
+StudyInstanceUid = Annotated[str, Path(pattern=NO_CONTROL_CHARACTER,
+                                       max_length=IDENTITY_LIMITS["study_instance_uid"],
                                        description="a StudyInstanceUID")]
-StudyKey = Annotated[str, Path(pattern=STUDY_KEY_PATTERN, max_length=STUDY_KEY_MAX,
+StudyKey = Annotated[str, Path(pattern=NO_CONTROL_CHARACTER, max_length=IDENTITY_LIMITS["study_key"],
                                description="a study's AccessionNumber, or its StudyInstanceUID where that is empty")]
 
 
