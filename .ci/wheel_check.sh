@@ -221,9 +221,9 @@ step "reindex --encoder mammo-simclr (built-in v1)" "$M" reindex --encoder mammo
 expect "live: mammo-simclr-[0-9a-f]{12}-"
 step "evaluate --all-versions" "$M" evaluate --labels "$WORK/labels.csv" --k 1,3 --label-column laterality \
     --all-versions --out "$WORK/out/eval-all"
-expect "encoder:mammo-simclr-v2-"
-step "reindex --rollback (to v2)" "$M" reindex --rollback
-expect "live: mammo-simclr-v2-"
+expect "encoder:mammo-simclr-v3-"
+step "reindex --rollback (to v3)" "$M" reindex --rollback
+expect "live: mammo-simclr-v3-"
 step "query --kos (a Key Object Selection document)" "$M" query --dicom "$QUERY" -k 3 --kos "$WORK/out/similar.kos.dcm"
 step "qc --kos" "$M" qc --out "$WORK/out/qc2" --top 3 --no-progress --kos "$WORK/out/kos"
 step "KOS documents read back" "$PY" -c '

@@ -32,7 +32,8 @@ from mammo_retrieval.core.config import load_config  # noqa: E402
 from mammo_retrieval.encoders.pooling import embed_pictures  # noqa: E402
 
 MIAS = REPO.parent / "shared" / "data" / "mias"
-MODELS = [("mammo-simclr-v2", "built-in v2 (ResNet-18 + histogram), 128 px"),
+MODELS = [("mammo-simclr-v3", "built-in v3 (ResNet-18 + histogram + texture), 128 px"),
+          ("mammo-simclr-v2", "built-in v2 (ResNet-18 + histogram), 128 px"),
           ("mammo-simclr", "built-in v1 ResNet-18, 128 px"), ("resnet50", "ResNet-50, 224 px"),
           ("densenet121", "DenseNet-121, 224 px"), ("inception_v3", "Inception-v3, 299 px"),
           ("timm:vit_small_patch16_224", "ViT-S/16, 224 px")]

@@ -13,7 +13,7 @@ from mammo_retrieval.core.errors import ConfigError, WeightsError
 from mammo_retrieval.preprocess import PreprocessSettings
 from mammo_retrieval.core.identity import ModelIdentity
 from mammo_retrieval.encoders.fusion import require_fused_layout
-from mammo_retrieval.encoders.registry import DEFAULT_REGISTRY, EncoderRegistry, EncoderSpec
+from mammo_retrieval.encoders.registry import DEFAULT_REGISTRY, FUSED_FAMILIES, EncoderRegistry, EncoderSpec
 from mammo_retrieval.core.fileio import sha256_file
 from mammo_retrieval.encoders.weights import (describe_layout, extract_encoder_state, load_into, read_checkpoint,
                                               sha256_state_dict)
@@ -109,8 +109,8 @@ def _build_timm(spec: EncoderSpec, cfg: EncoderConfig,
         path = Path(weights).expanduser()
         checkpoint = read_checkpoint(path)
         state = extract_encoder_state(checkpoint, path)
-        if spec.family == "intensity-fusion":
-            require_fused_layout(state, path)
+        if spec.family in FUSED_FAMILIES:
+            require_fused_layout(state, path, spec.name, texture=spec.family == "texture-fusion")
         load_into(model, state, path, layout=describe_layout(checkpoint))
         return spec, model, sha256_file(path), False, str(path)
     if cfg.allow_random_weights:

@@ -29,6 +29,7 @@ from mammo_retrieval.core.errors import ConfigError
 from mammo_retrieval.core.fileio import sha256_file, write_atomic, write_bytes_atomic
 from mammo_retrieval.core.private import make_private_dir
 from mammo_retrieval.encoders.model import TorchEncoder
+from mammo_retrieval.encoders.registry import FUSED_FAMILIES
 
 if TYPE_CHECKING:
     from mammo_retrieval.core.config import EncoderConfig
@@ -43,7 +44,7 @@ AGREEMENT = 0.999  # the least per-image cosine between an export and its torch 
 #: agree (bench/bench_onnx.py on mini-MIAS; README "ONNX Runtime against torch"). ``runtime: auto`` exports
 #: these; everything else (ViTs, rad-dino, GPUs, bf16, channels_last) stays with torch.
 ONNX_FASTER = frozenset({"resnet18", "resnet50", "densenet121", "inception_v3"})
-ONNX_FAMILIES = ("timm", "intensity-fusion")
+ONNX_FAMILIES = ("timm", *FUSED_FAMILIES)
 
 
 TORCH_HINT = "set encoder.runtime: torch"

@@ -49,6 +49,13 @@ def intensity_fusion_backbone(spec: EncoderSpec) -> "torch.nn.Module":
     return IntensityFusion(timm_backbone(spec), mean=spec.mean[0], std=spec.std[0])
 
 
+def texture_fusion_backbone(spec: EncoderSpec) -> "torch.nn.Module":
+    """``intensity_fusion_backbone`` plus texture statistics of the input (``encoders.texture``): the
+    built-in v3. Its dimension adds ``TEXTURE_DIM``."""
+    from mammo_retrieval.encoders.fusion import TextureFusion
+    return TextureFusion(timm_backbone(spec), mean=spec.mean[0], std=spec.std[0])
+
+
 TIMM_PREFIX = "timm:"
 
 
@@ -70,8 +77,10 @@ def timm_spec(name: str) -> EncoderSpec:
                        interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic")
 
 
-DEFAULT_FAMILIES: dict[str, BackboneBuilder] = {"timm": timm_backbone, "intensity-fusion": intensity_fusion_backbone}
-TORCH_TRAINABLE_FAMILIES = ("timm", "intensity-fusion")  # whole torch modules `mretrieve train` can finetune
+FUSED_FAMILIES = ("intensity-fusion", "texture-fusion")  # a network beside statistics of its input (built-ins v2, v3)
+DEFAULT_FAMILIES: dict[str, BackboneBuilder] = {"timm": timm_backbone, "intensity-fusion": intensity_fusion_backbone,
+                                                "texture-fusion": texture_fusion_backbone}
+TORCH_TRAINABLE_FAMILIES = ("timm", *FUSED_FAMILIES)  # whole torch modules `mretrieve train` can finetune
 
 
 class EncoderRegistry:
@@ -122,12 +131,17 @@ class EncoderRegistry:
 
 
 BUILTIN_V1 = "mammo-simclr"
-BUILTIN = "mammo-simclr-v2"  # the default (configs/default.yaml)
+BUILTIN_V2 = "mammo-simclr-v2"
+BUILTIN = "mammo-simclr-v3"  # the default (configs/default.yaml)
 
 DEFAULT_REGISTRY = EncoderRegistry([
-    EncoderSpec(BUILTIN, "resnet18", 512 + 64, input_size=(128, 128), weights_file="mammo-simclr-v2-r18-128.safetensors",
-                family="intensity-fusion",
-                description="built-in v2 (default): ResNet-18 finetuned on mini-MIAS at 128 px, fused with the "
+    EncoderSpec(BUILTIN, "resnet18", 704, input_size=(128, 128),  # 512 + 64 + 88, zero-padded
+                weights_file="mammo-simclr-v3-r18-128.safetensors", family="texture-fusion",
+                description="built-in v3 (default): v2's network and histogram beside the picture's texture "
+                            "statistics (local binary patterns, local standard deviation; README), shipped as fp16"),
+    EncoderSpec(BUILTIN_V2, "resnet18", 512 + 64, input_size=(128, 128),
+                weights_file="mammo-simclr-v2-r18-128.safetensors", family="intensity-fusion",
+                description="built-in v2: ResNet-18 finetuned on mini-MIAS at 128 px, fused with the "
                             "picture's 64-bin intensity histogram (CPU recipe, README), shipped as fp16"),
     EncoderSpec(BUILTIN_V1, "resnet18", 512, input_size=(128, 128), weights_file="mammo-simclr-r18-128.safetensors",
                 description="built-in v1: ResNet-18, SimCLR-trained by `mretrieve train` on mini-MIAS at 128 px "

@@ -46,11 +46,10 @@ def test_random_weights_fail_the_gate_on_mias_then_force_switches(mias_dir, tmp_
     random_weights = tmp_path / "random.pt"
     import timm
     torch.manual_seed(3)
-    # the default encoder's layout (v2: a ResNet-18 beside the histogram), its network's weights random
+    # the default encoder's layout (v3: a ResNet-18 beside the histogram and texture), its network's weights random
     shipped = torch_model(ws.encoder).state_dict()
     torch.save({**{f"backbone.{k}": v for k, v in timm.create_model("resnet18", num_classes=0).state_dict().items()},
-                "histogram_reference": shipped["histogram_reference"], "histogram_weight": shipped["histogram_weight"]},
-               random_weights)
+                **{k: v for k, v in shipped.items() if not k.startswith("backbone.")}}, random_weights)
     with pytest.raises(GateFailed) as info:
         ws.reindex(str(random_weights), gate_labels=str(mias_dir / "labels.csv"), gate_metric="tissue:p@10")
     assert info.value.result.new < info.value.result.live - 0.01 and info.value.exit_code == 13

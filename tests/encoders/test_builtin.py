@@ -5,15 +5,16 @@ from mammo_retrieval.encoders import DEFAULT_REGISTRY, build_encoder
 from mammo_retrieval.encoders.model import packaged_weights
 import pytest
 
-from mammo_retrieval.encoders.registry import BUILTIN, BUILTIN_V1
+from mammo_retrieval.encoders.registry import BUILTIN, BUILTIN_V1, BUILTIN_V2
+from mammo_retrieval.core.errors import WeightsError
 from mammo_retrieval.core.fileio import sha256_file
 
 
-def test_v2_is_the_default():
-    assert load_config(env={}).encoder.name == BUILTIN == "mammo-simclr-v2"
+def test_v3_is_the_default():
+    assert load_config(env={}).encoder.name == BUILTIN == "mammo-simclr-v3"
 
 
-@pytest.mark.parametrize("name, dim", [(BUILTIN, 512 + 64), (BUILTIN_V1, 512)])
+@pytest.mark.parametrize("name, dim", [(BUILTIN, 704), (BUILTIN_V2, 512 + 64), (BUILTIN_V1, 512)])
 def test_builtin_encoders_are_shipped_and_load_without_network(name, dim):
     spec = DEFAULT_REGISTRY.get(name)
     path = packaged_weights(spec.weights_file)
@@ -24,3 +25,13 @@ def test_builtin_encoders_are_shipped_and_load_without_network(name, dim):
     assert enc.settings.size == (128, 128) and enc.dim == dim
     x = np.random.default_rng(0).standard_normal((2, 3, 128, 128)).astype(np.float32)
     np.testing.assert_allclose(np.linalg.norm(enc.embed(x), axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("older, name", [(BUILTIN_V2, "mammo-simclr-v2"), (BUILTIN_V1, "mammo-simclr")])
+def test_an_older_builtins_weights_under_the_default_name_are_refused_with_the_name_to_set(older, name):
+    """A config that pins v1's or v2's weights file and relied on that being the default encoder's name."""
+    cfg = load_config(env={})
+    weights = str(packaged_weights(DEFAULT_REGISTRY.get(older).weights_file))
+    with pytest.raises(WeightsError, match="these are") as info:
+        build_encoder(cfg.encoder.__class__(**{**cfg.encoder.__dict__, "weights": weights}), cfg.preprocess)
+    assert f"encoder.name: {name} (" in info.value.hint

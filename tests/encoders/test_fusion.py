@@ -1,4 +1,4 @@
-"""The built-in v2's intensity branch against known answers: the histogram it counts from the normalised
+"""The built-ins' intensity branch (v2, v3) against known answers: the histogram it counts from the normalised
 model input equals numpy's histogram of the uint8 picture; the fused vector is the backbone's unit vector
 beside the weighted, centred histogram; ONNX Runtime computes the same thing."""
 from __future__ import annotations
@@ -54,13 +54,14 @@ def test_fused_vector_is_backbone_beside_weighted_centred_histogram():
     assert {"histogram_reference", "histogram_weight", "backbone.conv1.weight"} <= set(fused.state_dict())
 
 
-def test_the_shipped_v2_runs_the_same_under_onnx_runtime(tmp_path):
+@pytest.mark.parametrize("name, dim", [("mammo-simclr-v3", 704), ("mammo-simclr-v2", 576)])
+def test_the_shipped_fused_builtins_run_the_same_under_onnx_runtime(tmp_path, name, dim):
     pytest.importorskip("onnxruntime")
     from mammo_retrieval.encoders.model import build_encoder
     from mammo_retrieval.encoders.onnx_runtime import onnx_encoder
     cfg = load_config(env={})
-    torch_encoder = build_encoder(cfg.encoder, cfg.preprocess)
-    assert torch_encoder.identity.encoder == "mammo-simclr-v2" and torch_encoder.dim == 576
+    torch_encoder = build_encoder(cfg.encoder.__class__(**{**cfg.encoder.__dict__, "name": name}), cfg.preprocess)
+    assert torch_encoder.identity.encoder == name and torch_encoder.dim == dim
     onnx = onnx_encoder(torch_encoder, tmp_path)
     batch = normalise(_pictures(4, 128), torch_encoder.settings)
     a, b = torch_encoder.embed(batch), onnx.embed(batch)

@@ -137,7 +137,7 @@ def test_an_ingest_tunes_the_threads_of_an_onnx_base_behind_an_adapter(tmp_path)
     from mammo_retrieval.encoders.adapter import AdaptedEncoder, AdapterInfo, Projection
     from mammo_retrieval.pipeline.threads import EncoderThreads
     base = Workspace(make_config(tmp_path / "state", encoder={"runtime": "onnx"})).encoder
-    info = AdapterInfo("linear", base.dim, 8, 0, base.identity.key, "mammo-simclr-v2", None, "", None, ("tissue",))
+    info = AdapterInfo("linear", base.dim, 8, 0, base.identity.key, base.identity.encoder, None, "", None, ("tissue",))
     path = tmp_path / "adapter.bin"
     path.write_bytes(b"an adapter's bytes: hashed for its identity")
     adapted = AdaptedEncoder(base, Projection("linear", base.dim, 8), info, path)

@@ -261,33 +261,33 @@ def test_rollback_target_from_a_user_file_is_stored_when_replaced(tmp_path):
     assert Workspace(cfg).query_dicom(files[0], k=3).hits == before
 
 
-def test_a_v1_home_moves_to_the_built_in_v2_and_back(tmp_path, cbis_files):
-    """An archive ingested with the built-in v1 keeps serving it after the default became v2 (its live
-    entry names v1); `reindex --encoder mammo-simclr-v2` moves it, and --rollback returns to v1."""
+def test_a_v2_home_moves_to_the_built_in_v3_and_back(tmp_path, cbis_files):
+    """An archive ingested with the built-in v2 keeps serving it after the default became v3 (its live
+    entry names v2); `reindex --encoder mammo-simclr-v3` moves it, and --rollback returns to v2."""
     from click.testing import CliRunner
 
     from mammo_retrieval.app.cli import cli
     from mammo_retrieval.core.errors import ConfigError
     home = tmp_path / "state"
-    v1 = Workspace(make_config(home, encoder={"name": "mammo-simclr"}))
-    v1.ingest(cbis_files[0].parents[1], workers=0)
-    v1_key = v1.encoder.identity.key
-    ws = Workspace(make_config(home))  # today's defaults: v2 configured, v1 live
-    assert ws.search.info().model_key == v1_key and ws.encoder.identity.encoder == "mammo-simclr"
-    with pytest.raises(ConfigError, match="unknown encoder 'mammo-simclr-v3'"):
-        ws.reindex(encoder_name="mammo-simclr-v3")
+    v2 = Workspace(make_config(home, encoder={"name": "mammo-simclr-v2"}))
+    v2.ingest(cbis_files[0].parents[1], workers=0)
+    v2_key = v2.encoder.identity.key
+    ws = Workspace(make_config(home))  # today's defaults: v3 configured, v2 live
+    assert ws.search.info().model_key == v2_key and ws.encoder.identity.encoder == "mammo-simclr-v2"
+    with pytest.raises(ConfigError, match="unknown encoder 'mammo-simclr-v9'"):
+        ws.reindex(encoder_name="mammo-simclr-v9")
     with pytest.raises(ConfigError, match="ships no weights: reindex --encoder resnet50 needs --model"):
         ws.reindex(encoder_name="resnet50")  # never a whole archive silently re-embedded with random weights
     env = {"MRETRIEVE_HOME": str(home)}
-    moved = CliRunner().invoke(cli, ["reindex", "--encoder", "mammo-simclr-v2", "--format", "json", "--no-progress"],
+    moved = CliRunner().invoke(cli, ["reindex", "--encoder", "mammo-simclr-v3", "--format", "json", "--no-progress"],
                                env=env)
     assert moved.exit_code == 0, moved.output
     result = json.loads(moved.output)
-    assert result["previous"] == v1_key and result["live"].startswith("mammo-simclr-v2-") and result["embedded"] == 8
+    assert result["previous"] == v2_key and result["live"].startswith("mammo-simclr-v3-") and result["embedded"] == 8
     assert result["weights_sha256"] and not result["random_weights"]
     served = Workspace(make_config(home))
-    assert served.encoder.identity.encoder == "mammo-simclr-v2" and served.encoder.dim == 576
+    assert served.encoder.identity.encoder == "mammo-simclr-v3" and served.encoder.dim == 704
     assert len(served.query_dicom(cbis_files[0], k=3).hits) == 3
     back = CliRunner().invoke(cli, ["reindex", "--rollback"], env=env)
-    assert back.exit_code == 0 and f"live: {v1_key} (encoder mammo-simclr, weights " in back.output
-    assert Workspace(make_config(home)).search.info().model_key == v1_key
+    assert back.exit_code == 0 and f"live: {v2_key} (encoder mammo-simclr-v2, weights " in back.output
+    assert Workspace(make_config(home)).search.info().model_key == v2_key

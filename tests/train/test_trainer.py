@@ -97,24 +97,25 @@ def test_training_leaves_the_serving_encoder_untouched(small_workspace, tmp_path
     assert any(not torch.equal(before[k], trained[k]) for k in before if before[k].is_floating_point())
 
 
-def test_the_default_built_in_v2_trains_and_its_checkpoint_serves(tmp_path, cbis_files):
-    """`mretrieve train` finetunes the default encoder (the backbone inside the intensity fusion); the
-    checkpoint keeps the histogram's reference and weight and loads back as the same encoder."""
+def test_the_default_built_in_v3_trains_and_its_checkpoint_serves(tmp_path, cbis_files):
+    """`mretrieve train` finetunes the default encoder (the backbone inside the fusion); the checkpoint
+    keeps the histogram's and the texture's stored statistics and weights and loads back as the same encoder."""
     ws = Workspace(make_config(tmp_path / "state"))
-    assert ws.encoder.identity.encoder == "mammo-simclr-v2"
+    assert ws.encoder.identity.encoder == "mammo-simclr-v3"
     assert ws.ingest(cbis_files[0].parents[1], workers=0).ingested == 8
     images, patients, _ = load_training_images(ws.corpus(), ws.encoder.settings.size)
     cfg = TrainConfig(epochs=1, batch_size=8, warmup_epochs=1, val_fraction=0.0)
-    out = tmp_path / "v2.pt"
+    out = tmp_path / "v3.pt"
     trainer = SimCLRTrainer(ws.encoder, images, patients, cfg, out, log=lambda _: None)
     trainer.fit()
     state = torch.load(out, map_location="cpu", weights_only=True)["model_state_dict"]
     shipped = torch_model(ws.encoder).state_dict()
-    torch.testing.assert_close(state["encoder.encoder.histogram_reference"], shipped["histogram_reference"])
+    for kept in ("histogram_reference", "histogram_weight", "texture_mean", "texture_std", "texture_weight"):
+        torch.testing.assert_close(state[f"encoder.encoder.{kept}"], shipped[kept])
     assert not torch.equal(state["encoder.encoder.backbone.conv1.weight"], shipped["backbone.conv1.weight"])
     cfg_enc = ws.config.encoder
     loaded = build_encoder(cfg_enc.__class__(**{**cfg_enc.__dict__, "weights": str(out)}), ws.config.preprocess)
-    assert loaded.dim == 576 and loaded.identity.encoder == "mammo-simclr-v2"
+    assert loaded.dim == 704 and loaded.identity.encoder == "mammo-simclr-v3"
     x = np.random.default_rng(0).standard_normal((2, 3, 128, 128)).astype(np.float32)
     # the projection head saw the network's 512-d features, never the histogram
     assert trainer.model.projection_head[0].in_features == 512

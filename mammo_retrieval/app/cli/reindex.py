@@ -12,8 +12,8 @@ from mammo_retrieval.app.cli._common import dumps, progress_bar, workspace
                    "safetensors, or a Hugging Face folder for rad-dino). "
                    "They are copied into the index folder, so the file may be moved or overwritten afterwards.")
 @click.option("--encoder", "encoder_name", default=None, metavar="NAME",
-              help="Another encoder architecture (a registry name, e.g. mammo-simclr-v2 to move a home from "
-                   "the built-in v1); without --model, its shipped weights.")
+              help="Another encoder architecture (a registry name, e.g. mammo-simclr-v3 to move a home from "
+                   "an older built-in); without --model, its shipped weights.")
 @click.option("--rollback", is_flag=True, help="Switch back to the previous index version.")
 @click.option("--allow-missing", is_flag=True,
               help="Switch even if some images could not be embedded (they are then missing from search).")

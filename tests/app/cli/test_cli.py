@@ -28,10 +28,10 @@ def test_ingest_query_reingest_status(run, cbis_files, tmp_path):
     status = json.loads(run("status", "--format", "json").output)
     assert status["counts"]["images"] == 8 and status["counts"]["embeddings"] == 8
     model = status["model_versions"][0]
-    assert (model["encoder"], model["dim"], model["random_weights"]) == ("mammo-simclr-v2", 576, False)
+    assert (model["encoder"], model["dim"], model["random_weights"]) == ("mammo-simclr-v3", 704, False)
     assert model["index"]["ntotal"] == 8 and model["index"]["metric"] == "inner_product"
     text = run("status").output
-    assert "images 8" in text and "LIVE model mammo-simclr-v2" in text
+    assert "images 8" in text and "LIVE model mammo-simclr-v3" in text
 
 
 def test_random_weights_are_flagged_loudly(run, tmp_path, cbis_files):
