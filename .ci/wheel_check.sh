@@ -87,7 +87,10 @@ need = ["mammo_retrieval.analysis", "mammo_retrieval.train", "mammo_retrieval._m
 missing = [p for p in need if p not in packages]
 data = [n for n in names if n.endswith((".safetensors", ".yaml", "alembic.ini", "script.py.mako", "app.js", "index.html"))]
 print("\n".join(data))
-sys.exit(f"missing packages: {missing}" if missing else 0 if len(data) >= 6 else f"missing data: {data}")
+weights = {n.rsplit("/", 1)[-1] for n in names if n.endswith(".safetensors")}
+built_ins = {"mammo-simclr-r18-128.safetensors", "mammo-simclr-v2-r18-128.safetensors", "mammo-simclr-v3-r18-128.safetensors"}
+sys.exit(f"missing packages: {missing}" if missing else f"missing weights: {built_ins - weights}" if built_ins - weights
+         else 0 if len(data) >= 6 else f"missing data: {data}")
 ' "$WHEEL"
 sed 's/^/      /' "$LAST_LOG"
 
@@ -216,7 +219,7 @@ finally:
 ' "$M" "$QUERY"
 step "reindex --rollback" "$M" reindex --rollback
 step "query after rollback" "$M" query --dicom "$QUERY" -k 3
-# the other built-in's weights come from the wheel too; then both versions in one evaluation
+# v1's weights come from the wheel too (all three built-ins' files are checked above); then both versions in one evaluation
 step "reindex --encoder mammo-simclr (built-in v1)" "$M" reindex --encoder mammo-simclr
 expect "live: mammo-simclr-[0-9a-f]{12}-"
 step "evaluate --all-versions" "$M" evaluate --labels "$WORK/labels.csv" --k 1,3 --label-column laterality \

@@ -498,7 +498,7 @@ class Workspace:
         the new vectors kept) when the new one is worse than the live one by more than ``tolerance``,
         unless ``force``.
 
-        ``encoder_name`` changes the architecture too (e.g. from built-in v1 to v2): with no ``weights``, that
+        ``encoder_name`` changes the architecture too (e.g. from built-in v2 to v3): with no ``weights``, that
         encoder's shipped weights (one that ships none needs ``weights``)."""
         import time
 

@@ -96,6 +96,10 @@ def require_fused_layout(state: dict, path, encoder: str, texture: bool) -> None
                            f"keys), and the encoder is {encoder}, a network fused with an intensity histogram",
                            hint="for the built-in v1 or a checkpoint trained from it, set encoder.name: mammo-simclr "
                                 "(the default encoder was mammo-simclr before v2)")
+    if not texture and "texture_mean" in state:
+        raise WeightsError(f"{path}: these are the built-in v3's layout (texture_* keys beside the histogram), "
+                           f"and the encoder is {encoder}, which fuses no texture",
+                           hint="for the built-in v3 or a checkpoint trained from it, set encoder.name: mammo-simclr-v3")
     if texture and "histogram_reference" in state and "texture_mean" not in state:
         raise WeightsError(f"{path}: these are the built-in v2's layout (a network and a histogram, no texture_* "
                            f"keys), and the encoder is {encoder}, which also fuses texture statistics",

@@ -141,6 +141,10 @@ def build_encoder(cfg: EncoderConfig, preprocess_cfg: PreprocessConfig,
     else:
         spec, model, weights_sha, random_weights, weights_path = _build_timm(spec, cfg, registry)
     size = (cfg.input_size, cfg.input_size) if cfg.input_size else spec.input_size
+    if spec.family == "texture-fusion" and tuple(size) != tuple(spec.input_size):
+        raise ConfigError(f"encoder {spec.name} takes {spec.input_size[0]}x{spec.input_size[1]} pictures, not "
+                          f"{size[0]}x{size[1]}: its texture statistics are counted in pixels and standardised "
+                          f"at that size", hint="remove encoder.input_size")
     settings = PreprocessSettings.from_config(preprocess_cfg, size=size, mean=spec.mean, std=spec.std,
                                               interpolation=spec.interpolation)
     identity = ModelIdentity(encoder=spec.name, weights_sha256=weights_sha, preprocess_digest=settings.digest(),

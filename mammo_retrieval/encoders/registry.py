@@ -51,7 +51,7 @@ def intensity_fusion_backbone(spec: EncoderSpec) -> "torch.nn.Module":
 
 def texture_fusion_backbone(spec: EncoderSpec) -> "torch.nn.Module":
     """``intensity_fusion_backbone`` plus texture statistics of the input (``encoders.texture``): the
-    built-in v3. Its dimension adds ``TEXTURE_DIM``."""
+    built-in v3. Its dimension adds ``TEXTURE_DIM``, then zeros to a multiple of 64 (``fusion.TextureFusion``)."""
     from mammo_retrieval.encoders.fusion import TextureFusion
     return TextureFusion(timm_backbone(spec), mean=spec.mean[0], std=spec.std[0])
 
