@@ -82,7 +82,8 @@ class TextureFusion(IntensityFusion):
         self.padding = -(self.learned_dim + bins + TEXTURE_DIM) % DIMENSION_MULTIPLE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        standard = (texture_features(grey_picture(x.float(), self.mean, self.std)) - self.texture_mean) / self.texture_std
+        statistics = texture_features(grey_picture(x.float(), self.mean, self.std))
+        standard = (statistics - self.texture_mean) / self.texture_std
         texture = nn.functional.normalize(standard, p=2, dim=1) * self.texture_weight
         zeros = torch.zeros(x.shape[0], self.padding, dtype=texture.dtype, device=texture.device)
         return torch.cat([super().forward(x), texture, zeros], dim=1)
@@ -99,7 +100,8 @@ def require_fused_layout(state: dict, path, encoder: str, texture: bool) -> None
     if not texture and "texture_mean" in state:
         raise WeightsError(f"{path}: these are the built-in v3's layout (texture_* keys beside the histogram), "
                            f"and the encoder is {encoder}, which fuses no texture",
-                           hint="for the built-in v3 or a checkpoint trained from it, set encoder.name: mammo-simclr-v3")
+                           hint="for the built-in v3 or a checkpoint trained from it, set encoder.name: "
+                                "mammo-simclr-v3")
     if texture and "histogram_reference" in state and "texture_mean" not in state:
         raise WeightsError(f"{path}: these are the built-in v2's layout (a network and a histogram, no texture_* "
                            f"keys), and the encoder is {encoder}, which also fuses texture statistics",

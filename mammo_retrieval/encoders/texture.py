@@ -3,10 +3,10 @@
 Why: a woman's tissue type (fatty, glandular, dense) is a texture more than a brightness, and classical
 texture statistics rank it about as well as our finetuned network does on women it never saw (README,
 "The built-in encoders"): rotation-invariant uniform local binary patterns at four radii (a square-ring
-variant: the 8 neighbours at the ring's corners and mid-sides, not interpolated on a circle) and the distribution
-of local standard deviation at three window sizes, counted over the breast (pixels brighter than the
-background). Plain tensor operations (comparisons, box filters, a scatter-add), so the exported ONNX
-model computes the same counts.
+variant: the 8 neighbours at the ring's corners and mid-sides, not interpolated on a circle) and the
+distribution of local standard deviation at three window sizes, counted over the breast (pixels brighter
+than the background). Plain tensor operations (comparisons, box filters, a scatter-add), so the exported
+ONNX model computes the same counts.
 """
 from __future__ import annotations
 
