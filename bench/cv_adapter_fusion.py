@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_builtin_v2 import MEAN, STD  # noqa: E402
-from cv_builtin import FOLDS, add_recipe_arguments, finetune, pooled_scores, training_data  # noqa: E402
+from cv_builtin import FOLDS, add_recipe_arguments, finetune, folds_by_woman, pooled_scores, training_data  # noqa: E402
 
 from mammo_retrieval.analysis.evaluate import l2_rows  # noqa: E402
 from mammo_retrieval.encoders.adapter import Projection  # noqa: E402
@@ -56,6 +56,22 @@ def embed_all(grey, tissue, labels, fit_rows, all_rows, args) -> dict[int, np.nd
     return out
 
 
+def write_fold_vectors(out: Path, folds, grey, tissue, labels, rows: np.ndarray, args) -> None:
+    """``out/fold<k>.npz``: every row's features at each epoch of EPOCHS, finetuned on fold k's training
+    rows; folds already written are kept (an interrupted run continues)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for k, (fit_rows, _) in enumerate(folds):
+        target = out / f"fold{k}.npz"
+        if target.exists():
+            continue
+        started = time.time()
+        vectors = embed_all(grey, tissue, labels, fit_rows, rows, args)
+        partial = out / f"fold{k}.partial.npz"
+        np.savez(partial, **{f"epoch{e}": v for e, v in vectors.items()}, rows=rows)
+        partial.replace(target)
+        print(f"fold {k}: {time.time() - started:.0f} s", flush=True)
+
+
 def train_projection(x: np.ndarray, codes: np.ndarray, women: np.ndarray, kind: str, out_dim: int, hidden: int,
                      woman_weight: float) -> Projection:
     """The product's adapter training (``fit_projection``, ``mretrieve adapt``'s defaults otherwise) on every
@@ -72,23 +88,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     add_recipe_arguments(parser)
     args = parser.parse_args()
-    from sklearn.model_selection import GroupKFold
     labels, _, rows, tissue, grey, counts = training_data(args.mias)
     patients = labels.PatientID.to_numpy(object)
-    women = np.unique(patients[rows])
-    folds = [tuple(rows[np.isin(patients[rows], women[f])] for f in split)
-             for split in GroupKFold(n_splits=FOLDS).split(women, groups=women)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    for k, (fit_rows, _) in enumerate(folds):
-        target = args.out / f"fold{k}.npz"
-        if target.exists():
-            continue
-        started = time.time()
-        vectors = embed_all(grey, tissue, labels, fit_rows, rows, args)
-        partial = args.out / f"fold{k}.partial.npz"
-        np.savez(partial, **{f"epoch{e}": v for e, v in vectors.items()}, rows=rows)
-        partial.replace(target)
-        print(f"fold {k}: {time.time() - started:.0f} s", flush=True)
+    folds = folds_by_woman(labels, rows)
+    write_fold_vectors(args.out, folds, grey, tissue, labels, rows, args)
     codes = tissue.numpy()
     woman_codes = np.unique(patients, return_inverse=True)[1].astype(np.int64)
     position = {r: i for i, r in enumerate(rows)}

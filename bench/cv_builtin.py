@@ -77,6 +77,16 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
 
 
+def folds_by_woman(labels, rows: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``rows`` split into FOLDS (training rows, fold rows) pairs by woman (GroupKFold), as every
+    cross-validation bench here splits them."""
+    from sklearn.model_selection import GroupKFold
+    patients = labels.PatientID.to_numpy(object)
+    women = np.unique(patients[rows])
+    return [tuple(rows[np.isin(patients[rows], women[f])] for f in split)
+            for split in GroupKFold(n_splits=FOLDS).split(women, groups=women)]
+
+
 def pooled_scores(vectors: np.ndarray, labels, rows: np.ndarray) -> tuple[float, float, int]:
     """(contralateral hits at 5, summed tissue precision@10, queries) among ``rows``; same-woman images
     never count as tissue hits."""
@@ -194,13 +204,10 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     add_recipe_arguments(parser)
     args = parser.parse_args()
-    from sklearn.model_selection import GroupKFold
     labels, heldout, rows, tissue, grey, counts = training_data(args.mias)
     patients = labels.PatientID.to_numpy(object)
     women = np.unique(patients[rows])  # the held-out women are never touched
-    folds = []
-    for fit, held in GroupKFold(n_splits=FOLDS).split(women, groups=women):
-        folds.append(tuple(rows[np.isin(patients[rows], women[f])] for f in (fit, held)))
+    folds = folds_by_woman(labels, rows)
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"{len(women)} women, {len(rows)} images in {FOLDS} folds; "
           f"{len(set(heldout) & set(patients))} held-out MIAS women untouched")

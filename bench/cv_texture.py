@@ -22,15 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cv_adapter_fusion import embed_all  # noqa: E402
-from cv_builtin import FOLDS, add_recipe_arguments, pooled_scores, training_data  # noqa: E402
+from cv_adapter_fusion import write_fold_vectors  # noqa: E402
+from cv_builtin import FOLDS, add_recipe_arguments, folds_by_woman, pooled_scores, training_data  # noqa: E402
 
 from mammo_retrieval.analysis.evaluate import l2_rows  # noqa: E402
 from mammo_retrieval.encoders.texture import LBP_CODES, LBP_RADII, texture_features  # noqa: E402
@@ -87,22 +86,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="the JSON summary")
     add_recipe_arguments(parser)
     args = parser.parse_args()
-    from sklearn.model_selection import GroupKFold
     labels, _, rows, tissue, grey, counts = training_data(args.mias)
-    patients = labels.PatientID.to_numpy(object)
-    women = np.unique(patients[rows])
-    folds = [tuple(rows[np.isin(patients[rows], women[f])] for f in split)
-             for split in GroupKFold(n_splits=FOLDS).split(women, groups=women)]
-    args.fold_vectors.mkdir(parents=True, exist_ok=True)
-    for k, (fit_rows, _) in enumerate(folds):
-        target = args.fold_vectors / f"fold{k}.npz"
-        if not target.exists():
-            started = time.time()
-            vectors = embed_all(grey, tissue, labels, fit_rows, rows, args)
-            partial = args.fold_vectors / f"fold{k}.partial.npz"
-            np.savez(partial, **{f"epoch{e}": v for e, v in vectors.items()}, rows=rows)
-            partial.replace(target)
-            print(f"fold {k}: {time.time() - started:.0f} s", flush=True)
+    folds = folds_by_woman(labels, rows)
+    write_fold_vectors(args.fold_vectors, folds, grey, tissue, labels, rows, args)
     with torch.inference_mode():
         texture = texture_features(torch.floor(grey[:, 0] * 255.0 + 0.5)).numpy()
     lbp = len(LBP_RADII) * LBP_CODES
