@@ -30,11 +30,6 @@ def grey_picture(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return torch.floor(grey * 255.0 + 0.5).clamp(0.0, 255.0)
 
 
-def grey_levels(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """``grey_picture`` as (N, H*W) rows of pixels."""
-    return grey_picture(x, mean, std).flatten(1)
-
-
 def histogram(levels: torch.Tensor, bins: int = HISTOGRAM_BINS) -> torch.Tensor:
     """(N, P) grey levels -> (N, bins) fraction of pixels per bin of equal width over 0..255.
 
@@ -64,8 +59,13 @@ class IntensityFusion(nn.Module):
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fuse(x, grey_picture(x.float(), self.mean, self.std))
+
+    def fuse(self, x: torch.Tensor, picture: torch.Tensor) -> torch.Tensor:
+        """The fused vector of input ``x`` whose uint8 picture (``grey_picture``) is ``picture``: recovered
+        once by ``forward`` and shared by every part that counts from it."""
         learned = nn.functional.normalize(self.learned(x).float(), p=2, dim=1)
-        counts = histogram(grey_levels(x.float(), self.mean, self.std), self.bins) - self.histogram_reference
+        counts = histogram(picture.flatten(1), self.bins) - self.histogram_reference
         intensity = nn.functional.normalize(counts, p=2, dim=1) * self.histogram_weight
         return torch.cat([learned, intensity], dim=1)
 
@@ -81,12 +81,11 @@ class TextureFusion(IntensityFusion):
         self.register_buffer("texture_weight", torch.tensor(0.5))
         self.padding = -(self.learned_dim + bins + TEXTURE_DIM) % DIMENSION_MULTIPLE
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        statistics = texture_features(grey_picture(x.float(), self.mean, self.std))
-        standard = (statistics - self.texture_mean) / self.texture_std
+    def fuse(self, x: torch.Tensor, picture: torch.Tensor) -> torch.Tensor:
+        standard = (texture_features(picture) - self.texture_mean) / self.texture_std
         texture = nn.functional.normalize(standard, p=2, dim=1) * self.texture_weight
         zeros = torch.zeros(x.shape[0], self.padding, dtype=texture.dtype, device=texture.device)
-        return torch.cat([super().forward(x), texture, zeros], dim=1)
+        return torch.cat([super().fuse(x, picture), texture, zeros], dim=1)
 
 
 def require_fused_layout(state: dict, path, encoder: str, texture: bool) -> None:

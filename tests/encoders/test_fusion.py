@@ -9,7 +9,7 @@ import timm
 import torch
 
 from mammo_retrieval.core.config import load_config
-from mammo_retrieval.encoders.fusion import HISTOGRAM_BINS, IntensityFusion, grey_levels, histogram
+from mammo_retrieval.encoders.fusion import HISTOGRAM_BINS, IntensityFusion, grey_picture, histogram
 from mammo_retrieval.preprocess import PreprocessSettings, normalise
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -38,7 +38,7 @@ def _textured(n: int, size: int) -> np.ndarray:
 def test_histogram_of_the_model_input_is_numpys_of_the_picture():
     pictures = _pictures()
     x = torch.from_numpy(normalise(pictures, PreprocessSettings(mean=MEAN, std=STD)))
-    levels = grey_levels(x, MEAN[0], STD[0])
+    levels = grey_picture(x, MEAN[0], STD[0]).flatten(1)
     assert torch.equal(levels, torch.from_numpy(pictures.reshape(3, -1).astype(np.float32)))
     expected = np.stack([np.histogram(p, bins=HISTOGRAM_BINS, range=(0, 256))[0] for p in pictures]) / pictures[0].size
     np.testing.assert_allclose(histogram(levels).numpy(), expected, atol=1e-7)
