@@ -38,7 +38,10 @@ class ImageCache:
         self.entries_path = self.directory / "entries.sqlite"
         self._fds: dict[int, int] = {}
         self._mutex = threading.RLock()  # a warm server reads (and rebuilds entries) from many threads
-        with self._guard():
+        # Set up under the folder's writer lock: two processes opening a new cache at once (an ingest's
+        # workers, a server) otherwise race on switching to WAL ("database is locked", which SQLite's busy
+        # timeout does not cover) and on writing the size row (a UNIQUE failure). CI caught the first.
+        with self._writer(), self._guard():
             if not self.entries_path.exists():  # SQLite gives its -wal and -shm files the mode of this one
                 os.close(os.open(self.entries_path, os.O_CREAT | os.O_WRONLY, PRIVATE_FILE))
             # one connection shared by a server's threads, each use under self._mutex

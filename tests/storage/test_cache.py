@@ -123,3 +123,36 @@ def test_two_processes_writing_at_once_lose_no_entry(tmp_path):
             image = cache.get(f"{prefix}{i}")  # raises CacheCorruptError for a slot the other overwrote
             assert image is not None and image[0, 0] == (i * 7 + len(prefix)) % 251, (prefix, i)
     cache.close()
+
+
+_OPENER = """
+import sys, time
+from pathlib import Path
+from mammo_retrieval.storage.cache import ImageCache
+root, me = Path(sys.argv[1]), sys.argv[2]
+(root / f"ready-{me}").touch()
+while not (root / "go").exists():  # all start together: the race is in the first milliseconds
+    time.sleep(0.001)
+ImageCache(root / "cache", "d", (32, 32)).close()
+"""
+
+
+def test_processes_opening_a_new_cache_at_once_all_succeed(tmp_path):
+    """An ingest's workers and a server opening a cache that does not exist yet: two of them switched the
+    new file to WAL at once ("database is locked", which SQLite's busy timeout does not cover) or both wrote
+    its size row (a UNIQUE failure). CI caught one in about 1 run in 10; set-up is now under the folder's lock."""
+    import subprocess
+    import sys
+    import time
+    for trial in range(6):
+        root = tmp_path / str(trial)
+        root.mkdir()
+        openers = [subprocess.Popen([sys.executable, "-c", _OPENER, str(root), str(k)], stderr=subprocess.PIPE)
+                   for k in range(6)]
+        deadline = time.monotonic() + 60
+        while len(list(root.glob("ready-*"))) < len(openers) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (root / "go").touch()
+        for opener in openers:
+            _, err = opener.communicate(timeout=60)
+            assert opener.returncode == 0, err.decode()[-500:]
