@@ -4,8 +4,9 @@ its identity (weights hash, preprocessing digest, input size), then run by onnxr
 ``encoder.runtime: auto`` (the default) picks it where it was measured faster than torch fp32 and agreeing
 (``ONNX_FASTER``; bench/bench_onnx.py), ``onnx`` always, ``torch`` never. It is the same model version as the
 torch encoder it came from (same identity, same index): the export is an execution detail. Every export is
-checked against torch on fixed random-noise inputs before it is used (cosine >= ``AGREEMENT`` per input)
-and a cached file against the sha256 recorded beside it; a mismatch is exported again.
+checked against torch on fixed inputs (noise and two mammogram-like pictures; ``check_inputs``) before it is
+used (cosine >= ``AGREEMENT`` per input) and a cached file against the sha256 recorded beside it; a mismatch
+is exported again.
 """
 from __future__ import annotations
 
@@ -97,15 +98,36 @@ def _exported_bytes(model: torch.nn.Module, size: tuple[int, int]) -> bytes:
         return tmp.read_bytes()
 
 
-def _agreement(model: torch.nn.Module, data: bytes, size: tuple[int, int]) -> float:
-    """The least per-row cosine between the export and ``model`` (fp32, CPU) on three fixed random-noise
-    inputs: a numerical check of the translation, not of retrieval quality."""
+def check_inputs(size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """Three fixed model inputs, (3, 3, H, W) float32: random noise (any tensor at all), and two
+    mammogram-like pictures normalised as the pipeline does (grey levels / 255, then mean and std): a
+    textured breast on a black background, bright on the left and darker on the right. Noise alone left a
+    fused encoder's histogram and texture branches at grey levels no real image has."""
+    rng = np.random.default_rng(0)
+    h, w = size
+    rows, cols = np.mgrid[0:h, 0:w] / np.array([h, w], dtype=np.float64)[:, None, None]
+    pictures = []
+    for edge, level in ((0.0, 150.0), (1.0, 90.0)):
+        coarse = rng.random((h // 8 + 1, w // 8 + 1))
+        blobs = np.repeat(np.repeat(coarse, 8, axis=0), 8, axis=1)[:h, :w]  # tissue-sized patches
+        tissue = level + 60.0 * (blobs - 0.5) + 12.0 * rng.standard_normal((h, w))
+        breast = (cols - edge) ** 2 + 0.6 * (rows - 0.5) ** 2 < 0.36
+        pictures.append(np.where(breast, np.clip(tissue, 1, 255), 0).round().astype(np.uint8))
+    grey = np.stack(pictures).astype(np.float32)[:, None] / np.float32(255)
+    m = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    noise = rng.standard_normal((1, 3, h, w)).astype(np.float32)
+    return np.concatenate([noise, (grey - m) / s]).astype(np.float32)
+
+
+def _agreement(model: torch.nn.Module, data: bytes, inputs: np.ndarray) -> float:
+    """The least per-row cosine between the export and ``model`` (fp32, CPU) on ``check_inputs``: a
+    numerical check of the translation, not of retrieval quality."""
     import onnxruntime as ort
-    x = np.random.default_rng(0).standard_normal((3, 3, *size)).astype(np.float32)
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    (ours,) = session.run(None, {"pixels": x})
+    (ours,) = session.run(None, {"pixels": inputs})
     with torch.inference_mode():
-        theirs = torch.nn.functional.normalize(model(torch.from_numpy(x)).float(), dim=1).numpy()
+        theirs = torch.nn.functional.normalize(model(torch.from_numpy(inputs)).float(), dim=1).numpy()
     ours = ours / np.maximum(np.linalg.norm(ours, axis=1, keepdims=True), 1e-12)
     return float(np.min(np.sum(ours * theirs, axis=1)))
 
@@ -116,8 +138,9 @@ def _export_and_check(encoder: TorchEncoder) -> tuple[bytes, float]:
     disk or memory does not (it may pass)."""
     try:
         model = copy.deepcopy(encoder.model).float().cpu().eval()
-        data = _exported_bytes(model, encoder.settings.size)
-        return data, _agreement(model, data, encoder.settings.size)
+        settings = encoder.settings
+        data = _exported_bytes(model, settings.size)
+        return data, _agreement(model, data, check_inputs(settings.size, settings.mean, settings.std))
     except (OSError, MemoryError):
         raise
     except Exception as exc:  # the exporter and onnxruntime raise many kinds; all mean "no ONNX twin"

@@ -81,3 +81,22 @@ def test_the_shipped_fused_builtins_run_the_same_under_onnx_runtime(tmp_path, na
     np.testing.assert_allclose(a[:, 512:], b[:, 512:], atol=1e-5)
     if name == "mammo-simclr-v3":
         assert np.abs(a[:, 576:664]).min(axis=1).max() > 0  # real texture values on the textured pictures
+
+
+def test_the_export_check_feeds_fused_encoders_real_grey_levels():
+    """The export check ran noise only, which a fused encoder turns into grey levels no image has (all
+    clipped): two of its three inputs are now mammogram-like pictures, normalised as the pipeline does."""
+    from mammo_retrieval.encoders.model import build_encoder
+    from mammo_retrieval.encoders.onnx_runtime import check_inputs
+    cfg = load_config(env={})
+    encoder = build_encoder(cfg.encoder, cfg.preprocess)
+    settings = encoder.settings
+    inputs = check_inputs(settings.size, settings.mean, settings.std)
+    assert inputs.shape == (3, 3, *settings.size) and inputs.dtype == np.float32
+    grey = (inputs[1:, 0] * settings.std[0] + settings.mean[0]) * 255
+    np.testing.assert_allclose(grey, np.round(grey), atol=1e-3)  # whole grey levels, as from a uint8 picture
+    assert 0.2 < (grey > 20).mean() < 0.8 and grey.max() <= 255.001  # a breast on a black background
+    with torch.inference_mode():
+        texture = encoder.model(torch.from_numpy(inputs))[1:, 576:664].numpy()
+    assert np.abs(texture).min(axis=1).max() > 0 and not np.allclose(texture[0], texture[1])
+    np.testing.assert_array_equal(inputs, check_inputs(settings.size, settings.mean, settings.std))  # fixed
