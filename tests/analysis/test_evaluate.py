@@ -21,6 +21,22 @@ def test_retrieval_metrics_known_answer():
     assert m["precision@1"] == 0.75 and m["mAP"] == 0.75 and m["queries"] == 4
 
 
+def test_precision_with_the_same_patient_counted_known_answer():
+    """The rule of some published figures: a patient's own other images count as label hits."""
+    v = np.array([[1, 0], [0.9, 0.1], [0.8, 0.2], [0, 1]], np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    ranked = RankedLists.build(v)  # neighbours: q0 -> 1, 2, 3; q1 -> 0, 2, 3; q2 -> 1, 0, 3; q3 -> 2, 1, 0
+    labels = np.array(["x", "x", "x", "y"], dtype=object)
+    patients = np.array(["A", "A", "B", "C"], dtype=object)
+    m = retrieval_metrics(ranked, labels, patients, [2])
+    # excluded: q0 (2, 3) 1/2, q1 (2, 3) 1/2, q2 (1, 0) 1, q3 (2, 1) 0 -> 0.5
+    # counted:  q0 (1, 2) 1,   q1 (0, 2) 1,   q2 (1, 0) 1, q3 (2, 1) 0 -> 0.75
+    assert m["precision@2"] == 0.5 and m["precision@2, same patient counted"] == 0.75
+    unlabelled = retrieval_metrics(ranked, np.array(["x", "x", "", "y"], dtype=object), patients, [1])
+    # an unlabelled image is no candidate either way: q0 -> 1 (x), q1 -> 0 (x), q3 -> 1 (x)
+    assert unlabelled["queries"] == 3 and unlabelled["precision@1, same patient counted"] == 2 / 3
+
+
 def test_contralateral_known_answer():
     v = np.array([[1, 0], [0.99, 0.1], [0, 1], [0.5, 0.5]], np.float32)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
