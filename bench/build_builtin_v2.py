@@ -51,19 +51,24 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HISTOGRAM_WEIGHTS = (0.0, 0.3, 0.5)
 
 
-def read_mias(mias: Path, size: int) -> tuple[pd.DataFrame, np.ndarray]:
-    """labels.csv (one row per image) and the uint8 pictures ingest would cache."""
+def preprocessed(paths: list[Path], size: int) -> np.ndarray:
+    """The uint8 pictures ingest would cache for ``paths`` (default settings, ``size`` px square)."""
     cfg = load_config(env={})
     settings = PreprocessSettings.from_config(cfg.preprocess, size=(size, size), mean=MEAN, std=STD)
+    pictures = []
+    for path in paths:
+        prepared = prepare_file(str(path), cfg.reader, settings, reduced_j2k=False)
+        if not isinstance(prepared, Prepared):
+            raise SystemExit(f"{path}: {prepared.reason}")
+        pictures.append(prepared.display)
+    return np.stack(pictures)
+
+
+def read_mias(mias: Path, size: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """labels.csv (one row per image) and the uint8 pictures ingest would cache."""
     labels = pd.read_csv(mias / "labels.csv")
     labels = labels[~labels.file.duplicated()].reset_index(drop=True)  # one row per image
-    pictures = []
-    for name in labels.file:
-        prepared = prepare_file(str(mias / name), cfg.reader, settings, reduced_j2k=False)
-        if not isinstance(prepared, Prepared):
-            raise SystemExit(f"{name}: {prepared.reason}")
-        pictures.append(prepared.display)
-    return labels, np.stack(pictures)
+    return labels, preprocessed([mias / name for name in labels.file], size)
 
 
 def build_v1_backbone() -> tuple[torch.nn.Module, list[str]]:

@@ -33,11 +33,6 @@ ISSUE = {"histogram_64": {"contralateral@5": 0.615, "tissue P@10": 0.477},
          "raw_pixels_32x32": {"contralateral@5": 0.500, "tissue P@10": 0.452}}  # issue #15, 61 women
 
 
-def precision_same_woman_counted(ranked: RankedLists, labels: np.ndarray, k: int) -> float:
-    """precision@k where the query's own other images count like anyone's (only the query is excluded)."""
-    return float(np.mean([(labels[ranked.order[q, :k]] == labels[q]).mean() for q in range(len(labels))]))
-
-
 def spaces(pictures: np.ndarray, lateralities: np.ndarray, texture: np.ndarray) -> dict[str, np.ndarray]:
     images = list(pictures)
     mirrored = [im[:, ::-1] if side == "L" else im for im, side in zip(images, lateralities)]
@@ -54,10 +49,11 @@ def measure(pictures, texture, labels, women: np.ndarray) -> dict[str, dict[str,
     result = {}
     for name, vectors in spaces(pictures[rows], sides, texture[rows]).items():
         ranked = RankedLists.build(vectors)
+        label_hits = retrieval_metrics(ranked, tissue, patients, [10])
         result[name] = {
             "contralateral@5": contralateral_hit_rate(ranked, patients, sides, [5])["contralateral@5"],
-            "tissue P@10": retrieval_metrics(ranked, tissue, patients, [10])["precision@10"],
-            "tissue P@10, same woman counted": precision_same_woman_counted(ranked, tissue, 10)}
+            "tissue P@10": label_hits["precision@10"],
+            "tissue P@10, same woman counted": label_hits["precision@10, same patient counted"]}
     return result
 
 

