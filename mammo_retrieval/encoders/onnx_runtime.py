@@ -31,6 +31,7 @@ from mammo_retrieval.core.fileio import sha256_file, write_atomic, write_bytes_a
 from mammo_retrieval.core.private import make_private_dir
 from mammo_retrieval.encoders.model import TorchEncoder
 from mammo_retrieval.encoders.registry import FUSED_FAMILIES
+from mammo_retrieval.preprocess import PreprocessSettings, normalise
 
 if TYPE_CHECKING:
     from mammo_retrieval.core.config import EncoderConfig
@@ -98,13 +99,13 @@ def _exported_bytes(model: torch.nn.Module, size: tuple[int, int]) -> bytes:
         return tmp.read_bytes()
 
 
-def check_inputs(size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+def check_inputs(settings: PreprocessSettings) -> np.ndarray:
     """Three fixed model inputs, (3, 3, H, W) float32: random noise (any tensor at all), and two
-    mammogram-like pictures normalised as the pipeline does (grey levels / 255, then mean and std): a
-    textured breast on a black background, bright on the left and darker on the right. Noise alone left a
-    fused encoder's histogram and texture branches at grey levels no real image has."""
+    mammogram-like pictures normalised as the pipeline does (``normalise``): a textured breast on a black
+    background, bright on the left and darker on the right. Noise alone left a fused encoder's histogram
+    and texture branches at grey levels no real image has."""
     rng = np.random.default_rng(0)
-    h, w = size
+    h, w = settings.size
     rows, cols = np.mgrid[0:h, 0:w] / np.array([h, w], dtype=np.float64)[:, None, None]
     pictures = []
     for edge, level in ((0.0, 150.0), (1.0, 90.0)):
@@ -113,11 +114,8 @@ def check_inputs(size: tuple[int, int], mean: tuple[float, ...], std: tuple[floa
         tissue = level + 60.0 * (blobs - 0.5) + 12.0 * rng.standard_normal((h, w))
         breast = (cols - edge) ** 2 + 0.6 * (rows - 0.5) ** 2 < 0.36
         pictures.append(np.where(breast, np.clip(tissue, 1, 255), 0).round().astype(np.uint8))
-    grey = np.stack(pictures).astype(np.float32)[:, None] / np.float32(255)
-    m = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
     noise = rng.standard_normal((1, 3, h, w)).astype(np.float32)
-    return np.concatenate([noise, (grey - m) / s]).astype(np.float32)
+    return np.concatenate([noise, normalise(np.stack(pictures), settings)])
 
 
 def _agreement(model: torch.nn.Module, data: bytes, inputs: np.ndarray) -> float:
@@ -138,9 +136,8 @@ def _export_and_check(encoder: TorchEncoder) -> tuple[bytes, float]:
     disk or memory does not (it may pass)."""
     try:
         model = copy.deepcopy(encoder.model).float().cpu().eval()
-        settings = encoder.settings
-        data = _exported_bytes(model, settings.size)
-        return data, _agreement(model, data, check_inputs(settings.size, settings.mean, settings.std))
+        data = _exported_bytes(model, encoder.settings.size)
+        return data, _agreement(model, data, check_inputs(encoder.settings))
     except (OSError, MemoryError):
         raise
     except Exception as exc:  # the exporter and onnxruntime raise many kinds; all mean "no ONNX twin"

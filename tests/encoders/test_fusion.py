@@ -91,7 +91,7 @@ def test_the_export_check_feeds_fused_encoders_real_grey_levels():
     cfg = load_config(env={})
     encoder = build_encoder(cfg.encoder, cfg.preprocess)
     settings = encoder.settings
-    inputs = check_inputs(settings.size, settings.mean, settings.std)
+    inputs = check_inputs(settings)
     assert inputs.shape == (3, 3, *settings.size) and inputs.dtype == np.float32
     grey = (inputs[1:, 0] * settings.std[0] + settings.mean[0]) * 255
     np.testing.assert_allclose(grey, np.round(grey), atol=1e-3)  # whole grey levels, as from a uint8 picture
@@ -99,4 +99,4 @@ def test_the_export_check_feeds_fused_encoders_real_grey_levels():
     with torch.inference_mode():
         texture = encoder.model(torch.from_numpy(inputs))[1:, 576:664].numpy()
     assert np.abs(texture).min(axis=1).max() > 0 and not np.allclose(texture[0], texture[1])
-    np.testing.assert_array_equal(inputs, check_inputs(settings.size, settings.mean, settings.std))  # fixed
+    np.testing.assert_array_equal(inputs, check_inputs(settings))  # fixed
