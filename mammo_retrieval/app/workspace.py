@@ -235,7 +235,8 @@ class Workspace:
     # --- the verbs ------------------------------------------------------------------------------
     def ingest(self, source: str | os.PathLike, *, workers: int | None = None, executor: str = "local",
                scheduler: str | None = None, studies: tuple[str, ...] = (), since: str | None = None,
-               modality: str | None = "MG", on_progress: Callable[[int, int], None] | None = None) -> "IngestReport":
+               modality: str | None = "MG", retry_rejected: bool = False,
+               on_progress: Callable[[int, int], None] | None = None) -> "IngestReport":
         """Ingest a folder (any file name, any depth) or a DICOMweb PACS (an http(s):// base URL).
 
         Folder: walk it, then (under the write lock, before the model loads, so a second writer hears
@@ -243,7 +244,8 @@ class Workspace:
         kept as typed. A folder without a single candidate file raises NotFoundError and touches nothing.
         ``executor``: "local" (forked prepare workers here, embedding in this process) or "dask" (workers of
         the cluster at ``scheduler``, or of a new LocalCluster of ``workers`` processes, prepare and embed;
-        this process writes).
+        this process writes). A file whose decoding process died on an earlier run is rejected again without
+        decoding while it is unchanged (same size, modification time and inode), unless ``retry_rejected``.
 
         DICOMweb: QIDO-RS finds ``studies`` (default: every study with ``modality``, from ``since``
         YYYYMMDD on); instances already embedded are skipped before retrieval; the rest are retrieved by
@@ -260,17 +262,18 @@ class Workspace:
                               hint="give an http(s):// DICOMweb URL, or leave them out")
         else:
             report = self._ingest_folder(source, workers=workers, executor=executor, scheduler=scheduler,
-                                         on_progress=on_progress)
+                                         retry_rejected=retry_rejected, on_progress=on_progress)
         report.seconds = time.perf_counter() - started
         logger.info("ingested %d, already present %d, rejected %d of %d files in %.1f s (model %s, %s index of %d)",
                     report.ingested, report.already_present, len(report.rejected), report.files_seen,
                     report.seconds, report.model_key, report.index_type, report.index_ntotal)
         return report
 
-    def _ingest_folder(self, root, *, workers, executor, scheduler, on_progress) -> "IngestReport":
+    def _ingest_folder(self, root, *, workers, executor, scheduler, retry_rejected, on_progress) -> "IngestReport":
         from mammo_retrieval.pipeline.executors import local_executor
         from mammo_retrieval.pipeline.prepare import Rejected
         from mammo_retrieval.pipeline.runner import IngestReport, run_pipeline
+        from mammo_retrieval.pipeline.screen import unchanged_crashers
         from mammo_retrieval.pipeline.source import absolute_root, nothing_to_ingest, state_paths, walk
         from mammo_retrieval.pipeline.threads import EncoderThreads
         root = absolute_root(root)
@@ -286,13 +289,15 @@ class Workspace:
             raise ConfigError(f"unknown executor '{executor}'", hint="choose local or dask")
         with self._writing(report) as (encoder, sink, job):
             sink.clear_rejections([str(f) for f in found.folders])  # a folder that lists again is fine now
+            files, crashers = (found.files, []) if retry_rejected else unchanged_crashers(sink.db, found.files)
+            report.rejected.extend(crashers)
+            folder_rejections += crashers
             if executor == "dask":
-                self._run_on_dask(found.files, job, sink, report, folder_rejections, workers, scheduler,
-                                  on_progress)
+                self._run_on_dask(files, job, sink, report, folder_rejections, workers, scheduler, on_progress)
             else:
                 threads = EncoderThreads(encoder, cfg.ingest.encoder_threads, workers)
                 with local_executor(workers, cfg.ingest) as pool, threads:
-                    run_pipeline(found.files, job, pool, encoder, sink, threads, report,
+                    run_pipeline(files, job, pool, encoder, sink, threads, report,
                                  batch_size=cfg.encoder.batch_size, workers=workers, preceding=folder_rejections,
                                  on_progress=on_progress)
         return report
@@ -439,7 +444,7 @@ class Workspace:
 
     def record_rejection(self, rejected: "Rejected") -> None:
         with self.ensure_database().session() as s:
-            repo.record_rejections(s, [(rejected.path, rejected.code, rejected.reason)])
+            repo.record_rejections(s, [(rejected.path, rejected.code, rejected.reason, rejected.fingerprint)])
 
     def index_prepared(self, batch: list["Prepared"]) -> int:
         """Embed and index prepared images (the listener's batches) on an ingest's write side (``_writing``);

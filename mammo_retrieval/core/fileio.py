@@ -17,6 +17,16 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def file_fingerprint(path: str | os.PathLike) -> str | None:
+    """"size:mtime_ns:inode" of a file, or None when it cannot be stat'ed: cheap evidence that a file is the
+    one seen before (a rewrite, a copy over it or a restore changes at least one)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
 def fsync_path(path: Path) -> None:
     """Make a file's written data durable (including what was written through a shared mapping), or,
     for a directory, the renames in it."""

@@ -9,7 +9,11 @@ client's (different weights at that path) refuses the batch, rather than mixing 
 
 Restart safety is the local executor's: nothing is written by the workers, the writer commits batch by
 batch, and a rerun skips every SOPInstanceUID already embedded. A worker that dies has its tasks rerun by
-the scheduler on another worker.
+the scheduler on another worker. A batch that keeps killing its workers (the scheduler gives up with
+KilledWorker: a decoder crash, or out of memory) makes its files suspects; once nothing else runs, each
+is tried alone, and the one that kills its workers alone is rejected (``worker_died``, as with the local
+executor) while the rest are ingested. Alone, because the scheduler also blames the tasks that were
+waiting on a worker when it died.
 """
 from __future__ import annotations
 
@@ -22,9 +26,10 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from mammo_retrieval.core.config import EncoderConfig, PreprocessConfig
-from mammo_retrieval.core.errors import ConfigError, WeightsError
+from mammo_retrieval.core.errors import ConfigError, RejectionCode, WeightsError
+from mammo_retrieval.core.fileio import file_fingerprint
 from mammo_retrieval.pipeline.prepare import Prepared, Rejected, prepare_file
-from mammo_retrieval.pipeline.runner import HEADER_CHUNK, IngestReport, PrepareJob, embed_batch
+from mammo_retrieval.pipeline.runner import HEADER_CHUNK, WORKER_DIED_REASON, IngestReport, PrepareJob, embed_batch
 from mammo_retrieval.pipeline.screen import Copies, screen
 
 if TYPE_CHECKING:
@@ -160,18 +165,40 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
                     on_progress: Progress | None = None) -> None:
     """Screen here, then prepare and embed on the cluster in batches of ``batch_size`` paths, at most
     ``in_flight`` batches at a time (default: two per worker thread), writing each result as it arrives."""
-    from distributed import wait
+    from distributed import KilledWorker, wait
     run = _Run(sink, report)
     if preceding:
         sink.reject(list(preceding))
     limit = in_flight or max(2, 2 * sum(client.nthreads().values()))
-    pending: set = set()
+    pending: dict = {}  # future -> its batch of (path, SOPInstanceUID)
+    suspects: list[tuple[Path, str]] = []  # files of batches that kept killing their workers
     total = len(paths)
 
     def submit(batch: list[tuple[Path, str]]) -> None:
         for path, uid in batch:
             run.uid_of[str(path)] = uid
-        pending.add(client.submit(prepare_and_embed, [str(p) for p, _ in batch], job, pure=False))
+        pending[client.submit(prepare_and_embed, [str(p) for p, _ in batch], job, pure=False)] = batch
+
+    def outcome(future) -> BatchResult | None:
+        """The batch's result; None when it kept killing its workers (its files are then suspects)."""
+        batch = pending.pop(future)
+        try:
+            return future.result()
+        except KilledWorker:
+            logger.warning("a batch of %d file(s) kept killing its Dask workers; each will be tried alone",
+                           len(batch))
+            suspects.extend(batch)
+            return None
+
+    def on_trial(path: Path, uid: str) -> BatchResult:
+        """One suspect alone on the cluster: if its workers die now, it is the culprit."""
+        run.uid_of[str(path)] = uid
+        try:
+            return client.submit(prepare_and_embed, [str(path)], job, pure=False).result()
+        except KilledWorker:
+            logger.warning("rejected [%s] %s: it kills its Dask workers", RejectionCode.WORKER_DIED.value, path)
+            return BatchResult([], [Rejected.of(str(path), RejectionCode.WORKER_DIED, WORKER_DIED_REASON,
+                                                file_fingerprint(path))], np.zeros((0, 0), np.float32))
 
     def collect(block: bool) -> None:
         if not pending:
@@ -181,9 +208,7 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
         else:
             finished = {f for f in pending if f.done()}
         for future in finished:
-            pending.discard(future)
-            retry = _write(run, future.result())
-            if retry:
+            if (result := outcome(future)) is not None and (retry := _write(run, result)):
                 submit(retry)
         if on_progress:
             on_progress(run.done, total)
@@ -199,8 +224,16 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
             while len(pending) >= limit:
                 collect(block=True)
         collect(block=False)
-    while pending:
-        collect(block=True)
+    while pending or suspects:
+        while pending:
+            collect(block=True)
+        later = []  # copies to decode instead of a rejected one: after the trials, which must run alone
+        while suspects:
+            later += _write(run, on_trial(*suspects.pop(0)))
+        if on_progress:
+            on_progress(run.done, total)
+        for i in range(0, len(later), batch_size):
+            submit(later[i:i + batch_size])
 
 
 def _rejected(run: _Run, rejections: list[Rejected]) -> None:

@@ -41,10 +41,11 @@ class Rejected:
     path: str
     code: str
     reason: str
+    fingerprint: str | None = None  # core.fileio.file_fingerprint, where a rerun should know the file again
 
     @classmethod
-    def of(cls, path: str, code: RejectionCode, reason: str) -> "Rejected":
-        return cls(display_path(path), RejectionCode(code).value, reason)
+    def of(cls, path: str, code: RejectionCode, reason: str, fingerprint: str | None = None) -> "Rejected":
+        return cls(display_path(path), RejectionCode(code).value, reason, fingerprint)
 
 
 def prepare_file(path: "str | InMemoryDicom", reader_cfg: ReaderConfig, settings: PreprocessSettings, *, fast: bool = True,

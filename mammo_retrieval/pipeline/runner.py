@@ -27,6 +27,7 @@ import numpy as np
 
 from mammo_retrieval.core.config import ReaderConfig
 from mammo_retrieval.core.errors import RejectionCode, display_path
+from mammo_retrieval.core.fileio import file_fingerprint
 from mammo_retrieval.dicom.reader import InMemoryDicom
 from mammo_retrieval.pipeline.executors import Restartable, WorkersKeepDying
 from mammo_retrieval.pipeline.prepare import Prepared, Rejected, prepare_file
@@ -119,7 +120,7 @@ class CatalogSink:
     def reject(self, rejections: list[Rejected]) -> None:
         if rejections:
             with self.db.session() as s:
-                repo.record_rejections(s, ((r.path, r.code, r.reason) for r in rejections))
+                repo.record_rejections(s, ((r.path, r.code, r.reason, r.fingerprint) for r in rejections))
 
     def clear_rejections(self, paths: list[str]) -> None:
         """Files (or folders) that are fine now: a copy of an embedded image, a folder that lists again."""
@@ -205,7 +206,8 @@ class _Scheduler:
             logger.warning("rejected [%s] %s: its decoding process died", RejectionCode.WORKER_DIED.value,
                            display_path(path))
             self._restart([])
-            return Rejected.of(str(path), RejectionCode.WORKER_DIED, WORKER_DIED_REASON)
+            return Rejected.of(str(path), RejectionCode.WORKER_DIED, WORKER_DIED_REASON,
+                               file_fingerprint(path) if isinstance(path, Path) else None)
 
     def _restart(self, suspects: list[tuple["Path | InMemoryDicom", str]]) -> None:
         """A fresh pool (WorkerPool.restart gives up, with a clear error, when fresh pools die on their own)."""
@@ -224,6 +226,7 @@ class _Scheduler:
             if (next_copy := self.copies.failed(uid)) is not None:
                 self.submit(next_copy, uid)  # a rejected copy must not hide a good one
         else:
+            logger.debug("prepared %s", result.path)
             self.batch.append(result)
             self.already_present([str(p) for p in self.copies.decoded(uid)])
         self.done += 1

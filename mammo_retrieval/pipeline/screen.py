@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mammo_retrieval.core.config import ReaderConfig
-from mammo_retrieval.core.errors import FATAL_EXCEPTIONS, DicomRejected, RejectionCode
+from mammo_retrieval.core.errors import FATAL_EXCEPTIONS, DicomRejected, RejectionCode, display_path
+from mammo_retrieval.core.fileio import file_fingerprint
 from mammo_retrieval.dicom.reader import read_header
 from mammo_retrieval.pipeline.prepare import Rejected
 from mammo_retrieval.storage.catalog import repository as repo
@@ -74,6 +75,31 @@ def _screen_one(path: Path, cfg: ReaderConfig) -> "HeaderFields | Rejected":
     except BaseException as exc:  # noqa: BLE001 - last resort: one file's surprise must not lose the batch
         return Rejected.of(str(path), RejectionCode.UNREADABLE_HEADER,
                            f"header unreadable: unexpected {type(exc).__name__}: {exc}")
+
+
+UNCHANGED_CRASHER_REASON = ("its decoding process died on an earlier run (a crash in a decoder, or out of memory) and "
+                            "the file has not changed since (same size, modification time and inode), so it was "
+                            "not decoded again; `mretrieve ingest --retry-rejected` tries it again")
+
+
+def unchanged_crashers(db: "Database", paths: list[Path]) -> tuple[list[Path], list[Rejected]]:
+    """Split off the files whose decoding process died on an earlier run and that have not changed since.
+
+    Why: each such file costs a worker's death and restart on every rerun (an out-of-memory one can stall
+    the machine first), and decoding it again gives the same death. Returns (paths to go on with,
+    rejections of the others, their fingerprint kept so the next run knows them too)."""
+    with db.session() as s:
+        recorded = repo.rejection_fingerprints(s, [display_path(p) for p in paths], RejectionCode.WORKER_DIED.value)
+    if not recorded:
+        return paths, []
+    keep, rejected = [], []
+    for path in paths:
+        before = recorded.get(display_path(path))  # as rejections are stored: any name can be text
+        if before is not None and before == file_fingerprint(path):
+            rejected.append(Rejected.of(str(path), RejectionCode.WORKER_DIED, UNCHANGED_CRASHER_REASON, before))
+        else:
+            keep.append(path)
+    return keep, rejected
 
 
 def screen(db: "Database", reader: ReaderConfig, paths: list[Path], mv_id: int,

@@ -154,3 +154,45 @@ def test_a_killed_client_then_a_rerun_loses_and_doubles_nothing(tmp_path):
     rerun = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert _counts(make_config(home, encoder=TINY)) == (n, n, n)
+
+
+class DieOnFile(distributed.WorkerPlugin):
+    """Every worker, the nanny's fresh ones included, kills itself (SIGKILL, as the OOM killer does) on
+    one file, as a segfaulting decoder would; the rest is the real prepare stage."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def setup(self, worker) -> None:
+        real, culprit = dist.prepare_file, self.path
+
+        def prepare_or_die(source, *args, **kwargs):
+            if os.fspath(source) == culprit:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(source, *args, **kwargs)
+        dist.prepare_file = prepare_or_die
+
+
+def test_a_file_that_keeps_killing_its_workers_is_rejected_and_the_rest_ingested(tmp_path):
+    """The scheduler gives up on a task that killed its workers (KilledWorker); that used to end the whole
+    ingest. Now the batch is split, the file that kills its workers alone is rejected (worker_died), the
+    others of its batch and every other batch are ingested, and a rerun neither decodes it again nor
+    doubles anything."""
+    import dask
+    files = synthetic_archive(tmp_path / "archive", 10)
+    culprit = files[5]
+    cfg = make_config(tmp_path / "state", encoder=TINY)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):  # give up at the first death: quick
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                      host="127.0.0.1") as cluster:
+            with distributed.Client(cluster) as client:
+                client.register_plugin(DieOnFile(str(culprit)))
+            report = Workspace(cfg).ingest(tmp_path / "archive", executor="dask",
+                                           scheduler=cluster.scheduler_address)
+            assert (report.ingested, [(r.path, r.code) for r in report.rejected]) == \
+                (9, [(str(culprit), "worker_died")])
+            assert _counts(cfg) == (9, 9, 9)
+            again = Workspace(cfg).ingest(tmp_path / "archive", executor="dask", scheduler=cluster.scheduler_address)
+    assert (again.ingested, again.already_present, [r.path for r in again.rejected]) == (0, 9, [str(culprit)])
+    assert "not changed since" in again.rejected[0].reason
+    assert _counts(cfg) == (9, 9, 9)

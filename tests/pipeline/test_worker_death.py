@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -70,14 +69,61 @@ def test_a_file_that_kills_its_worker_is_rejected_and_the_rest_ingested(tmp_path
     assert counts(ws) == (7, 7, 1)
     assert [(r["path"], r["code"]) for r in ws.status()["rejected"]] == [(str(culprit), "worker_died")]
 
-    again = ws.ingest(tmp_path / "archive", workers=2)  # it still crashes: rejected again, nothing doubled
+    again = ws.ingest(tmp_path / "archive", workers=2, retry_rejected=True)  # it still crashes: rejected
     assert (again.ingested, again.already_present, [r.path for r in again.rejected]) == (0, 7, [str(culprit)])
-    assert counts(ws) == (7, 7, 1)
+    assert counts(ws) == (7, 7, 1)                                         # again, nothing doubled
 
     monkeypatch.delenv(DIES_ON)  # the decoder is fixed: the file goes in and its rejection goes away
-    fixed = ws.ingest(tmp_path / "archive", workers=1)
+    fixed = ws.ingest(tmp_path / "archive", workers=1, retry_rejected=True)
     assert (fixed.ingested, fixed.already_present, fixed.rejected) == (1, 7, [])
     assert counts(ws) == (8, 8, 0)
+
+
+def test_a_file_that_killed_its_worker_is_not_decoded_again_until_it_changes(tmp_path, cbis_files, monkeypatch):
+    """Each rerun used to decode it again, at the cost of a worker's death and restart. Now an unchanged
+    file (size, modification time, inode) is rejected again without decoding; a changed one, or
+    --retry-rejected, decodes it again. Through the CLI, in this process (its forked workers die)."""
+    from click.testing import CliRunner
+
+    from mammo_retrieval.app.cli import cli
+    files = archive_of(cbis_files[:3], tmp_path / "archive")
+    culprit = files[1]
+    monkeypatch.setenv("MRETRIEVE_HOME", str(tmp_path / "state"))
+    config = tmp_path / "resnet.yaml"
+    config.write_text("encoder:\n  name: resnet18\n")
+    monkeypatch.setenv(DIES_ON, str(culprit))
+    monkeypatch.setattr(runner, "prepare_file", prepare_or_die)
+
+    def ingest(*options: str) -> dict:
+        result = CliRunner().invoke(cli, ["--config", str(config), "ingest", str(tmp_path / "archive"),
+                                          "--workers", "1", "--format", "json", "--no-progress", *options],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output[result.output.index("{"):])
+
+    first = ingest()
+    assert (first["ingested"], [(r["path"], r["code"]) for r in first["rejections"]]) == \
+        (2, [(str(culprit), "worker_died")])
+
+    monkeypatch.delenv(DIES_ON)  # it would decode now: only the record keeps it out
+    again = ingest()
+    assert (again["ingested"], again["already_present"]) == (0, 2)
+    assert [(r["path"], r["code"]) for r in again["rejections"]] == [(str(culprit), "worker_died")]
+    assert "not changed since" in again["rejections"][0]["reason"] and "--retry-rejected" in again["rejections"][0]["reason"]
+    ws = Workspace(make_config(tmp_path / "state", encoder={"name": "resnet18"}))
+    assert counts(ws) == (2, 2, 1)
+    assert ingest()["rejections"][0]["reason"] == again["rejections"][0]["reason"]  # and on every run after
+
+    monkeypatch.setenv(DIES_ON, str(culprit))  # retried on demand: it dies again, recorded again
+    retried = ingest("--retry-rejected")
+    assert "decoding process died while reading this file" in retried["rejections"][0]["reason"]
+    monkeypatch.delenv(DIES_ON)
+
+    culprit.unlink()  # replaced by a copy: another file now, decoded
+    culprit.write_bytes(cbis_files[1].read_bytes())
+    changed = ingest()
+    assert (changed["ingested"], changed["rejections"]) == (1, [])
+    assert counts(ws) == (3, 3, 0)
 
 
 def test_a_pool_that_cannot_start_stops_the_ingest_with_a_clear_error(tmp_path, cbis_files, monkeypatch):
@@ -116,9 +162,11 @@ def _workers_of(parent: psutil.Process) -> list[psutil.Process]:
 
 
 def test_kill_9_of_the_worker_during_a_cli_ingest(tmp_path, cbis_files):
-    """The audit's reproduction: `mretrieve ingest --workers 1`, the pool's worker killed after 0.4 s.
-    It used to end with a BrokenProcessPool traceback (exit 1); now every file is ingested, the killed
-    one retried alone, and a rerun adds nothing."""
+    """The audit's reproduction: `mretrieve ingest --workers 1`, the pool's worker killed while it works
+    (once the first file is prepared, as -vv logs it, with 7 still to go). It used to end with a
+    BrokenProcessPool traceback (exit 1); now every file is ingested, the killed one retried alone, and a
+    rerun adds nothing. (A fixed 0.4 s wait raced the worker's own start-up on a slower machine.)"""
+    import threading
     archive_of(cbis_files, tmp_path / "archive")
     config = tmp_path / "small.yaml"
     config.write_text("encoder:\n  name: resnet18\n")
@@ -126,16 +174,27 @@ def test_kill_9_of_the_worker_during_a_cli_ingest(tmp_path, cbis_files):
     env["MRETRIEVE_HOME"] = str(tmp_path / "state")
     command = [str(Path(sys.executable).with_name("mretrieve")), "--config", str(config), "ingest",
                str(tmp_path / "archive"), "--workers", "1", "--no-progress", "--format", "json"]
-    ingest = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    verbose = [command[0], "-vv", *command[1:]]
+    ingest = subprocess.Popen(verbose, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    first_prepared = threading.Event()
+
+    def read_log() -> None:
+        for line in ingest.stderr:
+            lines.append(line)
+            if " prepared " in line:
+                first_prepared.set()
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
     try:
-        parent = psutil.Process(ingest.pid)
-        deadline = time.monotonic() + 120
-        while not (workers := _workers_of(parent)) and ingest.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert workers, "the ingest never started a worker process"
-        time.sleep(0.4)
+        assert first_prepared.wait(120), "the ingest never prepared a file:\n" + "".join(lines)
+        workers = _workers_of(psutil.Process(ingest.pid))
+        assert workers, "the ingest has no worker process"
         workers[0].send_signal(signal.SIGKILL)
-        out, err = ingest.communicate(timeout=300)
+        out = ingest.stdout.read()
+        ingest.wait(timeout=300)
+        reader.join(timeout=10)
+        err = "".join(lines)
     finally:
         if ingest.poll() is None:
             ingest.kill()

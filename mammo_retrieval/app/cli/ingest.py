@@ -21,11 +21,14 @@ from mammo_retrieval.app.cli._common import dumps, progress_bar, workspace
 @click.option("--since", metavar="YYYYMMDD", help="DICOMweb: only studies from this StudyDate on.")
 @click.option("--modality", default="MG", show_default=True,
               help="DICOMweb: studies with this modality among ModalitiesInStudy ('' for any).")
+@click.option("--retry-rejected", is_flag=True,
+              help="Decode again the files whose decoding process died on an earlier run (skipped while unchanged).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.pass_context
 def ingest(ctx: click.Context, source: str, workers: int | None, executor: str, scheduler: str | None,
-           studies: tuple[str, ...], since: str | None, modality: str, fmt: str, no_progress: bool) -> None:
+           studies: tuple[str, ...], since: str | None, modality: str, retry_rejected: bool, fmt: str,
+           no_progress: bool) -> None:
     """Read, embed and index every mammogram under SOURCE: a folder (any file name, any depth) or a
     DICOMweb base URL (http://host:8042/dicom-web), whose studies QIDO-RS finds and WADO-RS retrieves.
 
@@ -38,7 +41,8 @@ def ingest(ctx: click.Context, source: str, workers: int | None, executor: str, 
     listed is recorded as a rejection (unreadable_folder), and so is a broken or looping symbolic link
     (broken_link); linked folders are followed, each real folder walked once. A file whose decoding
     process dies (a decoder crash, out of memory) is retried alone and then rejected (worker_died); the
-    run goes on. Exits 7 when SOURCE holds no candidate
+    run goes on, and later runs reject it again without decoding while it is unchanged (size, modification
+    time, inode) unless --retry-rejected. Exits 7 when SOURCE holds no candidate
     file (or study) at all, 9 at once when another mretrieve process holds the write lock, 12 when the
     PACS's search fails.
     """
@@ -52,7 +56,8 @@ def ingest(ctx: click.Context, source: str, workers: int | None, executor: str, 
                                  param_hint="SOURCE")
     with progress_bar("study" if remote else "file", disable=no_progress) as progress:
         report = ws.ingest(source, workers=workers, executor=executor, scheduler=scheduler, studies=studies,
-                           since=since, modality=modality or None, on_progress=progress)
+                           since=since, modality=modality or None, retry_rejected=retry_rejected,
+                           on_progress=progress)
     if fmt == "json":
         click.echo(dumps(report.as_dict()))
         return

@@ -104,6 +104,7 @@ class RejectedFile(Base):
     code: Mapped[str] = mapped_column(String(32), index=True)
     reason: Mapped[str] = mapped_column(Text)
     rejected_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    fingerprint: Mapped[str | None] = mapped_column(String(80))  # core.fileio.file_fingerprint; migration 0006
 
 
 class QcRun(Base):

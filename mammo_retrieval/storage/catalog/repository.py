@@ -147,14 +147,25 @@ def add_embeddings(session: Session, rows: Iterable[tuple[int, np.ndarray]], mod
     return [e.id for e in embeddings]
 
 
-def record_rejections(session: Session, rejections: Iterable[tuple[str, str, str]]) -> None:
-    """(path, code, reason); a file rejected again keeps one row with the latest reason."""
-    for path, code, reason in rejections:
+def record_rejections(session: Session, rejections: Iterable[tuple[str, str, str, str | None]]) -> None:
+    """(path, code, reason, fingerprint or None); a file rejected again keeps one row with the latest."""
+    for path, code, reason, fingerprint in rejections:
         row = session.scalar(select(RejectedFile).where(RejectedFile.path == path))
         if row is None:
-            session.add(RejectedFile(path=path, code=code, reason=reason))
+            session.add(RejectedFile(path=path, code=code, reason=reason, fingerprint=fingerprint))
         else:
-            row.code, row.reason = code, reason
+            row.code, row.reason, row.fingerprint = code, reason, fingerprint
+
+
+def rejection_fingerprints(session: Session, paths: list[str], code: str) -> dict[str, str]:
+    """path -> recorded fingerprint, for those of ``paths`` rejected with ``code`` and a fingerprint."""
+    found: dict[str, str] = {}
+    for start in range(0, len(paths), 500):
+        found.update(session.execute(
+            select(RejectedFile.path, RejectedFile.fingerprint).where(
+                RejectedFile.path.in_(paths[start:start + 500]), RejectedFile.code == code,
+                RejectedFile.fingerprint.is_not(None))).all())
+    return found
 
 
 def clear_rejections(session: Session, paths: Iterable[str]) -> None:
