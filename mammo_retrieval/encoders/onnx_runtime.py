@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 OPSET = 18
+CHECK_INPUTS = 2  # recorded with each export: 1 was noise alone; raise it whenever check_inputs changes
 AGREEMENT = 0.999  # the least per-image cosine between an export and its torch model
 
 #: timm architectures that ran faster under onnxruntime than under torch fp32 on the CPU, with vectors that
@@ -72,9 +73,10 @@ def _record(path: Path) -> dict | None:
 
 
 def _cached(path: Path) -> bool:
-    """An export checked against torch at this opset and unchanged since (the sha256 in its record)."""
+    """An export checked against torch at this opset, on today's ``check_inputs``, and unchanged since (the
+    sha256 in its record). One checked on older inputs (noise alone) is exported and checked again."""
     record = _record(path)
-    if record is None or record.get("opset") != OPSET:
+    if record is None or record.get("opset") != OPSET or record.get("check_inputs") != CHECK_INPUTS:
         return False
     cosine = record.get("check_min_cosine")
     try:
@@ -201,7 +203,8 @@ def _write_with_record(path: Path, data: bytes, cosine: float, key: ExportKey) -
     make_private_dir(path.parent)  # beside the index, as private as it
     write_bytes_atomic(path, data)
     record = {"sha256": hashlib.sha256(data).hexdigest(), "model_version": key.model_version,
-              "input_size": list(key.size), "opset": key.opset, "check_min_cosine": round(cosine, 6)}
+              "input_size": list(key.size), "opset": key.opset, "check_min_cosine": round(cosine, 6),
+              "check_inputs": CHECK_INPUTS}
     write_atomic(path.with_suffix(".json"), lambda fh: fh.write(json.dumps(record).encode()))
 
 

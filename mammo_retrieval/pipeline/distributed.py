@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from mammo_retrieval.core.config import EncoderConfig, PreprocessConfig
-from mammo_retrieval.core.errors import ConfigError, RejectionCode, WeightsError
+from mammo_retrieval.core.errors import ConfigError, RejectionCode, WeightsError, display_path
 from mammo_retrieval.core.fileio import file_fingerprint
 from mammo_retrieval.pipeline.prepare import Prepared, Rejected, prepare_file
 from mammo_retrieval.pipeline.runner import HEADER_CHUNK, WORKER_DIED_REASON, IngestReport, PrepareJob, embed_batch
@@ -191,14 +191,17 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
             return None
 
     def on_trial(path: Path, uid: str) -> BatchResult:
-        """One suspect alone on the cluster: if its workers die now, it is the culprit."""
+        """One suspect alone on the cluster: if its workers die now, it is the culprit (fingerprinted first,
+        as the local runner does)."""
         run.uid_of[str(path)] = uid
+        fingerprint = file_fingerprint(path)
         try:
             return client.submit(prepare_and_embed, [str(path)], job, pure=False).result()
         except KilledWorker:
-            logger.warning("rejected [%s] %s: it kills its Dask workers", RejectionCode.WORKER_DIED.value, path)
+            logger.warning("rejected [%s] %s: it kills its Dask workers", RejectionCode.WORKER_DIED.value,
+                           display_path(path))
             return BatchResult([], [Rejected.of(str(path), RejectionCode.WORKER_DIED, WORKER_DIED_REASON,
-                                                file_fingerprint(path))], np.zeros((0, 0), np.float32))
+                                                fingerprint)], np.zeros((0, 0), np.float32))
 
     def collect(block: bool) -> None:
         if not pending:
@@ -230,8 +233,8 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
         later = []  # copies to decode instead of a rejected one: after the trials, which must run alone
         while suspects:
             later += _write(run, on_trial(*suspects.pop(0)))
-        if on_progress:
-            on_progress(run.done, total)
+            if on_progress:
+                on_progress(run.done, total)
         for i in range(0, len(later), batch_size):
             submit(later[i:i + batch_size])
 

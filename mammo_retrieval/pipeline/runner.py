@@ -199,15 +199,16 @@ class _Scheduler:
             self._handle(result, uid)
 
     def _on_trial(self, path: "Path | InMemoryDicom") -> Prepared | Rejected:
-        """Prepare one file alone in the pool; if its worker dies, it is the culprit."""
+        """Prepare one file alone in the pool; if its worker dies, it is the culprit. Its fingerprint is
+        taken first: a file still being copied in must not be recorded as the finished file."""
+        fingerprint = file_fingerprint(path) if isinstance(path, Path) else None
         try:
             return self._start(path).result()
         except BrokenProcessPool:
             logger.warning("rejected [%s] %s: its decoding process died", RejectionCode.WORKER_DIED.value,
                            display_path(path))
             self._restart([])
-            return Rejected.of(str(path), RejectionCode.WORKER_DIED, WORKER_DIED_REASON,
-                               file_fingerprint(path) if isinstance(path, Path) else None)
+            return Rejected.of(str(path), RejectionCode.WORKER_DIED, WORKER_DIED_REASON, fingerprint)
 
     def _restart(self, suspects: list[tuple["Path | InMemoryDicom", str]]) -> None:
         """A fresh pool (WorkerPool.restart gives up, with a clear error, when fresh pools die on their own)."""

@@ -150,7 +150,8 @@ def test_an_ingest_tunes_the_threads_of_an_onnx_base_behind_an_adapter(tmp_path)
 
 
 @pytest.mark.parametrize("damage", ["no check (written before exports were checked)", "another opset",
-                                    "a failed check", "not a JSON object"])
+                                    "a failed check", "checked on older inputs (noise alone)",
+                                    "not a JSON object"])
 def test_a_cached_export_whose_record_does_not_vouch_for_it_is_replaced(tmp_path, damage):
     encoder = Workspace(make_config(tmp_path / "state", encoder={"runtime": "onnx"})).encoder
     record_path = encoder.model_path.with_suffix(".json")
@@ -161,13 +162,15 @@ def test_a_cached_export_whose_record_does_not_vouch_for_it_is_replaced(tmp_path
         record["opset"] = 17
     elif damage == "a failed check":
         record["check_min_cosine"] = 0.5
+    elif damage.startswith("checked on older inputs"):
+        del record["check_inputs"]
     else:
         record = [record]
     record_path.write_text(json.dumps(record))
     again = Workspace(make_config(tmp_path / "state", encoder={"runtime": "auto", "device": "cpu"})).encoder
     assert again.runtime == "onnx"
     rewritten = json.loads(record_path.read_text())
-    assert rewritten["check_min_cosine"] >= 0.999 and rewritten["opset"] == 18
+    assert rewritten["check_min_cosine"] >= 0.999 and rewritten["opset"] == 18 and rewritten["check_inputs"] == 2
 
 
 def test_an_export_that_cannot_be_written_runs_torch_and_is_tried_again_once_it_can(tmp_path):

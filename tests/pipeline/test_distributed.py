@@ -181,9 +181,9 @@ def test_a_file_that_keeps_killing_its_workers_is_rejected_and_the_rest_ingested
     import dask
     files = synthetic_archive(tmp_path / "archive", 10)
     culprit = files[5]
-    cfg = make_config(tmp_path / "state", encoder=TINY)
+    cfg = make_config(tmp_path / "state", encoder={**TINY, "runtime": "torch"})  # no client-side export: 11 s
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):  # give up at the first death: quick
-        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+        with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
                                       host="127.0.0.1") as cluster:
             with distributed.Client(cluster) as client:
                 client.register_plugin(DieOnFile(str(culprit)))

@@ -175,7 +175,8 @@ def test_kill_9_of_the_worker_during_a_cli_ingest(tmp_path, cbis_files):
     command = [str(Path(sys.executable).with_name("mretrieve")), "--config", str(config), "ingest",
                str(tmp_path / "archive"), "--workers", "1", "--no-progress", "--format", "json"]
     verbose = [command[0], "-vv", *command[1:]]
-    ingest = subprocess.Popen(verbose, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    report_file = (tmp_path / "report.json").open("w+")
+    ingest = subprocess.Popen(verbose, env=env, stdout=report_file, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     first_prepared = threading.Event()
 
@@ -191,14 +192,16 @@ def test_kill_9_of_the_worker_during_a_cli_ingest(tmp_path, cbis_files):
         workers = _workers_of(psutil.Process(ingest.pid))
         assert workers, "the ingest has no worker process"
         workers[0].send_signal(signal.SIGKILL)
-        out = ingest.stdout.read()
         ingest.wait(timeout=300)
         reader.join(timeout=10)
         err = "".join(lines)
+        report_file.seek(0)
+        out = report_file.read()
     finally:
         if ingest.poll() is None:
             ingest.kill()
-            ingest.communicate()
+            ingest.wait()
+        report_file.close()
     assert ingest.returncode == 0, err
     assert "BrokenProcessPool" not in err
     assert "a decoding worker process died; retrying" in err  # the kill hit a live pool
