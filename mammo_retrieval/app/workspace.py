@@ -245,7 +245,8 @@ class Workspace:
         ``executor``: "local" (forked prepare workers here, embedding in this process) or "dask" (workers of
         the cluster at ``scheduler``, or of a new LocalCluster of ``workers`` processes, prepare and embed;
         this process writes). A file whose decoding process died on an earlier run is rejected again without
-        decoding while it is unchanged (same size, modification time and inode), unless ``retry_rejected``.
+        decoding while it is unchanged (same size, modification time, inode and change time), unless
+        ``retry_rejected``.
 
         DICOMweb: QIDO-RS finds ``studies`` (default: every study with ``modality``, from ``since``
         YYYYMMDD on); instances already embedded are skipped before retrieval; the rest are retrieved by
@@ -282,8 +283,8 @@ class Workspace:
         if not found.files:
             raise nothing_to_ingest(root, found)
         report = IngestReport(root=str(root), files_seen=len(found.files), skipped=len(found.skipped))
-        folder_rejections = [Rejected(e.path, e.code, e.reason) for e in found.errors]
-        report.rejected.extend(folder_rejections)
+        preceding = [Rejected(e.path, e.code, e.reason) for e in found.errors]
+        report.rejected.extend(preceding)
         workers = cfg.workers() if workers is None else workers
         if executor not in ("local", "dask"):
             raise ConfigError(f"unknown executor '{executor}'", hint="choose local or dask")
@@ -291,14 +292,14 @@ class Workspace:
             sink.clear_rejections([str(f) for f in found.folders])  # a folder that lists again is fine now
             files, crashers = (found.files, []) if retry_rejected else unchanged_crashers(sink.db, found.files)
             report.rejected.extend(crashers)
-            folder_rejections += crashers
+            preceding += crashers
             if executor == "dask":
-                self._run_on_dask(files, job, sink, report, folder_rejections, workers, scheduler, on_progress)
+                self._run_on_dask(files, job, sink, report, preceding, workers, scheduler, on_progress)
             else:
                 threads = EncoderThreads(encoder, cfg.ingest.encoder_threads, workers)
                 with local_executor(workers, cfg.ingest) as pool, threads:
                     run_pipeline(files, job, pool, encoder, sink, threads, report,
-                                 batch_size=cfg.encoder.batch_size, workers=workers, preceding=folder_rejections,
+                                 batch_size=cfg.encoder.batch_size, workers=workers, preceding=preceding,
                                  on_progress=on_progress)
         return report
 

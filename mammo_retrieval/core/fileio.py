@@ -18,13 +18,14 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def file_fingerprint(path: str | os.PathLike) -> str | None:
-    """"size:mtime_ns:inode" of a file, or None when it cannot be stat'ed: cheap evidence that a file is the
-    one seen before (a rewrite, a copy over it or a restore changes at least one)."""
+    """"size:mtime_ns:inode:ctime_ns" of a file, or None when it cannot be stat'ed: cheap evidence that a
+    file is the one seen before. A rewrite, a copy over it or a restore changes at least one; the change
+    time also catches a rewrite in place whose modification time was set back (``touch -d``, ``cp -p``)."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
 
 
 def fsync_path(path: Path) -> None:

@@ -29,7 +29,7 @@ from mammo_retrieval.core.config import EncoderConfig, PreprocessConfig
 from mammo_retrieval.core.errors import ConfigError, RejectionCode, WeightsError, display_path
 from mammo_retrieval.core.fileio import file_fingerprint
 from mammo_retrieval.pipeline.prepare import Prepared, Rejected, prepare_file
-from mammo_retrieval.pipeline.runner import HEADER_CHUNK, WORKER_DIED_REASON, IngestReport, PrepareJob, embed_batch
+from mammo_retrieval.pipeline.runner import HEADER_CHUNK, IngestReport, PrepareJob, embed_batch, worker_died
 from mammo_retrieval.pipeline.screen import Copies, screen
 
 if TYPE_CHECKING:
@@ -200,8 +200,7 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
         except KilledWorker:
             logger.warning("rejected [%s] %s: it kills its Dask workers", RejectionCode.WORKER_DIED.value,
                            display_path(path))
-            return BatchResult([], [Rejected.of(str(path), RejectionCode.WORKER_DIED, WORKER_DIED_REASON,
-                                                fingerprint)], np.zeros((0, 0), np.float32))
+            return BatchResult([], [worker_died(path, fingerprint)], np.zeros((0, 0), np.float32))
 
     def collect(block: bool) -> None:
         if not pending:

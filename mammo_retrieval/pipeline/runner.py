@@ -49,6 +49,12 @@ WORKER_DIED_REASON = "the decoding process died while reading this file (a crash
 Progress = Callable[[int, int], None]
 
 
+def worker_died(path: "Path | InMemoryDicom", fingerprint: str | None) -> Rejected:
+    """The rejection of a file whose worker died when it was tried alone (local pool or Dask), with the
+    fingerprint taken before that trial, so later folder ingests skip it while it is unchanged."""
+    return Rejected.of(str(path), RejectionCode.WORKER_DIED, WORKER_DIED_REASON, fingerprint)
+
+
 @dataclass
 class IngestReport:
     root: str
@@ -208,7 +214,7 @@ class _Scheduler:
             logger.warning("rejected [%s] %s: its decoding process died", RejectionCode.WORKER_DIED.value,
                            display_path(path))
             self._restart([])
-            return Rejected.of(str(path), RejectionCode.WORKER_DIED, WORKER_DIED_REASON, fingerprint)
+            return worker_died(path, fingerprint)
 
     def _restart(self, suspects: list[tuple["Path | InMemoryDicom", str]]) -> None:
         """A fresh pool (WorkerPool.restart gives up, with a clear error, when fresh pools die on their own)."""

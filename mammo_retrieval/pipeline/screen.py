@@ -78,8 +78,8 @@ def _screen_one(path: Path, cfg: ReaderConfig) -> "HeaderFields | Rejected":
 
 
 UNCHANGED_CRASHER_REASON = ("its decoding process died on an earlier run (a crash in a decoder, or out of memory) and "
-                            "the file has not changed since (same size, modification time and inode), so it was "
-                            "not decoded again; `mretrieve ingest --retry-rejected` tries it again")
+                            "the file has not changed since (same size, modification time, inode and change time), "
+                            "so it was not decoded again; `mretrieve ingest --retry-rejected` tries it again")
 
 
 def unchanged_crashers(db: "Database", paths: list[Path]) -> tuple[list[Path], list[Rejected]]:
@@ -88,13 +88,14 @@ def unchanged_crashers(db: "Database", paths: list[Path]) -> tuple[list[Path], l
     Why: each such file costs a worker's death and restart on every rerun (an out-of-memory one can stall
     the machine first), and decoding it again gives the same death. Returns (paths to go on with,
     rejections of the others, their fingerprint kept so the next run knows them too)."""
+    names = [display_path(p) for p in paths]  # as rejections are stored: any name can be text
     with db.session() as s:
-        recorded = repo.rejection_fingerprints(s, [display_path(p) for p in paths], RejectionCode.WORKER_DIED.value)
+        recorded = repo.rejection_fingerprints(s, names, RejectionCode.WORKER_DIED.value)
     if not recorded:
         return paths, []
     keep, rejected = [], []
-    for path in paths:
-        before = recorded.get(display_path(path))  # as rejections are stored: any name can be text
+    for path, name in zip(paths, names):
+        before = recorded.get(name)
         if before is not None and before == file_fingerprint(path):
             rejected.append(Rejected.of(str(path), RejectionCode.WORKER_DIED, UNCHANGED_CRASHER_REASON, before))
         else:

@@ -175,8 +175,8 @@ class DieOnFile(distributed.WorkerPlugin):
 
 def test_a_file_that_keeps_killing_its_workers_is_rejected_and_the_rest_ingested(tmp_path):
     """The scheduler gives up on a task that killed its workers (KilledWorker); that used to end the whole
-    ingest. Now the batch is split, the file that kills its workers alone is rejected (worker_died), the
-    others of its batch and every other batch are ingested, and a rerun neither decodes it again nor
+    ingest. Now each file of that batch is tried alone once the other batches are done, the one that kills
+    its workers alone is rejected (worker_died), the others of its batch and every other batch are ingested, and a rerun neither decodes it again nor
     doubles anything."""
     import dask
     files = synthetic_archive(tmp_path / "archive", 10)

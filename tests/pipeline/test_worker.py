@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mammo_retrieval.pipeline.threads import EncoderThreads
-from mammo_retrieval.pipeline.worker import keep_freed_buffers, prepare_worker_process
+from mammo_retrieval.pipeline.worker import keep_freed_buffers
 from tests.conftest import REPO
 
 

@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 
 from mammo_retrieval.core.config import load_config
 from mammo_retrieval.dicom.reader import read_image

@@ -42,7 +42,7 @@ def ingest(ctx: click.Context, source: str, workers: int | None, executor: str, 
     (broken_link); linked folders are followed, each real folder walked once. A file whose decoding
     process dies (a decoder crash, out of memory) is retried alone and then rejected (worker_died); the
     run goes on, and later runs reject it again without decoding while it is unchanged (size, modification
-    time, inode) unless --retry-rejected. Exits 7 when SOURCE holds no candidate
+    time, inode, change time) unless --retry-rejected. Exits 7 when SOURCE holds no candidate
     file (or study) at all, 9 at once when another mretrieve process holds the write lock, 12 when the
     PACS's search fails.
     """

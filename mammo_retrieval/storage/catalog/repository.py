@@ -157,21 +157,30 @@ def record_rejections(session: Session, rejections: Iterable[tuple[str, str, str
             row.code, row.reason, row.fingerprint = code, reason, fingerprint
 
 
+IN_CHUNK = 500  # values per SQL IN (...): well under SQLite's bound-parameter limit
+
+
+def _chunks(values: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(values), IN_CHUNK):
+        yield values[start:start + IN_CHUNK]
+
+
 def rejection_fingerprints(session: Session, paths: list[str], code: str) -> dict[str, str]:
-    """path -> recorded fingerprint, for those of ``paths`` rejected with ``code`` and a fingerprint."""
+    """path -> recorded fingerprint, for those of ``paths`` rejected with ``code`` and a fingerprint.
+    One cheap query first: a catalog with no such rejection (the usual case) is not searched path by path."""
+    fingerprinted = (RejectedFile.code == code, RejectedFile.fingerprint.is_not(None))
+    if session.scalar(select(RejectedFile.id).where(*fingerprinted).limit(1)) is None:
+        return {}
     found: dict[str, str] = {}
-    for start in range(0, len(paths), 500):
-        found.update(session.execute(
-            select(RejectedFile.path, RejectedFile.fingerprint).where(
-                RejectedFile.path.in_(paths[start:start + 500]), RejectedFile.code == code,
-                RejectedFile.fingerprint.is_not(None))).all())
+    for chunk in _chunks(paths):
+        found.update(session.execute(select(RejectedFile.path, RejectedFile.fingerprint)
+                                     .where(RejectedFile.path.in_(chunk), *fingerprinted)).all())
     return found
 
 
 def clear_rejections(session: Session, paths: Iterable[str]) -> None:
-    paths = list(paths)
-    for start in range(0, len(paths), 500):
-        session.execute(delete(RejectedFile).where(RejectedFile.path.in_(paths[start:start + 500])))
+    for chunk in _chunks(list(paths)):
+        session.execute(delete(RejectedFile).where(RejectedFile.path.in_(chunk)))
 
 
 def iter_vectors(session: Session, model_version_id: int, dim: int, after_id: int = 0,

@@ -5,7 +5,6 @@ import dataclasses
 import numpy as np
 from sqlalchemy import event, func, select
 
-from mammo_retrieval.core.config import load_config
 from mammo_retrieval.core.identity import ModelIdentity
 from mammo_retrieval.dicom.header import HeaderFields
 from mammo_retrieval.storage.catalog import Database
