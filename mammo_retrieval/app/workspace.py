@@ -244,9 +244,9 @@ class Workspace:
         kept as typed. A folder without a single candidate file raises NotFoundError and touches nothing.
         ``executor``: "local" (forked prepare workers here, embedding in this process) or "dask" (workers of
         the cluster at ``scheduler``, or of a new LocalCluster of ``workers`` processes, prepare and embed;
-        this process writes). A file whose decoding process died on an earlier run is rejected again without
-        decoding while it is unchanged (same size, modification time, inode and change time), unless
-        ``retry_rejected``.
+        this process writes). A file whose decoding process died on two runs is rejected again without
+        decoding while it is unchanged (same size, modification time, inode and change time) and so are the
+        decoders' versions and the read options, unless ``retry_rejected``.
 
         DICOMweb: QIDO-RS finds ``studies`` (default: every study with ``modality``, from ``since``
         YYYYMMDD on); instances already embedded are skipped before retrieval; the rest are retrieved by
@@ -255,6 +255,9 @@ class Workspace:
 
         from mammo_retrieval.pacs.dicomweb import is_dicomweb_url
         started = time.perf_counter()
+        if is_dicomweb_url(str(source)) and retry_rejected:
+            raise ConfigError("--retry-rejected applies to folders: instances pulled from a PACS are always "
+                              "decoded again", hint="leave --retry-rejected out")
         if is_dicomweb_url(str(source)):
             report = self._ingest_dicomweb(str(source), workers=workers, executor=executor, studies=studies,
                                            since=since, modality=modality, on_progress=on_progress)
@@ -274,7 +277,7 @@ class Workspace:
         from mammo_retrieval.pipeline.executors import local_executor
         from mammo_retrieval.pipeline.prepare import Rejected
         from mammo_retrieval.pipeline.runner import IngestReport, run_pipeline
-        from mammo_retrieval.pipeline.screen import unchanged_crashers
+        from mammo_retrieval.pipeline.screen import decoding_environment, unchanged_crashers
         from mammo_retrieval.pipeline.source import absolute_root, nothing_to_ingest, state_paths, walk
         from mammo_retrieval.pipeline.threads import EncoderThreads
         root = absolute_root(root)
@@ -290,7 +293,8 @@ class Workspace:
             raise ConfigError(f"unknown executor '{executor}'", hint="choose local or dask")
         with self._writing(report) as (encoder, sink, job):
             sink.clear_rejections([str(f) for f in found.folders])  # a folder that lists again is fine now
-            files, crashers = (found.files, []) if retry_rejected else unchanged_crashers(sink.db, found.files)
+            files, crashers = (found.files, []) if retry_rejected else unchanged_crashers(
+                sink.db, found.files, decoding_environment(job), cfg.reader, sink.model_version_id)
             report.rejected.extend(crashers)
             preceding += crashers
             if executor == "dask":

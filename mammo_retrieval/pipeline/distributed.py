@@ -27,10 +27,9 @@ import numpy as np
 
 from mammo_retrieval.core.config import EncoderConfig, PreprocessConfig
 from mammo_retrieval.core.errors import ConfigError, RejectionCode, WeightsError, display_path
-from mammo_retrieval.core.fileio import file_fingerprint
 from mammo_retrieval.pipeline.prepare import Prepared, Rejected, prepare_file
 from mammo_retrieval.pipeline.runner import HEADER_CHUNK, IngestReport, PrepareJob, embed_batch, worker_died
-from mammo_retrieval.pipeline.screen import Copies, screen
+from mammo_retrieval.pipeline.screen import Copies, crash_fingerprint, decoding_environment, screen
 
 if TYPE_CHECKING:
     from mammo_retrieval.encoders import Encoder
@@ -167,6 +166,7 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
     ``in_flight`` batches at a time (default: two per worker thread), writing each result as it arrives."""
     from distributed import KilledWorker, wait
     run = _Run(sink, report)
+    environment = decoding_environment(job.prepare)
     if preceding:
         sink.reject(list(preceding))
     limit = in_flight or max(2, 2 * sum(client.nthreads().values()))
@@ -185,8 +185,9 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
         try:
             return future.result()
         except KilledWorker:
-            logger.warning("a batch of %d file(s) kept killing its Dask workers; each will be tried alone",
-                           len(batch))
+            logger.warning("a batch of %d file(s) kept killing its Dask workers (%s%s); each will be tried "
+                           "alone", len(batch), ", ".join(display_path(p) for p, _ in batch[:3]),
+                           ", ..." if len(batch) > 3 else "")
             suspects.extend(batch)
             return None
 
@@ -194,7 +195,7 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
         """One suspect alone on the cluster: if its workers die now, it is the culprit (fingerprinted first,
         as the local runner does)."""
         run.uid_of[str(path)] = uid
-        fingerprint = file_fingerprint(path)
+        fingerprint = crash_fingerprint(path, environment)
         try:
             return client.submit(prepare_and_embed, [str(path)], job, pure=False).result()
         except KilledWorker:

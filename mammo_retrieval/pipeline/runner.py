@@ -27,11 +27,10 @@ import numpy as np
 
 from mammo_retrieval.core.config import ReaderConfig
 from mammo_retrieval.core.errors import RejectionCode, display_path
-from mammo_retrieval.core.fileio import file_fingerprint
 from mammo_retrieval.dicom.reader import InMemoryDicom
 from mammo_retrieval.pipeline.executors import Restartable, WorkersKeepDying
 from mammo_retrieval.pipeline.prepare import Prepared, Rejected, prepare_file
-from mammo_retrieval.pipeline.screen import Copies, screen
+from mammo_retrieval.pipeline.screen import Copies, crash_fingerprint, decoding_environment, screen
 from mammo_retrieval.preprocess import PreprocessSettings
 from mammo_retrieval.storage.catalog import repository as repo
 
@@ -144,6 +143,7 @@ class _Scheduler:
         self.threads, self.report = threads, report
         self.batch_size, self.max_in_flight = batch_size, max_in_flight
         self.copies = Copies()
+        self.environment = decoding_environment(job)  # what a crash's fingerprint is recorded within
         self.in_flight: deque[tuple[Future, "Path | InMemoryDicom", str]] = deque()
         self.batch: list[Prepared] = []
         self.rejections: list[Rejected] = []
@@ -207,7 +207,7 @@ class _Scheduler:
     def _on_trial(self, path: "Path | InMemoryDicom") -> Prepared | Rejected:
         """Prepare one file alone in the pool; if its worker dies, it is the culprit. Its fingerprint is
         taken first: a file still being copied in must not be recorded as the finished file."""
-        fingerprint = file_fingerprint(path) if isinstance(path, Path) else None
+        fingerprint = crash_fingerprint(path, self.environment)
         try:
             return self._start(path).result()
         except BrokenProcessPool:

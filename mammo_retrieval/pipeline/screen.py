@@ -3,6 +3,7 @@ header already condemns and skips SOPInstanceUIDs that are embedded already (ide
 copy of a file under another path is "already present"). Runs in the process that owns the catalog."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,30 +78,69 @@ def _screen_one(path: Path, cfg: ReaderConfig) -> "HeaderFields | Rejected":
                            f"header unreadable: unexpected {type(exc).__name__}: {exc}")
 
 
-UNCHANGED_CRASHER_REASON = ("its decoding process died on an earlier run (a crash in a decoder, or out of memory) and "
-                            "the file has not changed since (same size, modification time, inode and change time), "
-                            "so it was not decoded again; `mretrieve ingest --retry-rejected` tries it again")
+UNCHANGED_CRASHER_REASON = ("its decoding process died on two runs (a crash in a decoder, or out of memory) and "
+                            "neither the file (size, modification time, inode, change time) nor the decoders' "
+                            "versions and read options have changed since, so it was not decoded again; "
+                            "`mretrieve ingest --retry-rejected` tries it again")
+DEATHS_BEFORE_SKIP = 2  # one death may be the machine's (another process's memory); two on two runs are the file's
+DECODING_PACKAGES = ("mammo_retrieval", "pydicom", "numpy", "opencv-python-headless", "pylibjpeg",
+                     "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle", "pyjpegls", "glymur")
 
 
-def unchanged_crashers(db: "Database", paths: list[Path]) -> tuple[list[Path], list[Rejected]]:
-    """Split off the files whose decoding process died on an earlier run and that have not changed since.
+def decoding_environment(prepare_job: object) -> str:
+    """What besides the file decides whether decoding it crashes: the decoders' versions and the read and
+    preprocessing options (``prepare_job``'s repr: plain values). A crash recorded under another
+    environment (a decoder upgrade, another option) is not a reason to skip the file."""
+    from importlib.metadata import PackageNotFoundError, version
+    versions = []
+    for name in DECODING_PACKAGES:
+        try:
+            versions.append(f"{name}={version(name)}")
+        except PackageNotFoundError:
+            versions.append(f"{name}=-")
+    return hashlib.sha256("\n".join([*versions, repr(prepare_job)]).encode()).hexdigest()[:16]
+
+
+def crash_fingerprint(path: "Path | object", environment: str) -> str | None:
+    """The file's fingerprint (core.fileio) within a decoding environment, hashed to fit the catalog's
+    column; None for what is not a file (an instance pulled from a PACS: always decoded again)."""
+    if not isinstance(path, Path) or (stat := file_fingerprint(path)) is None:
+        return None
+    return hashlib.sha256(f"{stat}|{environment}".encode()).hexdigest()[:40]
+
+
+def unchanged_crashers(db: "Database", paths: list[Path], environment: str, reader: ReaderConfig,
+                       model_version_id: int) -> tuple[list[Path], list[Rejected]]:
+    """Split off the files whose decoding process died on two runs and that have not changed since, in the
+    same decoding ``environment``.
 
     Why: each such file costs a worker's death and restart on every rerun (an out-of-memory one can stall
-    the machine first), and decoding it again gives the same death. Returns (paths to go on with,
-    rejections of the others, their fingerprint kept so the next run knows them too)."""
+    the machine first), and decoding it again gives the same death. A crasher whose image is embedded
+    already (a good copy under another path) goes on, so that the screen counts it present and clears
+    its rejection. Returns (paths to go on with, rejections of the others, their fingerprint kept)."""
     names = [display_path(p) for p in paths]  # as rejections are stored: any name can be text
     with db.session() as s:
-        recorded = repo.rejection_fingerprints(s, names, RejectionCode.WORKER_DIED.value)
+        recorded = repo.rejection_fingerprints(s, names, RejectionCode.WORKER_DIED.value, DEATHS_BEFORE_SKIP)
     if not recorded:
         return paths, []
     keep, rejected = [], []
     for path, name in zip(paths, names):
         before = recorded.get(name)
-        if before is not None and before == file_fingerprint(path):
+        if before is not None and before == crash_fingerprint(path, environment) \
+                and not _embedded_already(db, path, reader, model_version_id):
             rejected.append(Rejected.of(str(path), RejectionCode.WORKER_DIED, UNCHANGED_CRASHER_REASON, before))
         else:
             keep.append(path)
     return keep, rejected
+
+
+def _embedded_already(db: "Database", path: Path, reader: ReaderConfig, model_version_id: int) -> bool:
+    """Whether the file's SOPInstanceUID is embedded (its header only: a crash is in the pixel decoding)."""
+    header = _screen_one(path, reader)
+    if isinstance(header, Rejected):
+        return False
+    with db.session() as s:
+        return bool(repo.embedded_sops(s, [header.sop_instance_uid], model_version_id))
 
 
 def screen(db: "Database", reader: ReaderConfig, paths: list[Path], mv_id: int,

@@ -1,5 +1,6 @@
-"""A rejected file records what it was (size, modification time, inode), so that a file whose decoding
-process died is not decoded again, at the cost of a worker restart each run, until it changes
+"""A rejected file records what it was (a fingerprint: size, modification time, inode, ...), so that a
+file whose decoding process died is not decoded again, at the cost of a worker restart each run, until
+it changes
 
 Revision ID: 0006
 Revises: 0005

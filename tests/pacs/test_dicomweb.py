@@ -142,6 +142,8 @@ def test_a_pacs_that_is_down_is_a_clear_error_and_folder_options_are_refused(tmp
     assert "pw" not in str(info.value)
     with pytest.raises(ConfigError, match="--study and --since"):
         ws.ingest(tmp_path, since="20200101")
+    with pytest.raises(ConfigError, match="--retry-rejected applies to folders"):
+        ws.ingest("http://127.0.0.1:9/dicom-web", retry_rejected=True)
 
 
 def test_retries_back_off_then_give_up_and_a_4xx_is_final():

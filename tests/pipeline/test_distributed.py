@@ -176,8 +176,8 @@ class DieOnFile(distributed.WorkerPlugin):
 def test_a_file_that_keeps_killing_its_workers_is_rejected_and_the_rest_ingested(tmp_path):
     """The scheduler gives up on a task that killed its workers (KilledWorker); that used to end the whole
     ingest. Now each file of that batch is tried alone once the other batches are done, the one that kills
-    its workers alone is rejected (worker_died), the others of its batch and every other batch are ingested, and a rerun neither decodes it again nor
-    doubles anything."""
+    its workers alone is rejected (worker_died), the others of its batch and every other batch are
+    ingested; after its second death a rerun neither decodes it again nor doubles anything."""
     import dask
     files = synthetic_archive(tmp_path / "archive", 10)
     culprit = files[5]
@@ -192,7 +192,10 @@ def test_a_file_that_keeps_killing_its_workers_is_rejected_and_the_rest_ingested
             assert (report.ingested, [(r.path, r.code) for r in report.rejected]) == \
                 (9, [(str(culprit), "worker_died")])
             assert _counts(cfg) == (9, 9, 9)
+            second = Workspace(cfg).ingest(tmp_path / "archive", executor="dask", scheduler=cluster.scheduler_address)
             again = Workspace(cfg).ingest(tmp_path / "archive", executor="dask", scheduler=cluster.scheduler_address)
+    assert (second.ingested, second.already_present, [r.path for r in second.rejected]) == (0, 9, [str(culprit)])
+    assert "died while reading" in second.rejected[0].reason  # one death is not enough: it was tried again
     assert (again.ingested, again.already_present, [r.path for r in again.rejected]) == (0, 9, [str(culprit)])
-    assert "not changed since" in again.rejected[0].reason
+    assert "so it was not decoded again" in again.rejected[0].reason
     assert _counts(cfg) == (9, 9, 9)

@@ -68,3 +68,31 @@ def test_a_name_that_is_not_utf8_is_rejected_and_the_ingest_goes_on(tmp_path, ws
     with ws.db.session() as s:
         assert [(r.path, r.code) for r in repo.rejected_files(s)] == [(rejected.path, "unencodable_path")]
     assert ws.ingest(archive, workers=1).already_present == 2  # and every later run works too
+
+
+def test_a_crash_fingerprint_changes_with_the_decoders_and_the_read_options(tmp_path, monkeypatch):
+    """A crash recorded under other decoders (an upgrade) or other read options is no reason to skip a
+    file: its fingerprint there differs. An instance pulled from a PACS (no file) has none."""
+    import importlib.metadata
+
+    from mammo_retrieval.core.config import load_config
+    from mammo_retrieval.dicom.reader import InMemoryDicom
+    from mammo_retrieval.pipeline.screen import crash_fingerprint, decoding_environment
+    from mammo_retrieval.preprocess import PreprocessSettings
+    path = tmp_path / "x.dcm"
+    path.write_bytes(b"DICM" * 100)
+    reader = load_config(env={}).reader
+    job = runner.PrepareJob(reader, PreprocessSettings(), {"fast": True, "reduced_j2k": True})
+    here = decoding_environment(job)
+    assert decoding_environment(runner.PrepareJob(reader, PreprocessSettings(),
+                                                  {"fast": True, "reduced_j2k": True})) == here
+    assert decoding_environment(runner.PrepareJob(reader, PreprocessSettings(),
+                                                  {"fast": True, "reduced_j2k": False})) != here
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "99.0" if name == "pylibjpeg-openjpeg" else real_version(name))
+    upgraded = decoding_environment(job)
+    assert upgraded != here
+    assert crash_fingerprint(path, here) == crash_fingerprint(path, here) != crash_fingerprint(path, upgraded)
+    assert len(crash_fingerprint(path, here)) == 40  # the catalog's column holds 80
+    assert crash_fingerprint(InMemoryDicom("https://pacs/instances/1", b""), here) is None

@@ -79,10 +79,12 @@ def test_a_file_that_kills_its_worker_is_rejected_and_the_rest_ingested(tmp_path
     assert counts(ws) == (8, 8, 0)
 
 
-def test_a_file_that_killed_its_worker_is_not_decoded_again_until_it_changes(tmp_path, cbis_files, monkeypatch):
-    """Each rerun used to decode it again, at the cost of a worker's death and restart. Now an unchanged
-    file (size, modification time, inode) is rejected again without decoding; a changed one, or
-    --retry-rejected, decodes it again. Through the CLI, in this process (its forked workers die)."""
+def test_a_file_that_killed_its_worker_on_two_runs_is_not_decoded_again_until_it_changes(tmp_path, cbis_files,
+                                                                                        monkeypatch):
+    """Each rerun used to decode it again, at the cost of a worker's death and restart. Now a file that
+    died on two runs is rejected again without decoding while it is unchanged (size, modification and
+    change times, inode; the decoders and read options too); a changed one, or --retry-rejected, decodes
+    it again. Through the CLI, in this process (its forked workers die)."""
     from click.testing import CliRunner
 
     from mammo_retrieval.app.cli import cli
@@ -101,28 +103,62 @@ def test_a_file_that_killed_its_worker_is_not_decoded_again_until_it_changes(tmp
         assert result.exit_code == 0, result.output
         return json.loads(result.output[result.output.index("{"):])
 
+    died = "decoding process died while reading this file"
     first = ingest()
     assert (first["ingested"], [(r["path"], r["code"]) for r in first["rejections"]]) == \
         (2, [(str(culprit), "worker_died")])
+    second = ingest()  # one death may be the machine's: decoded again, and it dies again
+    assert (second["ingested"], [r["path"] for r in second["rejections"]]) == (0, [str(culprit)])
+    assert died in second["rejections"][0]["reason"]
 
     monkeypatch.delenv(DIES_ON)  # it would decode now: only the record keeps it out
     again = ingest()
     assert (again["ingested"], again["already_present"]) == (0, 2)
     assert [(r["path"], r["code"]) for r in again["rejections"]] == [(str(culprit), "worker_died")]
-    assert "not changed since" in again["rejections"][0]["reason"] and "--retry-rejected" in again["rejections"][0]["reason"]
+    assert "so it was not decoded again" in again["rejections"][0]["reason"] and "--retry-rejected" in again["rejections"][0]["reason"]
     ws = Workspace(make_config(tmp_path / "state", encoder={"name": "resnet18"}))
     assert counts(ws) == (2, 2, 1)
     assert ingest()["rejections"][0]["reason"] == again["rejections"][0]["reason"]  # and on every run after
 
     monkeypatch.setenv(DIES_ON, str(culprit))  # retried on demand: it dies again, recorded again
     retried = ingest("--retry-rejected")
-    assert "decoding process died while reading this file" in retried["rejections"][0]["reason"]
+    assert died in retried["rejections"][0]["reason"]
     monkeypatch.delenv(DIES_ON)
 
     culprit.unlink()  # replaced by a copy: another file now, decoded
     culprit.write_bytes(cbis_files[1].read_bytes())
     changed = ingest()
     assert (changed["ingested"], changed["rejections"]) == (1, [])
+    assert counts(ws) == (3, 3, 0)
+
+
+def test_one_death_is_not_enough_to_skip_a_file_and_a_crasher_with_an_embedded_copy_is_present(
+        tmp_path, cbis_files, monkeypatch):
+    """A worker can die for the machine's reasons (the OOM killer acting on another process's memory): after
+    one death the next run decodes the file again. And a file that died twice but whose image is embedded
+    under another path is counted present, its rejection cleared, instead of listed as a crasher forever."""
+    files = archive_of(cbis_files[:2], tmp_path / "archive")
+    monkeypatch.setattr(runner, "prepare_file", prepare_or_die)
+    ws = Workspace(make_config(tmp_path / "state", encoder={"name": "resnet18"}))
+    monkeypatch.setenv(DIES_ON, str(files[1]))
+    assert [r.path for r in ws.ingest(tmp_path / "archive", workers=1).rejected] == [str(files[1])]
+    monkeypatch.delenv(DIES_ON)
+    recovered = ws.ingest(tmp_path / "archive", workers=1)
+    assert (recovered.ingested, recovered.already_present, recovered.rejected) == (1, 1, [])
+    assert counts(ws) == (2, 2, 0)
+
+    late = tmp_path / "archive" / "2_late.dcm"  # dies on two runs: skipped from then on
+    late.symlink_to(cbis_files[2])
+    monkeypatch.setenv(DIES_ON, str(late))
+    for _ in range(2):
+        assert [r.path for r in ws.ingest(tmp_path / "archive", workers=1).rejected] == [str(late)]
+    good = tmp_path / "archive" / "3_good_copy.dcm"  # then a good copy of its image arrives
+    good.write_bytes(cbis_files[2].read_bytes())
+    with_copy = ws.ingest(tmp_path / "archive", workers=1)
+    assert (with_copy.ingested, [r.path for r in with_copy.rejected]) == (1, [str(late)])
+    assert "so it was not decoded again" in with_copy.rejected[0].reason
+    after = ws.ingest(tmp_path / "archive", workers=1)  # its image is embedded now: present, not a crasher
+    assert (after.ingested, after.already_present, after.rejected) == (0, 4, [])
     assert counts(ws) == (3, 3, 0)
 
 

@@ -22,7 +22,7 @@ from mammo_retrieval.app.cli._common import dumps, progress_bar, workspace
 @click.option("--modality", default="MG", show_default=True,
               help="DICOMweb: studies with this modality among ModalitiesInStudy ('' for any).")
 @click.option("--retry-rejected", is_flag=True,
-              help="Decode again the files whose decoding process died on an earlier run (skipped while unchanged).")
+              help="Decode again the files whose decoding process died on two earlier runs (skipped while unchanged).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.pass_context
@@ -41,8 +41,9 @@ def ingest(ctx: click.Context, source: str, workers: int | None, executor: str, 
     listed is recorded as a rejection (unreadable_folder), and so is a broken or looping symbolic link
     (broken_link); linked folders are followed, each real folder walked once. A file whose decoding
     process dies (a decoder crash, out of memory) is retried alone and then rejected (worker_died); the
-    run goes on, and later runs reject it again without decoding while it is unchanged (size, modification
-    time, inode, change time) unless --retry-rejected. Exits 7 when SOURCE holds no candidate
+    run goes on. Once it has died on two runs, later runs reject it again without decoding while it is
+    unchanged (size, modification and change times, inode; decoders' versions and read options) unless
+    --retry-rejected (folders only). Exits 7 when SOURCE holds no candidate
     file (or study) at all, 9 at once when another mretrieve process holds the write lock, 12 when the
     PACS's search fails.
     """

@@ -104,7 +104,9 @@ class RejectedFile(Base):
     code: Mapped[str] = mapped_column(String(32), index=True)
     reason: Mapped[str] = mapped_column(Text)
     rejected_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    fingerprint: Mapped[str | None] = mapped_column(String(80))  # core.fileio.file_fingerprint; migration 0006
+    fingerprint: Mapped[str | None] = mapped_column(String(80))  # pipeline.screen.crash_fingerprint; 0006
+    repeats: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # in a row, same code and
+    # fingerprint (migration 0007): a worker_died file is skipped only after two deaths
 
 
 class QcRun(Base):

@@ -55,12 +55,18 @@ def model_version_id_by_key(session: Session, key: str) -> int | None:
     return session.scalar(select(ModelVersion.id).where(ModelVersion.key == key))
 
 
+IN_CHUNK = 500  # values per SQL IN (...): well under SQLite's bound-parameter limit
+
+
+def _chunks(values: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(values), IN_CHUNK):
+        yield values[start:start + IN_CHUNK]
+
+
 def embedded_sops(session: Session, sop_uids: Iterable[str], model_version_id: int) -> set[str]:
     """Which of these SOPInstanceUIDs already have a vector from this model version."""
-    sops = list(set(sop_uids))
     found: set[str] = set()
-    for start in range(0, len(sops), 500):
-        chunk = sops[start:start + 500]
+    for chunk in _chunks(list(set(sop_uids))):
         found.update(session.scalars(
             select(Image.sop_instance_uid).join(Embedding, Embedding.image_id == Image.id)
             .where(Image.sop_instance_uid.in_(chunk), Embedding.model_version_id == model_version_id)))
@@ -148,27 +154,24 @@ def add_embeddings(session: Session, rows: Iterable[tuple[int, np.ndarray]], mod
 
 
 def record_rejections(session: Session, rejections: Iterable[tuple[str, str, str, str | None]]) -> None:
-    """(path, code, reason, fingerprint or None); a file rejected again keeps one row with the latest."""
+    """(path, code, reason, fingerprint or None); a file rejected again keeps one row with the latest, and
+    ``repeats`` counts the rejections in a row with the same code and fingerprint."""
     for path, code, reason, fingerprint in rejections:
         row = session.scalar(select(RejectedFile).where(RejectedFile.path == path))
         if row is None:
-            session.add(RejectedFile(path=path, code=code, reason=reason, fingerprint=fingerprint))
+            session.add(RejectedFile(path=path, code=code, reason=reason, fingerprint=fingerprint, repeats=1))
         else:
+            same = fingerprint is not None and (row.code, row.fingerprint) == (code, fingerprint)
+            row.repeats = (row.repeats or 1) + 1 if same else 1
             row.code, row.reason, row.fingerprint = code, reason, fingerprint
 
 
-IN_CHUNK = 500  # values per SQL IN (...): well under SQLite's bound-parameter limit
-
-
-def _chunks(values: list[str]) -> Iterator[list[str]]:
-    for start in range(0, len(values), IN_CHUNK):
-        yield values[start:start + IN_CHUNK]
-
-
-def rejection_fingerprints(session: Session, paths: list[str], code: str) -> dict[str, str]:
-    """path -> recorded fingerprint, for those of ``paths`` rejected with ``code`` and a fingerprint.
-    One cheap query first: a catalog with no such rejection (the usual case) is not searched path by path."""
-    fingerprinted = (RejectedFile.code == code, RejectedFile.fingerprint.is_not(None))
+def rejection_fingerprints(session: Session, paths: list[str], code: str, min_repeats: int = 1) -> dict[str, str]:
+    """path -> recorded fingerprint, for those of ``paths`` rejected with ``code`` and a fingerprint at least
+    ``min_repeats`` times in a row. One cheap query first: a catalog with no such rejection (the usual
+    case) is not searched path by path."""
+    fingerprinted = (RejectedFile.code == code, RejectedFile.fingerprint.is_not(None),
+                     RejectedFile.repeats >= min_repeats)
     if session.scalar(select(RejectedFile.id).where(*fingerprinted).limit(1)) is None:
         return {}
     found: dict[str, str] = {}

@@ -60,8 +60,8 @@ def test_usage_errors(run, tmp_path):
 
 
 def test_db_upgrade(run):
-    assert "database at revision 0006 (was empty)" in run("db", "upgrade").output
-    assert "(was 0006)" in run("db", "upgrade").output
+    assert "database at revision 0007 (was empty)" in run("db", "upgrade").output
+    assert "(was 0007)" in run("db", "upgrade").output
 
 
 def test_index_rebuild_refuses_a_layout_the_catalog_cannot_train(run):

@@ -48,3 +48,32 @@ def test_bulk_write_reuses_images_and_keeps_the_order(database_url):
         assert s.scalar(select(func.count(Image.id))) == 30 and s.scalar(select(func.count(Study.id))) == 10
         vectors = dict(s.execute(select(Embedding.id, Embedding.vector).where(Embedding.id.in_(again))).all())
     assert [np.frombuffer(vectors[i], np.float32)[0] for i in again] == [4, 3, 2, 1, 0]
+
+
+def test_crash_records_count_repeats_and_are_found_across_in_list_chunks(database_url):
+    """rejection_fingerprints: only the code asked for, only fingerprinted rows, only those rejected the
+    same way at least ``min_repeats`` times in a row; 1,200 paths cross the 500-value IN chunks; nothing
+    recorded answers {} (the early exit). On SQLite and PostgreSQL (the 40-character fingerprint column)."""
+    db = Database(database_url)
+    db.ensure_schema()
+    paths = [f"/archive/{i:04d}.dcm" for i in range(1200)]
+    with db.session() as s:
+        assert repo.rejection_fingerprints(s, paths, "worker_died") == {}
+    crashers = {p: f"{i:040x}" for i, p in enumerate(paths) if i % 250 == 7}  # in three different chunks
+    rows = [(p, "worker_died", "died", f) for p, f in crashers.items()]
+    rows += [(paths[8], "truncated_pixel_data", "short", None), (paths[9], "worker_died", "died", None)]
+    with db.session() as s:
+        repo.record_rejections(s, rows)
+    with db.session() as s:
+        assert repo.rejection_fingerprints(s, paths, "worker_died") == crashers
+        assert repo.rejection_fingerprints(s, paths, "worker_died", min_repeats=2) == {}
+        assert repo.rejection_fingerprints(s, paths, "truncated_pixel_data") == {}  # no fingerprint
+    first, second = list(crashers)[:2]
+    with db.session() as s:  # died again, unchanged; the second one changed before it died again
+        repo.record_rejections(s, [(first, "worker_died", "died", crashers[first]),
+                                   (second, "worker_died", "died", "f" * 40)])
+    with db.session() as s:
+        assert repo.rejection_fingerprints(s, paths, "worker_died", min_repeats=2) == {first: crashers[first]}
+        repo.clear_rejections(s, paths)
+    with db.session() as s:
+        assert repo.rejection_fingerprints(s, paths, "worker_died") == {}
