@@ -27,6 +27,7 @@ import numpy as np
 
 from mammo_retrieval.core.config import EncoderConfig, PreprocessConfig
 from mammo_retrieval.core.errors import ConfigError, RejectionCode, WeightsError, display_path
+from mammo_retrieval.pipeline.executors import WorkersKeepDying
 from mammo_retrieval.pipeline.prepare import Prepared, Rejected, prepare_file
 from mammo_retrieval.pipeline.runner import HEADER_CHUNK, IngestReport, PrepareJob, embed_batch, worker_died
 from mammo_retrieval.pipeline.screen import Copies, crash_fingerprint, decoding_environment, screen
@@ -159,6 +160,9 @@ def close(client) -> None:
         cluster.close()
 
 
+BATCH_DEATHS_BEFORE_BLAMING_THE_CLUSTER = 3
+
+
 def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink", report: IngestReport, *,
                     batch_size: int, in_flight: int | None = None, preceding: list[Rejected] = (),
                     on_progress: Progress | None = None) -> None:
@@ -172,6 +176,7 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
     limit = in_flight or max(2, 2 * sum(client.nthreads().values()))
     pending: dict = {}  # future -> its batch of (path, SOPInstanceUID)
     suspects: list[tuple[Path, str]] = []  # files of batches that kept killing their workers
+    batches = {"survived": 0, "died": 0}  # no batch surviving, many dying: the cluster fails, not the files
     total = len(paths)
 
     def submit(batch: list[tuple[Path, str]]) -> None:
@@ -183,8 +188,11 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
         """The batch's result; None when it kept killing its workers (its files are then suspects)."""
         batch = pending.pop(future)
         try:
-            return future.result()
+            result = future.result()
+            batches["survived"] += 1
+            return result
         except KilledWorker:
+            batches["died"] += 1
             logger.warning("a batch of %d file(s) kept killing its Dask workers (%s%s); each will be tried "
                            "alone", len(batch), ", ".join(display_path(p) for p, _ in batch[:3]),
                            ", ..." if len(batch) > 3 else "")
@@ -231,6 +239,12 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
         while pending:
             collect(block=True)
         later = []  # copies to decode instead of a rejected one: after the trials, which must run alone
+        if suspects and not batches["survived"] and batches["died"] >= BATCH_DEATHS_BEFORE_BLAMING_THE_CLUSTER:
+            raise WorkersKeepDying(
+                f"every one of the {batches['died']} batches sent to the Dask cluster killed its workers (first "
+                f"files: {', '.join(display_path(p) for p, _ in suspects[:3])}): the workers fail, not the files, "
+                "so none is rejected", hint="read the workers' logs: the model loads there (memory limit, the "
+                "weights' path), or ingest with --executor local")
         while suspects:
             later += _write(run, on_trial(*suspects.pop(0)))
             if on_progress:

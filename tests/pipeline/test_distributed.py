@@ -158,7 +158,7 @@ def test_a_killed_client_then_a_rerun_loses_and_doubles_nothing(tmp_path):
 
 class DieOnFile(distributed.WorkerPlugin):
     """Every worker, the nanny's fresh ones included, kills itself (SIGKILL, as the OOM killer does) on
-    one file, as a segfaulting decoder would; the rest is the real prepare stage."""
+    one file ("*": on every file), as a segfaulting decoder would; the rest is the real prepare stage."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -167,7 +167,7 @@ class DieOnFile(distributed.WorkerPlugin):
         real, culprit = dist.prepare_file, self.path
 
         def prepare_or_die(source, *args, **kwargs):
-            if os.fspath(source) == culprit:
+            if culprit in ("*", os.fspath(source)):
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(source, *args, **kwargs)
         dist.prepare_file = prepare_or_die
@@ -199,3 +199,24 @@ def test_a_file_that_keeps_killing_its_workers_is_rejected_and_the_rest_ingested
     assert (again.ingested, again.already_present, [r.path for r in again.rejected]) == (0, 9, [str(culprit)])
     assert "so it was not decoded again" in again.rejected[0].reason
     assert _counts(cfg) == (9, 9, 9)
+
+
+def test_workers_that_die_on_every_batch_stop_the_ingest_instead_of_rejecting_every_file(tmp_path):
+    """When no batch survives (a worker that cannot load the model, a memory limit too low for any file),
+    trying each file alone would reject the whole archive as worker_died, one worker death at a time.
+    After three batch deaths with no survivor the ingest stops with a clear error, nothing rejected."""
+    import dask
+
+    from mammo_retrieval.pipeline.executors import WorkersKeepDying
+    synthetic_archive(tmp_path / "archive", 10)  # 3 batches of 4
+    cfg = make_config(tmp_path / "state", encoder={**TINY, "runtime": "torch"})
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                      host="127.0.0.1") as cluster:
+            with distributed.Client(cluster) as client:
+                client.register_plugin(DieOnFile("*"))
+            with pytest.raises(WorkersKeepDying, match="every one of the 3 batches") as info:
+                Workspace(cfg).ingest(tmp_path / "archive", executor="dask", scheduler=cluster.scheduler_address)
+    assert "--executor local" in info.value.hint
+    counts = Workspace(cfg).status()["counts"]
+    assert (counts["images"], counts["rejected_files"]) == (0, 0)  # nothing written, no file blamed
