@@ -160,14 +160,19 @@ def close(client) -> None:
         cluster.close()
 
 
-BATCH_DEATHS_BEFORE_BLAMING_THE_CLUSTER = 3
+BATCH_DEATHS_BEFORE_PROBING = 3  # batches that killed their workers, none surviving: are the workers to blame?
 
 
 def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink", report: IngestReport, *,
                     batch_size: int, in_flight: int | None = None, preceding: list[Rejected] = (),
                     on_progress: Progress | None = None) -> None:
     """Screen here, then prepare and embed on the cluster in batches of ``batch_size`` paths, at most
-    ``in_flight`` batches at a time (default: two per worker thread), writing each result as it arrives."""
+    ``in_flight`` batches at a time (default: two per worker thread), writing each result as it arrives.
+
+    A batch that keeps killing its workers (KilledWorker) has its files tried alone once nothing else runs;
+    the one that still kills its worker is rejected (worker_died). While no batch has survived, a task
+    that reads no file probes the workers first: if it kills its worker too, the workers fail (the model
+    cannot load, a memory limit too low), and the ingest stops with WorkersKeepDying, no file blamed."""
     from distributed import KilledWorker, wait
     run = _Run(sink, report)
     environment = decoding_environment(job.prepare)
@@ -175,8 +180,8 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
         sink.reject(list(preceding))
     limit = in_flight or max(2, 2 * sum(client.nthreads().values()))
     pending: dict = {}  # future -> its batch of (path, SOPInstanceUID)
-    suspects: list[tuple[Path, str]] = []  # files of batches that kept killing their workers
-    batches = {"survived": 0, "died": 0}  # no batch surviving, many dying: the cluster fails, not the files
+    dead: list[list[tuple[Path, str]]] = []  # batches that kept killing their workers, files not yet tried alone
+    state = {"survived": False, "probed": False}
     total = len(paths)
 
     def submit(batch: list[tuple[Path, str]]) -> None:
@@ -189,14 +194,13 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
         batch = pending.pop(future)
         try:
             result = future.result()
-            batches["survived"] += 1
+            state["survived"] = True
             return result
         except KilledWorker:
-            batches["died"] += 1
             logger.warning("a batch of %d file(s) kept killing its Dask workers (%s%s); each will be tried "
                            "alone", len(batch), ", ".join(display_path(p) for p, _ in batch[:3]),
                            ", ..." if len(batch) > 3 else "")
-            suspects.extend(batch)
+            dead.append(list(batch))
             return None
 
     def on_trial(path: Path, uid: str) -> BatchResult:
@@ -224,6 +228,29 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
         if on_progress:
             on_progress(run.done, total)
 
+    def probe_the_cluster() -> None:
+        """Nothing has survived yet: are the files to blame, or the workers? With nothing else running, one
+        task that only builds the worker's encoder (no file read). If it kills its worker too, the workers
+        fail (the model cannot load, a memory limit too low): stop, rejecting nothing."""
+        while pending:
+            collect(block=True)
+        state["probed"] = True
+        if state["survived"]:
+            return
+        try:
+            client.submit(prepare_and_embed, [], job, pure=False).result()
+        except KilledWorker:
+            first = [display_path(p) for batch in dead for p, _ in batch][:3]
+            raise WorkersKeepDying(
+                f"the Dask workers die even when they only load the model, reading no file, and each of the "
+                f"{len(dead)} batch(es) sent killed its workers (first files: {', '.join(first)}): the workers "
+                "fail, not the files, so none is rejected", hint="read the workers' logs: the model loads "
+                "there (memory limit, the weights' path); or ingest with --executor local") from None
+        state["survived"] = True
+
+    def cluster_in_doubt() -> bool:
+        return not state["probed"] and not state["survived"] and len(dead) >= BATCH_DEATHS_BEFORE_PROBING
+
     for start in range(0, total, HEADER_CHUNK):
         todo, header_rejected, present = screen(sink.db, job.prepare.reader, paths[start:start + HEADER_CHUNK],
                                                 sink.model_version_id, run.copies)
@@ -234,21 +261,20 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
             submit(todo[i:i + batch_size])
             while len(pending) >= limit:
                 collect(block=True)
+            if cluster_in_doubt():
+                probe_the_cluster()
         collect(block=False)
-    while pending or suspects:
+    while pending or any(dead):
         while pending:
             collect(block=True)
+        if any(dead) and not state["survived"] and not state["probed"]:
+            probe_the_cluster()  # a small archive: fewer dead batches than BATCH_DEATHS_BEFORE_PROBING
         later = []  # copies to decode instead of a rejected one: after the trials, which must run alone
-        if suspects and not batches["survived"] and batches["died"] >= BATCH_DEATHS_BEFORE_BLAMING_THE_CLUSTER:
-            raise WorkersKeepDying(
-                f"every one of the {batches['died']} batches sent to the Dask cluster killed its workers (first "
-                f"files: {', '.join(display_path(p) for p, _ in suspects[:3])}): the workers fail, not the files, "
-                "so none is rejected", hint="read the workers' logs: the model loads there (memory limit, the "
-                "weights' path), or ingest with --executor local")
-        while suspects:
-            later += _write(run, on_trial(*suspects.pop(0)))
+        for path, uid in [path_uid for batch in dead for path_uid in batch]:
+            later += _write(run, on_trial(path, uid))
             if on_progress:
                 on_progress(run.done, total)
+        dead.clear()
         for i in range(0, len(later), batch_size):
             submit(later[i:i + batch_size])
 

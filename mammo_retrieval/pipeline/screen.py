@@ -84,13 +84,16 @@ UNCHANGED_CRASHER_REASON = ("its decoding process died on two runs (a crash in a
                             "`mretrieve ingest --retry-rejected` tries it again")
 DEATHS_BEFORE_SKIP = 2  # one death may be the machine's (another process's memory); two on two runs are the file's
 DECODING_PACKAGES = ("mammo_retrieval", "pydicom", "numpy", "opencv-python-headless", "pylibjpeg",
-                     "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle", "pyjpegls", "glymur")
+                     "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle", "pyjpegls", "glymur", "pillow",
+                     "python-gdcm")  # pydicom may pick pillow or gdcm where installed
+READER_REVISION = 1  # bump with a fix to dicom/ or preprocess/ that could stop a crash (the version stays 0.1.0)
 
 
 def decoding_environment(prepare_job: object) -> str:
     """What besides the file decides whether decoding it crashes: the decoders' versions and the read and
     preprocessing options (``prepare_job``'s repr: plain values). A crash recorded under another
-    environment (a decoder upgrade, another option) is not a reason to skip the file."""
+    environment (a decoder upgrade, another option) is not a reason to skip the file. It is this process's
+    environment: remote Dask workers' packages, and memory limits, are not in it."""
     from importlib.metadata import PackageNotFoundError, version
     versions = []
     for name in DECODING_PACKAGES:
@@ -98,7 +101,12 @@ def decoding_environment(prepare_job: object) -> str:
             versions.append(f"{name}={version(name)}")
         except PackageNotFoundError:
             versions.append(f"{name}=-")
-    return hashlib.sha256("\n".join([*versions, repr(prepare_job)]).encode()).hexdigest()[:16]
+    try:
+        from glymur.version import openjpeg_version  # the system's libopenjp2, for reduced JPEG 2000 decoding
+    except ImportError:
+        openjpeg_version = "-"
+    facts = [*versions, f"libopenjp2={openjpeg_version}", f"reader={READER_REVISION}", repr(prepare_job)]
+    return hashlib.sha256("\n".join(facts).encode()).hexdigest()[:16]
 
 
 def crash_fingerprint(path: "Path | object", environment: str) -> str | None:

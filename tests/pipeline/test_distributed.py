@@ -158,7 +158,7 @@ def test_a_killed_client_then_a_rerun_loses_and_doubles_nothing(tmp_path):
 
 class DieOnFile(distributed.WorkerPlugin):
     """Every worker, the nanny's fresh ones included, kills itself (SIGKILL, as the OOM killer does) on
-    one file ("*": on every file), as a segfaulting decoder would; the rest is the real prepare stage."""
+    one file, as a segfaulting decoder would; the rest is the real prepare stage."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -167,7 +167,7 @@ class DieOnFile(distributed.WorkerPlugin):
         real, culprit = dist.prepare_file, self.path
 
         def prepare_or_die(source, *args, **kwargs):
-            if culprit in ("*", os.fspath(source)):
+            if os.fspath(source) == culprit:
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(source, *args, **kwargs)
         dist.prepare_file = prepare_or_die
@@ -201,22 +201,36 @@ def test_a_file_that_keeps_killing_its_workers_is_rejected_and_the_rest_ingested
     assert _counts(cfg) == (9, 9, 9)
 
 
+class DieOnModelLoad(distributed.WorkerPlugin):
+    """Every worker kills itself when it builds its encoder (as one whose memory limit cannot hold the model)."""
+
+    def setup(self, worker) -> None:
+        def die(*_args, **_kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+        dist.worker_encoder = die
+
+
 def test_workers_that_die_on_every_batch_stop_the_ingest_instead_of_rejecting_every_file(tmp_path):
-    """When no batch survives (a worker that cannot load the model, a memory limit too low for any file),
-    trying each file alone would reject the whole archive as worker_died, one worker death at a time.
-    After three batch deaths with no survivor the ingest stops with a clear error, nothing rejected."""
+    """When the workers themselves fail (one that cannot load the model), trying each file alone would
+    reject the whole archive as worker_died, one worker death at a time. After three batch deaths with no
+    survivor, a task that reads no file probes the workers; when it kills its worker too, the ingest stops
+    with a clear error, nothing rejected. A small archive (one batch) likewise, when the trials would start.
+    (A rerun whose only files are crashers is not mistaken for it: see the test above.)"""
     import dask
 
     from mammo_retrieval.pipeline.executors import WorkersKeepDying
     synthetic_archive(tmp_path / "archive", 10)  # 3 batches of 4
+    synthetic_archive(tmp_path / "small", 2)
     cfg = make_config(tmp_path / "state", encoder={**TINY, "runtime": "torch"})
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
                                       host="127.0.0.1") as cluster:
             with distributed.Client(cluster) as client:
-                client.register_plugin(DieOnFile("*"))
-            with pytest.raises(WorkersKeepDying, match="every one of the 3 batches") as info:
-                Workspace(cfg).ingest(tmp_path / "archive", executor="dask", scheduler=cluster.scheduler_address)
-    assert "--executor local" in info.value.hint
+                client.register_plugin(DieOnModelLoad())
+            for archive, batches in (("archive", 3), ("small", 1)):
+                with pytest.raises(WorkersKeepDying, match=rf"only load the model.*each of the {batches} batch") \
+                        as info:
+                    Workspace(cfg).ingest(tmp_path / archive, executor="dask", scheduler=cluster.scheduler_address)
+                assert "--executor local" in info.value.hint
     counts = Workspace(cfg).status()["counts"]
     assert (counts["images"], counts["rejected_files"]) == (0, 0)  # nothing written, no file blamed

@@ -74,6 +74,11 @@ def test_crash_records_count_repeats_and_are_found_across_in_list_chunks(databas
                                    (second, "worker_died", "died", "f" * 40)])
     with db.session() as s:
         assert repo.rejection_fingerprints(s, paths, "worker_died", min_repeats=2) == {first: crashers[first]}
+    with db.session() as s:  # rejected another way in between: the count starts again
+        repo.record_rejections(s, [(first, "truncated_pixel_data", "short", None)])
+        repo.record_rejections(s, [(first, "worker_died", "died", crashers[first])])
+    with db.session() as s:
+        assert repo.rejection_fingerprints(s, paths, "worker_died", min_repeats=2) == {}
         repo.clear_rejections(s, paths)
     with db.session() as s:
         assert repo.rejection_fingerprints(s, paths, "worker_died") == {}
