@@ -40,3 +40,27 @@ def test_foreign_database_is_refused(database_url):
         conn.exec_driver_sql("CREATE TABLE patients (id INTEGER)")
     with pytest.raises(DatabaseError, match="no alembic version"):
         Database(url).ensure_schema()
+
+
+def test_a_catalog_at_0006_with_crash_records_upgrades_and_counts_from_one(database_url):
+    """Migration 0007 adds rejected_files.repeats (NOT NULL) to a table that already has rows: they count
+    one rejection each, so a crasher recorded under 0006 is decoded again once before it can be skipped."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from mammo_retrieval.storage.catalog import repository as repo
+    from mammo_retrieval.storage.catalog.database import alembic_config
+    db = Database(database_url)
+    with db.engine.begin() as conn:
+        cfg = alembic_config(database_url)
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0006")
+        conn.execute(text("INSERT INTO rejected_files (path, code, reason, rejected_at, fingerprint) "
+                          "VALUES ('/a/x.dcm', 'worker_died', 'died', CURRENT_TIMESTAMP, 'f0')"))
+    assert db.upgrade() == db.head_revision()
+    with db.session() as s:
+        assert repo.rejection_fingerprints(s, ["/a/x.dcm"], "worker_died") == {"/a/x.dcm": "f0"}
+        assert repo.rejection_fingerprints(s, ["/a/x.dcm"], "worker_died", min_repeats=2) == {}
+        repo.record_rejections(s, [("/a/x.dcm", "worker_died", "died", "f0")])
+    with db.session() as s:
+        assert repo.rejection_fingerprints(s, ["/a/x.dcm"], "worker_died", min_repeats=2) == {"/a/x.dcm": "f0"}
