@@ -277,7 +277,7 @@ class Workspace:
         from mammo_retrieval.pipeline.executors import local_executor
         from mammo_retrieval.pipeline.prepare import Rejected
         from mammo_retrieval.pipeline.runner import IngestReport, run_pipeline
-        from mammo_retrieval.pipeline.screen import decoding_environment, unchanged_crashers
+        from mammo_retrieval.pipeline.screen import unchanged_crashers
         from mammo_retrieval.pipeline.source import absolute_root, nothing_to_ingest, state_paths, walk
         from mammo_retrieval.pipeline.threads import EncoderThreads
         root = absolute_root(root)
@@ -294,7 +294,7 @@ class Workspace:
         with self._writing(report) as (encoder, sink, job):
             sink.clear_rejections([str(f) for f in found.folders])  # a folder that lists again is fine now
             files, crashers = (found.files, []) if retry_rejected else unchanged_crashers(
-                sink.db, found.files, decoding_environment(job), cfg.reader, sink.model_version_id)
+                sink.db, found.files, job, sink.model_version_id)
             report.rejected.extend(crashers)
             preceding += crashers
             if executor == "dask":

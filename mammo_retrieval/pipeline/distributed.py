@@ -17,6 +17,7 @@ waiting on a worker when it died.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -175,7 +176,7 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
     cannot load, a memory limit too low), and the ingest stops with WorkersKeepDying, no file blamed."""
     from distributed import KilledWorker, wait
     run = _Run(sink, report)
-    environment = decoding_environment(job.prepare)
+    environment = functools.cache(lambda: decoding_environment(job.prepare))  # read on the first trial only
     if preceding:
         sink.reject(list(preceding))
     limit = in_flight or max(2, 2 * sum(client.nthreads().values()))
@@ -207,7 +208,7 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
         """One suspect alone on the cluster: if its workers die now, it is the culprit (fingerprinted first,
         as the local runner does)."""
         run.uid_of[str(path)] = uid
-        fingerprint = crash_fingerprint(path, environment)
+        fingerprint = crash_fingerprint(path, environment())
         try:
             return client.submit(prepare_and_embed, [str(path)], job, pure=False).result()
         except KilledWorker:
@@ -228,10 +229,12 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
         if on_progress:
             on_progress(run.done, total)
 
-    def probe_the_cluster() -> None:
-        """Nothing has survived yet: are the files to blame, or the workers? With nothing else running, one
-        task that only builds the worker's encoder (no file read). If it kills its worker too, the workers
-        fail (the model cannot load, a memory limit too low): stop, rejecting nothing."""
+    def probe_unless_a_batch_survived() -> None:
+        """Batches died and none has survived yet: are the files to blame, or the workers? With nothing else
+        running, one task that only builds the worker's encoder (no file read). If it kills its worker too,
+        the workers fail (the model cannot load, a memory limit too low): stop, rejecting nothing. Once."""
+        if state["probed"] or state["survived"]:
+            return
         while pending:
             collect(block=True)
         state["probed"] = True
@@ -248,9 +251,6 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
                 "there (memory limit, the weights' path); or ingest with --executor local") from None
         state["survived"] = True
 
-    def cluster_in_doubt() -> bool:
-        return not state["probed"] and not state["survived"] and len(dead) >= BATCH_DEATHS_BEFORE_PROBING
-
     for start in range(0, total, HEADER_CHUNK):
         todo, header_rejected, present = screen(sink.db, job.prepare.reader, paths[start:start + HEADER_CHUNK],
                                                 sink.model_version_id, run.copies)
@@ -261,14 +261,14 @@ def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink
             submit(todo[i:i + batch_size])
             while len(pending) >= limit:
                 collect(block=True)
-            if cluster_in_doubt():
-                probe_the_cluster()
+            if len(dead) >= BATCH_DEATHS_BEFORE_PROBING:
+                probe_unless_a_batch_survived()
         collect(block=False)
     while pending or any(dead):
         while pending:
             collect(block=True)
-        if any(dead) and not state["survived"] and not state["probed"]:
-            probe_the_cluster()  # a small archive: fewer dead batches than BATCH_DEATHS_BEFORE_PROBING
+        if any(dead):
+            probe_unless_a_batch_survived()  # also a small archive: fewer dead batches than BATCH_DEATHS_...
         later = []  # copies to decode instead of a rejected one: after the trials, which must run alone
         for path, uid in [path_uid for batch in dead for path_uid in batch]:
             later += _write(run, on_trial(path, uid))

@@ -14,6 +14,7 @@ whose worker dies alone is the culprit, rejected as ``worker_died``; the others 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
@@ -143,12 +144,16 @@ class _Scheduler:
         self.threads, self.report = threads, report
         self.batch_size, self.max_in_flight = batch_size, max_in_flight
         self.copies = Copies()
-        self.environment = decoding_environment(job)  # what a crash's fingerprint is recorded within
         self.in_flight: deque[tuple[Future, "Path | InMemoryDicom", str]] = deque()
         self.batch: list[Prepared] = []
         self.rejections: list[Rejected] = []
         self.present: list[str] = []
         self.done = 0
+
+    @functools.cached_property
+    def environment(self) -> str:
+        """What a crash's fingerprint is recorded within; read on the first trial (package metadata)."""
+        return decoding_environment(self.job)
 
     def submit(self, path: "Path | InMemoryDicom", uid: str) -> None:
         self.in_flight.append((self._start(path), path, uid))

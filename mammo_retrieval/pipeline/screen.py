@@ -17,6 +17,7 @@ from mammo_retrieval.storage.catalog import repository as repo
 
 if TYPE_CHECKING:
     from mammo_retrieval.dicom.header import HeaderFields
+    from mammo_retrieval.pipeline.runner import PrepareJob
     from mammo_retrieval.storage.catalog import Database
 
 
@@ -117,10 +118,10 @@ def crash_fingerprint(path: "Path | object", environment: str) -> str | None:
     return hashlib.sha256(f"{stat}|{environment}".encode()).hexdigest()[:40]
 
 
-def unchanged_crashers(db: "Database", paths: list[Path], environment: str, reader: ReaderConfig,
+def unchanged_crashers(db: "Database", paths: list[Path], prepare_job: "PrepareJob",
                        model_version_id: int) -> tuple[list[Path], list[Rejected]]:
     """Split off the files whose decoding process died on two runs and that have not changed since, in the
-    same decoding ``environment``.
+    same decoding environment (``prepare_job``'s: see decoding_environment).
 
     Why: each such file costs a worker's death and restart on every rerun (an out-of-memory one can stall
     the machine first), and decoding it again gives the same death. A crasher whose image is embedded
@@ -131,11 +132,12 @@ def unchanged_crashers(db: "Database", paths: list[Path], environment: str, read
         recorded = repo.rejection_fingerprints(s, names, RejectionCode.WORKER_DIED.value, DEATHS_BEFORE_SKIP)
     if not recorded:
         return paths, []
+    environment = decoding_environment(prepare_job)  # only with crashes on record: it reads package metadata
     keep, rejected = [], []
     for path, name in zip(paths, names):
         before = recorded.get(name)
         if before is not None and before == crash_fingerprint(path, environment) \
-                and not _embedded_already(db, path, reader, model_version_id):
+                and not _embedded_already(db, path, prepare_job.reader, model_version_id):
             rejected.append(Rejected.of(str(path), RejectionCode.WORKER_DIED, UNCHANGED_CRASHER_REASON, before))
         else:
             keep.append(path)
