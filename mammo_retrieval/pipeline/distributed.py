@@ -167,6 +167,22 @@ BATCH_DEATHS_BEFORE_PROBING = 3  # batches that killed their workers, none survi
 def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink", report: IngestReport, *,
                     batch_size: int, in_flight: int | None = None, preceding: list[Rejected] = (),
                     on_progress: Progress | None = None) -> None:
+    """_run_batches, with a cluster left without workers named as such. Dask waits for workers that may
+    still join (a SLURM queue); a scheduler with ``distributed.scheduler.no-workers-timeout`` set fails
+    the tasks instead (NoWorkerError), and the batches written so far stay: a rerun resumes."""
+    from distributed.scheduler import NoWorkerError
+    try:
+        _run_batches(paths, job, client, sink, report, batch_size=batch_size, in_flight=in_flight,
+                     preceding=preceding, on_progress=on_progress)
+    except NoWorkerError as exc:
+        raise WorkersKeepDying(f"the Dask scheduler has had no worker to run this ingest's tasks: {exc}",
+                               hint="start workers (or check why they stopped: their logs), then rerun the "
+                                    "ingest, which resumes where it stopped") from None
+
+
+def _run_batches(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink", report: IngestReport, *,
+                 batch_size: int, in_flight: int | None, preceding: list[Rejected],
+                 on_progress: Progress | None) -> None:
     """Screen here, then prepare and embed on the cluster in batches of ``batch_size`` paths, at most
     ``in_flight`` batches at a time (default: two per worker thread), writing each result as it arrives.
 

@@ -87,6 +87,26 @@ def test_under_runtime_onnx_the_workers_load_the_clients_checked_export(tmp_path
     assert seen and set(seen) == {("onnx", 1, 0)}
 
 
+def test_a_cluster_without_workers_stops_the_ingest_with_a_clear_error_and_a_rerun_resumes(tmp_path, cluster):
+    """Dask waits for workers that may still join (a SLURM queue); a scheduler told to give up
+    (``no-workers-timeout``) fails the tasks. The ingest then says the cluster has no worker, rather than
+    ending in a bare NoWorkerError, and a rerun on a cluster with workers ingests every file once."""
+    import dask
+
+    from mammo_retrieval.pipeline.executors import WorkersKeepDying
+    synthetic_archive(tmp_path / "archive", 4)
+    cfg = make_config(tmp_path / "state", encoder={**TINY, "runtime": "torch"})
+    with dask.config.set({"distributed.scheduler.no-workers-timeout": "1s"}):
+        with distributed.LocalCluster(n_workers=0, processes=True, dashboard_address=":0",
+                                      host="127.0.0.1") as empty:
+            with pytest.raises(WorkersKeepDying, match="no worker to run this ingest's tasks") as stopped:
+                Workspace(cfg).ingest(tmp_path / "archive", executor="dask", scheduler=empty.scheduler_address)
+    assert "rerun" in stopped.value.hint
+    report = Workspace(cfg).ingest(tmp_path / "archive", executor="dask", scheduler=cluster.scheduler_address)
+    assert (report.ingested, len(report.rejected)) == (4, 0)
+    assert _counts(cfg) == (4, 4, 4)
+
+
 def test_a_batch_is_one_task_of_many_paths(tmp_path):
     files = synthetic_archive(tmp_path / "archive", 5) + [make_file(tmp_path / "archive" / "ct.dcm", modality="CT")]
     cfg = make_config(tmp_path / "state", encoder=TINY)
