@@ -87,7 +87,7 @@ DEATHS_BEFORE_SKIP = 2  # one death may be the machine's (another process's memo
 DECODING_PACKAGES = ("mammo_retrieval", "pydicom", "numpy", "opencv-python-headless", "pylibjpeg",
                      "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle", "pyjpegls", "glymur", "pillow",
                      "python-gdcm")  # pydicom may pick pillow or gdcm where installed
-READER_REVISION = 1  # bump with a fix to dicom/ or preprocess/ that could stop a crash (the version stays 0.1.0)
+READER_SOURCES = ("dicom", "preprocess", "pipeline/prepare.py", "pipeline/worker.py")  # the code decoding runs
 
 
 def decoding_environment(prepare_job: object) -> str:
@@ -106,8 +106,21 @@ def decoding_environment(prepare_job: object) -> str:
         from glymur.version import openjpeg_version  # the system's libopenjp2, for reduced JPEG 2000 decoding
     except ImportError:
         openjpeg_version = "-"
-    facts = [*versions, f"libopenjp2={openjpeg_version}", f"reader={READER_REVISION}", repr(prepare_job)]
+    facts = [*versions, f"libopenjp2={openjpeg_version}", f"reader={reader_source_digest()}", repr(prepare_job)]
     return hashlib.sha256("\n".join(facts).encode()).hexdigest()[:16]
+
+
+def reader_source_digest(package: Path | None = None) -> str:
+    """The decoding code's own source (READER_SOURCES under ``package``, this one by default): a fix to the
+    reader changes it while the package's version stays, and gets every crasher decoded again."""
+    package = package or Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for entry in READER_SOURCES:
+        target = package / entry
+        for source in sorted(target.rglob("*.py")) if target.is_dir() else [target]:
+            digest.update(source.relative_to(package).as_posix().encode())
+            digest.update(source.read_bytes() if source.is_file() else b"-")
+    return digest.hexdigest()[:16]
 
 
 def crash_fingerprint(path: "Path | object", environment: str) -> str | None:

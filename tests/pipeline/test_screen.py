@@ -96,3 +96,29 @@ def test_a_crash_fingerprint_changes_with_the_decoders_and_the_read_options(tmp_
     assert crash_fingerprint(path, here) == crash_fingerprint(path, here) != crash_fingerprint(path, upgraded)
     assert len(crash_fingerprint(path, here)) == 40  # the catalog's column holds 80
     assert crash_fingerprint(InMemoryDicom("https://pacs/instances/1", b""), here) is None
+
+
+def test_the_reader_source_digest_follows_the_decoding_code_and_nothing_else(tmp_path):
+    """A fix to the reader (the package's version unchanged) must get crashers decoded again; a change
+    elsewhere in the package need not."""
+    import mammo_retrieval
+    from mammo_retrieval.pipeline.screen import READER_SOURCES, reader_source_digest
+    package = tmp_path / "mammo_retrieval"
+    for folder in ("dicom", "preprocess", "pipeline", "app"):
+        (package / folder).mkdir(parents=True)
+    for name in ("dicom/reader.py", "preprocess/primer.py", "pipeline/prepare.py", "pipeline/worker.py",
+                 "pipeline/runner.py", "app/workspace.py"):
+        (package / name).write_text(f"# {name}\n")
+    before = reader_source_digest(package)
+    assert reader_source_digest(package) == before
+    (package / "app" / "workspace.py").write_text("changed = True\n")
+    (package / "pipeline" / "runner.py").write_text("changed = True\n")
+    assert reader_source_digest(package) == before
+    (package / "dicom" / "reader.py").write_text("# a fix\n")
+    fixed = reader_source_digest(package)
+    assert fixed != before
+    (package / "preprocess" / "_kernels.py").write_text("")  # a new decoding module counts too
+    assert reader_source_digest(package) != fixed
+    installed = Path(mammo_retrieval.__file__).parent  # the package's own decoding sources are there
+    assert all((installed / source).exists() for source in READER_SOURCES)
+    assert reader_source_digest() == reader_source_digest(installed) != before
