@@ -165,17 +165,19 @@ BATCH_DEATHS_BEFORE_PROBING = 3  # batches that killed their workers, none survi
 
 
 def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink", report: IngestReport, *,
-                    batch_size: int, in_flight: int | None = None, preceding: list[Rejected] = (),
+                    batch_size: int, in_flight: int | None = None, preceding: list[Rejected] | None = None,
                     on_progress: Progress | None = None) -> None:
-    """_run_batches, with a cluster left without workers named as such. Dask waits for workers that may
-    still join (a SLURM queue); a scheduler with ``distributed.scheduler.no-workers-timeout`` set fails
-    the tasks instead (NoWorkerError), and the batches written so far stay: a rerun resumes."""
-    from distributed.scheduler import NoWorkerError
+    """_run_batches (``in_flight`` by default two batches per worker thread), with a cluster left without
+    running workers named as such. Dask waits for workers that may still join (a SLURM queue); a
+    scheduler with ``distributed.scheduler.no-workers-timeout`` set fails the tasks instead (NoWorkerError,
+    or NoValidWorkerError with task queuing off: this ingest restricts no task to a worker, so both mean no
+    running worker), and the batches written so far stay: a rerun resumes."""
+    from distributed.scheduler import NoValidWorkerError, NoWorkerError  # distributed >= 2024.8
     try:
         _run_batches(paths, job, client, sink, report, batch_size=batch_size, in_flight=in_flight,
-                     preceding=preceding, on_progress=on_progress)
-    except NoWorkerError as exc:
-        raise WorkersKeepDying(f"the Dask scheduler has had no worker to run this ingest's tasks: {exc}",
+                     preceding=preceding or [], on_progress=on_progress)
+    except (NoWorkerError, NoValidWorkerError) as exc:
+        raise WorkersKeepDying(f"the Dask scheduler has had no running worker for this ingest's tasks: {exc}",
                                hint="start workers (or check why they stopped: their logs), then rerun the "
                                     "ingest, which resumes where it stopped") from None
 
@@ -184,7 +186,7 @@ def _run_batches(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink", 
                  batch_size: int, in_flight: int | None, preceding: list[Rejected],
                  on_progress: Progress | None) -> None:
     """Screen here, then prepare and embed on the cluster in batches of ``batch_size`` paths, at most
-    ``in_flight`` batches at a time (default: two per worker thread), writing each result as it arrives.
+    ``in_flight`` batches at a time (None: two per worker thread), writing each result as it arrives.
 
     A batch that keeps killing its workers (KilledWorker) has its files tried alone once nothing else runs;
     the one that still kills its worker is rejected (worker_died). While no batch has survived, a task

@@ -25,7 +25,8 @@ START_ATTEMPTS = 3  # fresh pools tried in a row before giving up: a pool that c
 
 
 class WorkersKeepDying(MammoRetrievalError):
-    """The decoding worker processes die with no file to blame (they cannot even start): stop, don't loop."""
+    """The decoding worker processes die with no file to blame (they cannot even start), or none is left
+    running (a Dask scheduler's no-workers-timeout): stop, don't loop."""
 
     code = "workers_died"
 

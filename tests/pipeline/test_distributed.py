@@ -87,21 +87,24 @@ def test_under_runtime_onnx_the_workers_load_the_clients_checked_export(tmp_path
     assert seen and set(seen) == {("onnx", 1, 0)}
 
 
-def test_a_cluster_without_workers_stops_the_ingest_with_a_clear_error_and_a_rerun_resumes(tmp_path, cluster):
+def test_a_cluster_without_workers_stops_the_ingest_with_a_clear_error_then_a_rerun_ingests(tmp_path, cluster):
     """Dask waits for workers that may still join (a SLURM queue); a scheduler told to give up
-    (``no-workers-timeout``) fails the tasks. The ingest then says the cluster has no worker, rather than
-    ending in a bare NoWorkerError, and a rerun on a cluster with workers ingests every file once."""
+    (``no-workers-timeout``) fails the tasks: NoWorkerError, or NoValidWorkerError with task queuing off
+    (``worker-saturation: inf``). Either way the ingest says the cluster has no running worker, rather than
+    ending in a bare scheduler error, and a rerun on a cluster with workers ingests every file once."""
     import dask
 
     from mammo_retrieval.pipeline.executors import WorkersKeepDying
     synthetic_archive(tmp_path / "archive", 4)
     cfg = make_config(tmp_path / "state", encoder={**TINY, "runtime": "torch"})
-    with dask.config.set({"distributed.scheduler.no-workers-timeout": "1s"}):
-        with distributed.LocalCluster(n_workers=0, processes=True, dashboard_address=":0",
-                                      host="127.0.0.1") as empty:
-            with pytest.raises(WorkersKeepDying, match="no worker to run this ingest's tasks") as stopped:
-                Workspace(cfg).ingest(tmp_path / "archive", executor="dask", scheduler=empty.scheduler_address)
-    assert "rerun" in stopped.value.hint
+    for queuing in ({}, {"distributed.scheduler.worker-saturation": float("inf")}):
+        with dask.config.set({"distributed.scheduler.no-workers-timeout": "1s", **queuing}):
+            with distributed.LocalCluster(n_workers=0, processes=True, dashboard_address=":0",
+                                          host="127.0.0.1") as empty:
+                with pytest.raises(WorkersKeepDying, match="no running worker for this ingest's tasks") as stopped:
+                    Workspace(cfg).ingest(tmp_path / "archive", executor="dask",
+                                          scheduler=empty.scheduler_address)
+        assert "rerun" in stopped.value.hint
     report = Workspace(cfg).ingest(tmp_path / "archive", executor="dask", scheduler=cluster.scheduler_address)
     assert (report.ingested, len(report.rejected)) == (4, 0)
     assert _counts(cfg) == (4, 4, 4)
