@@ -153,7 +153,8 @@ def test_an_ingest_tunes_the_threads_of_an_onnx_base_behind_an_adapter(tmp_path)
                                     "a failed check", "checked on older inputs (noise alone)",
                                     "not a JSON object"])
 def test_a_cached_export_whose_record_does_not_vouch_for_it_is_replaced(tmp_path, damage):
-    encoder = Workspace(make_config(tmp_path / "state", encoder={"runtime": "onnx"})).encoder
+    tiny = {"name": "resnet18", "input_size": 64, "device": "cpu"}  # the record's checks, not the model, matter
+    encoder = Workspace(make_config(tmp_path / "state", encoder={**tiny, "runtime": "onnx"})).encoder
     record_path = encoder.model_path.with_suffix(".json")
     record = json.loads(record_path.read_text())
     if damage.startswith("no check"):
@@ -167,7 +168,7 @@ def test_a_cached_export_whose_record_does_not_vouch_for_it_is_replaced(tmp_path
     else:
         record = [record]
     record_path.write_text(json.dumps(record))
-    again = Workspace(make_config(tmp_path / "state", encoder={"runtime": "auto", "device": "cpu"})).encoder
+    again = Workspace(make_config(tmp_path / "state", encoder={**tiny, "runtime": "auto"})).encoder
     assert again.runtime == "onnx"
     rewritten = json.loads(record_path.read_text())
     assert rewritten["check_min_cosine"] >= 0.999 and rewritten["opset"] == 18 and rewritten["check_inputs"] == 2
