@@ -162,6 +162,7 @@ def close(client) -> None:
 
 
 BATCH_DEATHS_BEFORE_PROBING = 3  # batches that killed their workers, none surviving: are the workers to blame?
+PROBE_ATTEMPTS = 2  # a probe's first death may be a worker still dying or restarting under it (seen under load)
 
 
 def run_distributed(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink", report: IngestReport, *,
@@ -250,7 +251,8 @@ def _run_batches(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink", 
     def probe_unless_a_batch_survived() -> None:
         """Batches died and none has survived yet: are the files to blame, or the workers? With nothing else
         running, one task that only builds the worker's encoder (no file read). If it kills its worker too,
-        the workers fail (the model cannot load, a memory limit too low): stop, rejecting nothing. Once."""
+        PROBE_ATTEMPTS times (once may be a worker still dying or restarting under it), the workers fail
+        (the model cannot load, a memory limit too low): stop, rejecting nothing. Once an ingest."""
         if state["probed"] or state["survived"]:
             return
         while pending:
@@ -258,9 +260,14 @@ def _run_batches(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink", 
         state["probed"] = True
         if state["survived"]:
             return
-        try:
-            client.submit(prepare_and_embed, [], job, pure=False).result()
-        except KilledWorker:
+        for attempt in range(1, PROBE_ATTEMPTS + 1):
+            try:
+                client.submit(prepare_and_embed, [], job, pure=False).result()
+                break
+            except KilledWorker:
+                logger.warning("the probe (the model alone, no file) lost its Dask worker (%d of %d)",
+                               attempt, PROBE_ATTEMPTS)
+        else:
             first = [display_path(p) for batch in dead for p, _ in batch][:3]
             raise WorkersKeepDying(
                 f"the Dask workers die even when they only load the model, reading no file, and each of the "
