@@ -39,9 +39,10 @@ demo: $(STAMP)
 	echo "== mretrieve status" && \
 	$(BIN)/mretrieve status
 
-# pytest exits 5 when it collects no test; that must fail loudly, not pass silently.
+# Two processes, a test file each at a time (its module fixtures stay in one process). pytest exits 5 when
+# it collects no test; that must fail loudly, not pass silently.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q; rc=$$?; \
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 # Build the wheel, install it non-editable in a fresh venv and run every command on real images (.ci/run runs it).

@@ -17,6 +17,7 @@ waiting on a worker when it died.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -135,6 +136,13 @@ class _Run:
     done: int = 0
 
 
+# Dask's cluster object closes a worker's nanny for good when, lost-worker-timeout (15 s) after the worker
+# died, no worker of that name is back yet: meant for batch jobs, it also closed the nanny of a LocalCluster
+# that was still restarting its worker (slow machine, or a file that kills each fresh worker), and the ingest
+# then waited for a worker forever. Our nannies restart their own workers, so the cluster never closes them.
+NANNY_KEPT_FOR = "36500 days"
+
+
 def connect(scheduler: str | None, workers: int):
     """A client of the cluster at ``scheduler``, or of a new LocalCluster of ``workers`` processes."""
     try:
@@ -147,18 +155,21 @@ def connect(scheduler: str | None, workers: int):
             return Client(scheduler, timeout="30s")
         except (OSError, TimeoutError) as exc:
             raise ConfigError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
-    cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
-                           dashboard_address=":0", host="127.0.0.1")
-    client = Client(cluster)
-    client._mretrieve_cluster = cluster  # closed with the client (see close)
+    import dask
+    with contextlib.ExitStack() as started:
+        started.enter_context(dask.config.set({"distributed.deploy.lost-worker-timeout": NANNY_KEPT_FOR}))
+        cluster = started.enter_context(LocalCluster(n_workers=max(1, workers), threads_per_worker=1,
+                                                     processes=True, dashboard_address=":0", host="127.0.0.1"))
+        client = Client(cluster)
+        client._mretrieve_started = started.pop_all()  # the cluster, then the config: closed with the client
     return client
 
 
 def close(client) -> None:
-    cluster = getattr(client, "_mretrieve_cluster", None)
     client.close()
-    if cluster is not None:
-        cluster.close()
+    started = getattr(client, "_mretrieve_started", None)
+    if started is not None:
+        started.close()
 
 
 BATCH_DEATHS_BEFORE_PROBING = 3  # batches that killed their workers, none surviving: are the workers to blame?
@@ -191,8 +202,9 @@ def _run_batches(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink", 
 
     A batch that keeps killing its workers (KilledWorker) has its files tried alone once nothing else runs;
     the one that still kills its worker is rejected (worker_died). While no batch has survived, a task
-    that reads no file probes the workers first: if it kills its worker too, the workers fail (the model
-    cannot load, a memory limit too low), and the ingest stops with WorkersKeepDying, no file blamed."""
+    that reads no file probes the workers first: if it kills its worker too, twice (PROBE_ATTEMPTS), the
+    workers fail (the model cannot load, a memory limit too low), and the ingest stops with
+    WorkersKeepDying, no file blamed."""
     from distributed import KilledWorker, wait
     run = _Run(sink, report)
     environment = functools.cache(lambda: decoding_environment(job.prepare))  # read on the first trial only
@@ -273,7 +285,7 @@ def _run_batches(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink", 
                 f"the Dask workers die even when they only load the model, reading no file, and each of the "
                 f"{len(dead)} batch(es) sent killed its workers (first files: {', '.join(first)}): the workers "
                 "fail, not the files, so none is rejected", hint="read the workers' logs: the model loads "
-                "there (memory limit, the weights' path); or ingest with --executor local") from None
+                "there (memory limit, the weights' path); or ingest with --executor local")
         state["survived"] = True
 
     for start in range(0, total, HEADER_CHUNK):

@@ -1,5 +1,6 @@
 """Ingest on Dask: the same vectors as the local executor, one encoder per worker, batches of paths, and
 restart safety when a worker or the client is killed (nothing lost, nothing doubled)."""
+import contextlib
 import os
 import signal
 import sqlite3
@@ -35,10 +36,21 @@ def _counts(cfg) -> tuple[int, int, int]:
     return status["counts"]["images"], status["counts"]["embeddings"], ws.searchable_index().ntotal
 
 
+@contextlib.contextmanager
+def local_cluster(n_workers: int, **config):
+    """A LocalCluster started beside mretrieve, as a user would, keeping its nannies as the README says
+    (``distributed.deploy.lost-worker-timeout``: see dist.NANNY_KEPT_FOR), with ``config`` in effect
+    while it runs (Dask reads some of it at the moment it acts)."""
+    import dask
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": dist.NANNY_KEPT_FOR, **config}):
+        with distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                      dashboard_address=":0", host="127.0.0.1") as cluster:
+            yield cluster
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                  host="127.0.0.1") as cluster:
+    with local_cluster(2) as cluster:
         yield cluster
 
 
@@ -130,8 +142,7 @@ def test_a_killed_worker_loses_and_doubles_nothing(tmp_path):
     n = 48
     synthetic_archive(tmp_path / "archive", n)
     cfg = make_config(tmp_path / "state", encoder=TINY)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                  host="127.0.0.1") as cluster:
+    with local_cluster(2) as cluster:
         with distributed.Client(cluster) as client:  # closed before the ingest opens its own: one client a time
             pids = list(client.run(os.getpid).values())
         killed = threading.Event()
@@ -201,22 +212,18 @@ def test_a_file_that_keeps_killing_its_workers_is_rejected_and_the_rest_ingested
     ingest. Now each file of that batch is tried alone once the other batches are done, the one that kills
     its workers alone is rejected (worker_died), the others of its batch and every other batch are
     ingested; after its second death a rerun neither decodes it again nor doubles anything."""
-    import dask
     files = synthetic_archive(tmp_path / "archive", 10)
     culprit = files[5]
     cfg = make_config(tmp_path / "state", encoder={**TINY, "runtime": "torch"})  # no client-side export: 11 s
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):  # give up at the first death: quick
-        with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                      host="127.0.0.1") as cluster:
-            with distributed.Client(cluster) as client:
-                client.register_plugin(DieOnFile(str(culprit)))
-            report = Workspace(cfg).ingest(tmp_path / "archive", executor="dask",
-                                           scheduler=cluster.scheduler_address)
-            assert (report.ingested, [(r.path, r.code) for r in report.rejected]) == \
-                (9, [(str(culprit), "worker_died")])
-            assert _counts(cfg) == (9, 9, 9)
-            second = Workspace(cfg).ingest(tmp_path / "archive", executor="dask", scheduler=cluster.scheduler_address)
-            again = Workspace(cfg).ingest(tmp_path / "archive", executor="dask", scheduler=cluster.scheduler_address)
+    with local_cluster(1, **{"distributed.scheduler.allowed-failures": 0}) as cluster:  # give up at once: quick
+        with distributed.Client(cluster) as client:
+            client.register_plugin(DieOnFile(str(culprit)))
+        report = Workspace(cfg).ingest(tmp_path / "archive", executor="dask", scheduler=cluster.scheduler_address)
+        assert (report.ingested, [(r.path, r.code) for r in report.rejected]) == \
+            (9, [(str(culprit), "worker_died")])
+        assert _counts(cfg) == (9, 9, 9)
+        second = Workspace(cfg).ingest(tmp_path / "archive", executor="dask", scheduler=cluster.scheduler_address)
+        again = Workspace(cfg).ingest(tmp_path / "archive", executor="dask", scheduler=cluster.scheduler_address)
     assert (second.ingested, second.already_present, [r.path for r in second.rejected]) == (0, 9, [str(culprit)])
     assert "died while reading" in second.rejected[0].reason  # one death is not enough: it was tried again
     assert (again.ingested, again.already_present, [r.path for r in again.rejected]) == (0, 9, [str(culprit)])
@@ -239,21 +246,54 @@ def test_workers_that_die_on_every_batch_stop_the_ingest_instead_of_rejecting_ev
     survivor, a task that reads no file probes the workers; when it kills its worker too, the ingest stops
     with a clear error, nothing rejected. A small archive (one batch) likewise, when the trials would start.
     (A rerun whose only files are crashers is not mistaken for it: see the test above.)"""
-    import dask
-
     from mammo_retrieval.pipeline.executors import WorkersKeepDying
     synthetic_archive(tmp_path / "archive", 10)  # 3 batches of 4
     synthetic_archive(tmp_path / "small", 2)
     cfg = make_config(tmp_path / "state", encoder={**TINY, "runtime": "torch"})
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-        with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                      host="127.0.0.1") as cluster:
-            with distributed.Client(cluster) as client:
-                client.register_plugin(DieOnModelLoad())
-            for archive, batches in (("archive", 3), ("small", 1)):
-                with pytest.raises(WorkersKeepDying, match=rf"only load the model.*each of the {batches} batch") \
-                        as info:
-                    Workspace(cfg).ingest(tmp_path / archive, executor="dask", scheduler=cluster.scheduler_address)
-                assert "--executor local" in info.value.hint
+    with local_cluster(1, **{"distributed.scheduler.allowed-failures": 0}) as cluster:
+        with distributed.Client(cluster) as client:
+            client.register_plugin(DieOnModelLoad())
+        for archive, batches in (("archive", 3), ("small", 1)):
+            with pytest.raises(WorkersKeepDying, match=rf"only load the model.*each of the {batches} batch") as info:
+                Workspace(cfg).ingest(tmp_path / archive, executor="dask", scheduler=cluster.scheduler_address)
+            assert "--executor local" in info.value.hint
     counts = Workspace(cfg).status()["counts"]
     assert (counts["images"], counts["rejected_files"]) == (0, 0)  # nothing written, no file blamed
+
+
+def _kill_the_worker(client) -> str:
+    ((address, pid),) = client.run(os.getpid).items()
+    os.kill(pid, signal.SIGKILL)
+    return address
+
+
+def _nanny_outcome(cluster, client, dead: str) -> str:
+    """'closed' once the cluster object has closed the nanny, 'back' once a fresh worker has registered."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if not cluster.workers:
+            return "closed"
+        if set(client.scheduler_info()["workers"]) - {dead}:
+            return "back"
+        time.sleep(0.1)
+    return "neither, after 120 s"
+
+
+def test_the_cluster_mretrieve_starts_keeps_its_nanny_while_a_killed_worker_restarts():
+    """Dask's cluster object closes a nanny whose worker is not back ``lost-worker-timeout`` after it died
+    (15 s; meant for batch jobs). A one-worker LocalCluster restarting a worker that a file had killed
+    was so left with no worker, and the ingest waited forever (the project's CI hung there). The control:
+    with a 0.2 s timeout, a plain LocalCluster loses its nanny; the one mretrieve starts keeps it, and
+    gives the setting back when it closes."""
+    import dask
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "0.2s"}):
+        with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                      host="127.0.0.1") as plain, distributed.Client(plain) as client:
+            assert _nanny_outcome(plain, client, _kill_the_worker(client)) == "closed"
+        client = dist.connect(None, 1)
+        try:
+            assert _nanny_outcome(client.cluster, client, _kill_the_worker(client)) == "back"
+            assert client.submit(os.getpid, pure=False).result(timeout=60) > 0
+        finally:
+            dist.close(client)
+        assert dask.config.get("distributed.deploy.lost-worker-timeout") == "0.2s"
