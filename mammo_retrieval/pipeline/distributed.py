@@ -136,11 +136,31 @@ class _Run:
     done: int = 0
 
 
-# Dask's cluster object closes a worker's nanny for good when, lost-worker-timeout (15 s) after the worker
-# died, no worker of that name is back yet: meant for batch jobs, it also closed the nanny of a LocalCluster
-# that was still restarting its worker (slow machine, or a file that kills each fresh worker), and the ingest
-# then waited for a worker forever. Our nannies restart their own workers, so the cluster never closes them.
+# Dask's cluster object closes a worker's nanny for good when, lost-worker-timeout (15 s) after a worker
+# died, no worker of that name is registered at that moment. Meant for batch jobs, it also closed the nanny
+# of a LocalCluster still restarting its worker (a slow machine, or a file that kills each fresh worker),
+# and the ingest then waited for a worker forever. Our nannies restart their own workers: never close them.
 NANNY_KEPT_FOR = "36500 days"
+_kept = {"clusters": 0, "setting": None}  # the setting is process-wide: held while any of our clusters runs
+_kept_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _nannies_kept():
+    """lost-worker-timeout at NANNY_KEPT_FOR from the first of our clusters to start until the last closes
+    (Dask reads it whenever a worker dies), then the caller's setting back."""
+    import dask
+    with _kept_lock:
+        if _kept["clusters"] == 0:
+            _kept["setting"] = dask.config.set({"distributed.deploy.lost-worker-timeout": NANNY_KEPT_FOR})
+        _kept["clusters"] += 1
+    try:
+        yield
+    finally:
+        with _kept_lock:
+            _kept["clusters"] -= 1
+            if _kept["clusters"] == 0:
+                _kept["setting"].__exit__(None, None, None)
 
 
 def connect(scheduler: str | None, workers: int):
@@ -155,9 +175,8 @@ def connect(scheduler: str | None, workers: int):
             return Client(scheduler, timeout="30s")
         except (OSError, TimeoutError) as exc:
             raise ConfigError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
-    import dask
     with contextlib.ExitStack() as started:
-        started.enter_context(dask.config.set({"distributed.deploy.lost-worker-timeout": NANNY_KEPT_FOR}))
+        started.enter_context(_nannies_kept())
         cluster = started.enter_context(LocalCluster(n_workers=max(1, workers), threads_per_worker=1,
                                                      processes=True, dashboard_address=":0", host="127.0.0.1"))
         client = Client(cluster)
@@ -166,10 +185,13 @@ def connect(scheduler: str | None, workers: int):
 
 
 def close(client) -> None:
-    client.close()
+    """Close the client, then the LocalCluster ``connect`` started (and its setting), even if that fails."""
     started = getattr(client, "_mretrieve_started", None)
-    if started is not None:
-        started.close()
+    try:
+        client.close()
+    finally:
+        if started is not None:
+            started.close()
 
 
 BATCH_DEATHS_BEFORE_PROBING = 3  # batches that killed their workers, none surviving: are the workers to blame?

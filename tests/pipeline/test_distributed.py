@@ -284,16 +284,20 @@ def test_the_cluster_mretrieve_starts_keeps_its_nanny_while_a_killed_worker_rest
     (15 s; meant for batch jobs). A one-worker LocalCluster restarting a worker that a file had killed
     was so left with no worker, and the ingest waited forever (the project's CI hung there). The control:
     with a 0.2 s timeout, a plain LocalCluster loses its nanny; the one mretrieve starts keeps it, and
-    gives the setting back when it closes."""
+    gives the setting back when the last of its clusters closes."""
     import dask
     with dask.config.set({"distributed.deploy.lost-worker-timeout": "0.2s"}):
         with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
                                       host="127.0.0.1") as plain, distributed.Client(plain) as client:
             assert _nanny_outcome(plain, client, _kill_the_worker(client)) == "closed"
-        client = dist.connect(None, 1)
+        first, second = dist.connect(None, 1), dist.connect(None, 1)
         try:
-            assert _nanny_outcome(client.cluster, client, _kill_the_worker(client)) == "back"
-            assert client.submit(os.getpid, pure=False).result(timeout=60) > 0
+            assert _nanny_outcome(first.cluster, first, _kill_the_worker(first)) == "back"
+            assert first.submit(os.getpid, pure=False).result(timeout=60) > 0
         finally:
-            dist.close(client)
+            dist.close(first)
+        try:  # closed out of order: the setting holds while the second cluster runs
+            assert dask.config.get("distributed.deploy.lost-worker-timeout") == dist.NANNY_KEPT_FOR
+        finally:
+            dist.close(second)
         assert dask.config.get("distributed.deploy.lost-worker-timeout") == "0.2s"
