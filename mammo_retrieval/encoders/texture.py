@@ -35,11 +35,19 @@ def _neighbour_offsets(radius: int) -> list[tuple[int, int]]:
     return [(-r, -r), (-r, 0), (-r, r), (0, r), (r, r), (r, 0), (r, -r), (0, -r)]
 
 
-def lbp_histograms(levels: torch.Tensor, radii: tuple[int, ...] = LBP_RADII) -> torch.Tensor:
+def breast_pixels(levels: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) grey levels -> the (N, H, W) boolean mask of the pixels the texture counts."""
+    return levels > BREAST_LEVEL
+
+
+def lbp_histograms(levels: torch.Tensor, radii: tuple[int, ...] = LBP_RADII,
+                   breast: torch.Tensor | None = None) -> torch.Tensor:
     """(N, H, W) grey levels -> (N, len(radii) * 10) histograms of rotation-invariant uniform LBP codes
     (the number of neighbours at least as bright as the centre when the ring has at most two 0/1
-    transitions, else 9), over breast pixels whose ring lies inside the picture."""
+    transitions, else 9), over breast pixels (``breast_pixels`` unless a mask is given) whose ring lies
+    inside the picture."""
     height, width = levels.shape[-2:]
+    breast = breast_pixels(levels) if breast is None else breast
     out = []
     for r in radii:
         centre = levels[:, r:height - r, r:width - r]
@@ -48,15 +56,17 @@ def lbp_histograms(levels: torch.Tensor, radii: tuple[int, ...] = LBP_RADII) -> 
         ones = torch.stack(bits).sum(dim=0)
         transitions = torch.stack([(bits[k] - bits[(k + 1) % 8]).abs() for k in range(8)]).sum(dim=0)
         code = torch.where(transitions <= 2, ones, torch.full_like(ones, LBP_CODES - 1))
-        out.append(weighted_histogram(code, (centre > BREAST_LEVEL).to(torch.float32), LBP_CODES))
+        out.append(weighted_histogram(code, breast[:, r:height - r, r:width - r].to(torch.float32), LBP_CODES))
     return torch.cat(out, dim=1)
 
 
-def local_std_histograms(levels: torch.Tensor, windows: tuple[int, ...] = STD_WINDOWS) -> torch.Tensor:
+def local_std_histograms(levels: torch.Tensor, windows: tuple[int, ...] = STD_WINDOWS,
+                         breast: torch.Tensor | None = None) -> torch.Tensor:
     """(N, H, W) grey levels -> (N, len(windows) * 16) histograms of the standard deviation in a square
-    window (borders mirrored) around each breast pixel, over [0, 40) grey levels."""
+    window (borders mirrored) around each breast pixel (``breast_pixels`` unless a mask is given), over
+    [0, 40) grey levels."""
     image = levels[:, None].to(torch.float32)
-    breast = levels > BREAST_LEVEL
+    breast = breast_pixels(levels) if breast is None else breast
     out = []
     for k in windows:
         padded = nn.functional.pad(image, (k // 2,) * 4, mode="reflect")

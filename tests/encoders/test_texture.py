@@ -8,7 +8,8 @@ import torch
 
 from mammo_retrieval.encoders.fusion import IntensityFusion, TextureFusion
 from mammo_retrieval.encoders.texture import (BREAST_LEVEL, LBP_CODES, LBP_RADII, STD_BINS, STD_RANGE, STD_WINDOWS,
-                                              TEXTURE_DIM, lbp_histograms, local_std_histograms, texture_features)
+                                              TEXTURE_DIM, breast_pixels, lbp_histograms, local_std_histograms,
+                                              texture_features)
 from mammo_retrieval.preprocess import PreprocessSettings, normalise
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -71,6 +72,20 @@ def test_known_answers_flat_picture_spike_and_no_breast():
     assert ring[0] * 324 == 1 and abs(ring[8] * 324 - 323) < 1e-3
     empty = texture_features(torch.zeros(1, 20, 20))
     assert torch.equal(empty, torch.zeros_like(empty))  # nothing above the background level: no counts, no NaN
+
+
+def test_a_given_breast_mask_restricts_the_counts_to_it():
+    spike = torch.full((1, 20, 20), 100.0)
+    spike[0, 10, 10] = 200.0
+    default = torch.cat([lbp_histograms(spike), local_std_histograms(spike)], dim=1)
+    mask = breast_pixels(spike)
+    assert torch.equal(torch.cat([lbp_histograms(spike, breast=mask), local_std_histograms(spike, breast=mask)], 1),
+                       default)  # the default mask, given explicitly: the same counts
+    only_spike = torch.zeros_like(mask)
+    only_spike[0, 10, 10] = True
+    assert lbp_histograms(spike, radii=(1,), breast=only_spike)[0, 0] == 1  # the spike alone: code 0
+    none = local_std_histograms(spike, breast=torch.zeros_like(mask))
+    assert torch.equal(none, torch.zeros_like(none))
 
 
 def test_v3_vector_is_v2s_beside_the_weighted_standardised_texture():

@@ -1,0 +1,192 @@
+"""Levers on v3's texture part that did not move tissue precision@10: measured out of fold, without the
+held-out women.
+
+    .venv/bin/python bench/cv_texture_variants.py --mias ../shared/data/mias --out bench/results/builtins/cv_texture_variants.json
+
+Why: #15's second goal (tissue P@10 >= 0.60 on held-out women) is not met by v3 (0.512 on ours), and its
+texture statistics alone rank tissue about as well as v3 does. This measures, on the same 4 folds by
+woman of the 71 women v1 did not hold out (``bench/cv_builtin.py``), every descriptor standardised on the
+training folds and ranked among the fold's own images (``pooled_scores``: same-woman images never count
+as tissue hits), whether any cheap change to that part lifts it:
+
+- the breast's own intensity distribution (density: a histogram, cumulative distribution or percentiles
+  of the pixels above the background, also after a Gaussian blur), alone and beside the texture;
+- where the texture is counted: the breast eroded (away from the skin line), the top rows or the
+  chest-wall corner left out (the pectoral muscle of these MLO views, after side canonicalisation);
+- more LBP radii and local-deviation windows;
+- pictures of 256 px (``--size``, repeatable, for others) instead of 128, radii and windows as at 128
+  and scaled;
+- query expansion with database-side augmentation: every image of the fold, query and gallery alike,
+  replaced by the weighted mean of itself and its k nearest (weights: the similarity to the power alpha).
+
+No network is trained; nothing here reads the held-out women.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_builtin_v2 import read_mias  # noqa: E402
+from cv_builtin import add_recipe_arguments, folds_by_woman, pooled_scores, training_data  # noqa: E402
+from cv_texture import standardised  # noqa: E402
+
+from mammo_retrieval.analysis.evaluate import RankedLists, l2_rows  # noqa: E402
+from mammo_retrieval.encoders.texture import (LBP_RADII, STD_WINDOWS, breast_pixels, lbp_histograms,  # noqa: E402
+                                              local_std_histograms)
+
+BLUR_SIGMA = 4.0
+DENSITY_WEIGHTS = (0.3, 0.5, 1.0)
+EXPANSIONS = ((1, 1.0), (3, 1.0), (3, 3.0), (5, 3.0), (8, 3.0))  # (k nearest, alpha)
+
+
+def texture(levels: torch.Tensor, breast: torch.Tensor | None = None, radii=LBP_RADII, windows=STD_WINDOWS) -> np.ndarray:
+    with torch.inference_mode():
+        return torch.cat([lbp_histograms(levels, radii, breast), local_std_histograms(levels, windows, breast)],
+                         dim=1).numpy()
+
+
+def eroded(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """The mask shrunk by ``radius`` pixels (a min filter)."""
+    m = mask[:, None].float()
+    return (-torch.nn.functional.max_pool2d(-m, 2 * radius + 1, 1, radius))[:, 0] > 0.5
+
+
+def density(pictures: np.ndarray) -> dict[str, np.ndarray]:
+    """The breast's own intensity distribution (pixels above the background), as four descriptors."""
+    import cv2
+    blurred = np.stack([cv2.GaussianBlur(p.astype(np.float32), (0, 0), BLUR_SIGMA) for p in pictures])
+    breast = breast_pixels(torch.from_numpy(pictures).float()).numpy()
+
+    def histograms(images):
+        out = [np.histogram(p[m], bins=32, range=(20, 256))[0] for p, m in zip(images, breast)]
+        return np.array([h / max(1, h.sum()) for h in out])
+    percentiles = np.array([np.percentile(p[m], np.arange(5, 100, 5)) for p, m in zip(pictures, breast)])
+    return {"breast histogram": histograms(pictures), "breast cumulative": np.cumsum(histograms(pictures), 1),
+            "breast percentiles": percentiles, f"blurred (sigma {BLUR_SIGMA}) breast histogram": histograms(blurred)}
+
+
+def expanded(vectors: np.ndarray, k: int, alpha: float) -> np.ndarray:
+    """Each unit row replaced by the similarity**alpha-weighted mean of itself and its k nearest rows."""
+    x = l2_rows(vectors)
+    similarity = x @ x.T
+    nearest = np.argsort(-similarity, axis=1)[:, :k + 1]
+    weights = np.take_along_axis(similarity, nearest, 1).clip(0) ** alpha
+    return l2_rows(np.einsum("nk,nkd->nd", weights, x[nearest]))
+
+
+def tissue_precision_per_query(vectors: np.ndarray, labels, rows: np.ndarray) -> np.ndarray:
+    """Each of ``rows``' tissue precision@10 among ``rows``, same-woman images excluded (as
+    ``retrieval_metrics`` counts it, one value per query)."""
+    ranked = RankedLists.build(l2_rows(vectors[rows]))
+    patients = labels.PatientID.to_numpy(object)[rows]
+    tissue = labels.tissue.to_numpy(object)[rows]
+    out = []
+    for q in range(len(rows)):
+        others = ranked.order[q][patients[ranked.order[q]] != patients[q]]
+        out.append((tissue[others[:10]] == tissue[q]).mean())
+    return np.array(out)
+
+
+def scored(vectors_for, folds, labels, expansion: tuple[int, float] | None = None) -> tuple[dict, np.ndarray]:
+    """Pooled out-of-fold contralateral@5 and tissue P@10, and the per-query tissue P@10 (queries in fold
+    order); ``vectors_for(fit_rows)`` makes each fold's space."""
+    totals, per_query = np.zeros(3), []
+    for fit_rows, held_rows in folds:
+        vectors = vectors_for(fit_rows)
+        if expansion:
+            vectors = vectors.copy()
+            vectors[held_rows] = expanded(vectors[held_rows], *expansion)
+        totals += pooled_scores(vectors, labels, held_rows)
+        per_query.append(tissue_precision_per_query(vectors, labels, held_rows))
+    if not np.isclose(np.concatenate(per_query).sum(), totals[1]):  # the two counts must be one rule
+        raise RuntimeError("per-query tissue precision disagrees with pooled_scores")
+    return ({"contralateral@5": round(float(totals[0] / totals[2]), 4),
+             "tissue P@10": round(float(totals[1] / totals[2]), 4)}, np.concatenate(per_query))
+
+
+def paired_interval(gain: np.ndarray, women: np.ndarray, draws: int = 2000) -> list[float]:
+    """95% bootstrap interval (women resampled, seeded) of the mean per-query gain."""
+    names, index = np.unique(women, return_inverse=True)
+    sums, counts = np.bincount(index, gain), np.bincount(index)
+    generator = np.random.default_rng(0)
+    picks = generator.integers(0, len(names), size=(draws, len(names)))
+    means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    return [round(float(v), 4) for v in np.percentile(means, [2.5, 97.5])]
+
+
+class Measurements:
+    """Every variant's pooled figures, and its tissue P@10 gain over v3's texture with a paired interval."""
+
+    def __init__(self, folds, labels) -> None:
+        self.folds, self.labels, self.summary = folds, labels, {}
+        self.women = np.concatenate([labels.PatientID.to_numpy(object)[held] for _, held in folds])
+        self.baseline: np.ndarray | None = None
+
+    def measure(self, name: str, vectors_for, **kw) -> None:
+        figures, per_query = scored(vectors_for, self.folds, self.labels, **kw)
+        if self.baseline is None:
+            self.baseline = per_query
+        else:
+            gain = per_query - self.baseline
+            figures["tissue P@10 gain over v3's texture"] = round(float(gain.mean()), 4)
+            figures["gain, 95% interval (women resampled)"] = paired_interval(gain, self.women)
+        self.summary[name] = figures
+        print(f"{name}: {figures}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="the JSON summary")
+    parser.add_argument("--size", type=int, action="append", default=None,
+                        help="a larger picture size to measure besides 128 (repeatable; default 256)")
+    add_recipe_arguments(parser)
+    args = parser.parse_args()
+    started = time.time()
+    labels, _, rows, _, grey, _ = training_data(args.mias)
+    folds = folds_by_woman(labels, rows)
+    pictures = (grey[:, 0].numpy() * 255.0 + 0.5).astype(np.uint8)
+    levels = torch.from_numpy(pictures).float()
+    base = texture(levels)
+    runs = Measurements(folds, labels)
+    runs.measure("v3's texture (128 px)", lambda fit: standardised(base, fit))
+    for name, features in density(pictures).items():
+        runs.measure(f"{name} alone", lambda fit: standardised(features, fit))
+        for w in DENSITY_WEIGHTS:
+            runs.measure(f"texture + {w} x {name}",
+                         lambda fit: np.hstack([standardised(base, fit), w * standardised(features, fit)]))
+    breast = breast_pixels(levels)
+    rows_idx = torch.arange(128)[:, None].expand(128, 128)
+    cols_idx = torch.arange(128)[None, :].expand(128, 128)
+    masks = {f"breast eroded by {r} px": eroded(breast, r) for r in (2, 4, 8)}
+    masks["top 35% of rows left out"] = breast & (rows_idx >= 45)[None]
+    masks["chest-wall top corner left out (x - y > 0.5 x 128)"] = breast & ~((cols_idx - rows_idx) > 64)[None]
+    for name, mask in masks.items():
+        features = texture(levels, mask)
+        runs.measure(f"texture, {name}", lambda fit: standardised(features, fit))
+    wider = texture(levels, None, (1, 2, 3, 4, 6, 8, 12), (3, 5, 7, 11, 15, 21, 31))
+    runs.measure("texture, radii 1-12 and windows 3-31 (7 each)", lambda fit: standardised(wider, fit))
+    for size in args.size or [256]:
+        _, larger = read_mias(args.mias, size)
+        larger = torch.from_numpy(larger).float()
+        scale = size // 128
+        for radii, windows, how in ((LBP_RADII, STD_WINDOWS, "128 px's radii and windows"),
+                                    (tuple(r * scale for r in LBP_RADII),
+                                     tuple(w * scale + (w * scale + 1) % 2 for w in STD_WINDOWS), "scaled")):
+            features = texture(larger, None, radii, windows)
+            runs.measure(f"texture at {size} px, {how}", lambda fit: standardised(features, fit))
+    for k, alpha in EXPANSIONS:
+        runs.measure(f"v3's texture, query expansion k {k} alpha {alpha}",
+                     lambda fit: standardised(base, fit), expansion=(k, alpha))
+    runs.summary["seconds"] = round(time.time() - started, 1)
+    args.out.write_text(json.dumps(runs.summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
