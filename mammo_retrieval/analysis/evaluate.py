@@ -28,7 +28,7 @@ from mammo_retrieval.core.errors import ConfigError, MammoRetrievalError
 # on_progress(step, done, total): the library reports, the CLI renders
 Progress = Callable[[str, int, int], None]
 
-from mammo_retrieval.analysis.labels import present
+from mammo_retrieval.analysis.labels import LabelsError, present
 
 if TYPE_CHECKING:
     from mammo_retrieval.storage.catalog.corpus import Corpus
@@ -204,8 +204,8 @@ def evaluate(corpus: Corpus, labels_csv: str, *, columns: list[str] | None = Non
     labelled = aligned[columns].replace("", pd.NA).notna().any(axis=1).to_numpy()
     keep = labelled if patients is None else labelled & table.meta.patient_id.isin(patients).to_numpy()
     if keep.sum() < 4:
-        raise MammoRetrievalError(f"only {int(keep.sum())} indexed images have labels (joined on {join})",
-                                  hint="check that the labels CSV describes the ingested archive")
+        raise LabelsError(f"only {int(keep.sum())} indexed images have labels (joined on {join})",
+                          hint="check that the labels CSV describes the ingested archive")
     if max(ks) > keep.sum() - 1:
         raise ConfigError(f"k={max(ks)} is more than the {int(keep.sum()) - 1} other images each of the "
                           f"{int(keep.sum())} labelled images can retrieve",

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from mammo_retrieval.analysis.evaluate import RankedLists, contralateral_hit_rate, l2_rows, retrieval_metrics
+from mammo_retrieval.analysis.labels import LabelsError
 from mammo_retrieval.core.errors import ConfigError, MammoRetrievalError
 from mammo_retrieval.storage.catalog.corpus import Corpus
 
@@ -121,8 +122,8 @@ def gate(live: Corpus, new: Corpus, labels_csv: str, metric_text: str | None, to
     wanted = columns if metric.column is None else [metric.column]
     labelled = aligned[wanted].replace("", pd.NA).notna().any(axis=1).to_numpy()
     if labelled.sum() < 4:
-        raise MammoRetrievalError(f"only {int(labelled.sum())} indexed images have labels in {labels_csv}",
-                                  hint="check that the labels CSV describes the ingested archive")
+        raise LabelsError(f"only {int(labelled.sum())} indexed images have labels in {labels_csv}",
+                          hint="check that the labels CSV describes the ingested archive")
     sops = list(table.meta.sop_instance_uid[labelled])
     labels = aligned[labelled].reset_index(drop=True)
     return GateResult(metric.text, measure(live, labels, metric, sops), measure(new, labels, metric, sops),

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from mammo_retrieval.analysis.evaluate import RankedLists, l2_rows, retrieval_metrics
-from mammo_retrieval.analysis.labels import present
-from mammo_retrieval.core.errors import ConfigError, MammoRetrievalError
+from mammo_retrieval.analysis.labels import LabelsError, present
+from mammo_retrieval.core.errors import ConfigError
 from mammo_retrieval.search.study import RULES, Study, StudyImage, fuse
 from mammo_retrieval.storage.catalog.corpus import Corpus
 
@@ -61,8 +61,8 @@ def evaluate_studies(corpus: Corpus, labels_csv: str, *, columns: list[str] | No
     vectors = table.vectors[labelled]
     keys = list(dict.fromkeys(meta.study_key))
     if len(keys) < 3:
-        raise MammoRetrievalError(f"only {len(keys)} labelled studies (joined on {join})",
-                                  hint="check that the labels CSV describes the ingested archive")
+        raise LabelsError(f"only {len(keys)} labelled studies (joined on {join})",
+                          hint="check that the labels CSV describes the ingested archive")
     if max(ks) > len(keys) - 1:
         raise ConfigError(f"k={max(ks)} is more than the {len(keys) - 1} other studies",
                           hint=f"choose k between 1 and {len(keys) - 1}")

@@ -161,8 +161,13 @@ _CHOICES = {
 }
 
 
+def default_config_file():
+    """The packaged defaults: ``configs/default.yaml`` in a checkout, ``mammo_retrieval/_configs/`` in a wheel."""
+    return resources.files("mammo_retrieval._configs").joinpath("default.yaml")
+
+
 def default_config_text() -> str:
-    return resources.files("mammo_retrieval._configs").joinpath("default.yaml").read_text()
+    return default_config_file().read_text()
 
 
 def _merge(base: dict, override: Mapping, origin: str) -> dict:

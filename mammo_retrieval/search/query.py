@@ -10,12 +10,12 @@ import numpy as np
 
 from mammo_retrieval.storage.catalog import repository as repo
 from mammo_retrieval.core.errors import ConfigError
+from mammo_retrieval.search.filters import LATERALITIES
 
 if TYPE_CHECKING:
     from mammo_retrieval.storage.catalog import Database
     from mammo_retrieval.storage.index import VectorIndex
 
-LATERALITIES = ("L", "R")
 OVERFETCH = 8  # extra neighbours fetched so that filtered-out ones rarely force a second search
 
 

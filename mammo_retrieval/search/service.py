@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from mammo_retrieval.core.config import Config, EncoderConfig
-from mammo_retrieval.core.errors import IndexCorruptError, NotFoundError, Remedy
+from mammo_retrieval.core.errors import ConfigError, IndexCorruptError, NotFoundError, Remedy
 from mammo_retrieval.core.timing import Stopwatch
 from mammo_retrieval.dicom.reader import InMemoryDicom, read_header
 from mammo_retrieval.encoders.pooling import embed_pictures
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Source = "str | Path | InMemoryDicom"  # a path, or an upload held in memory
+STUDY_KEYS_REMEDY = Remedy("a study is keyed by its AccessionNumber, else its StudyInstanceUID; the export lists "
+                           "both for every indexed image (joined.csv)", "export")
 PrepareFn = Callable[["str | Path | InMemoryDicom", "PreprocessSettings"], object]  # -> Prepared
 
 
@@ -218,8 +220,7 @@ class SearchService:
             vectors = [repo.vector_of(s, r.vector_id, index.manifest.dim) for r in records]
         if not records:
             raise NotFoundError(f"no indexed images for accession '{accession}'",
-                                remedies=[Remedy("studies without an AccessionNumber are keyed by "
-                                                 "StudyInstanceUID; the status lists what is indexed", "status")])
+                                remedies=[STUDY_KEYS_REMEDY])
         return [search(self.db, index, vector, _as_query(record), k, filters)
                 for record, vector in zip(records, vectors)]
 
@@ -232,8 +233,7 @@ class SearchService:
         studies = self._studies([key], index.manifest.dim)
         if not studies:
             raise NotFoundError(f"no indexed images for study '{key}'",
-                                remedies=[Remedy("studies without an AccessionNumber are keyed by "
-                                                 "StudyInstanceUID; the status lists what is indexed", "status")])
+                                remedies=[STUDY_KEYS_REMEDY])
         return self._rank(studies[0], index, k, rule, exclude_same_patient)
 
     def query_study_files(self, sources: list[Source], k: int = 10, *, rule: str = DEFAULT_RULE,
@@ -241,6 +241,13 @@ class SearchService:
         """The k studies most like the study these DICOM files (its views) make up."""
         check_rule(rule)
         headers = [read_header(source, self.config.reader) for source in sources]  # refused before the model loads
+        studies = {header.study_key for header in headers}
+        if len(studies) > 1:  # else the other studies' own images would come back as hits
+            raise ConfigError(
+                f"a study query is one study's views, and these files belong to {len(studies)} studies: "
+                + "; ".join(f"{source} (study {header.study_key})" for source, header in zip(sources, headers)),
+                hint="pass the files of one study (the same AccessionNumber, else StudyInstanceUID), or query each "
+                     "image on its own with --level image")
         index = self.index()
         images = []
         for source in sources:

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from mammo_retrieval.analysis.evaluate import RankedLists, l2_rows, retrieval_metrics
-from mammo_retrieval.core.errors import ConfigError, MammoRetrievalError
+from mammo_retrieval.analysis.labels import LabelsError
+from mammo_retrieval.core.errors import ConfigError
 from mammo_retrieval.encoders.adapter import KINDS, Projection
 from mammo_retrieval.train.trainer import patient_fraction
 
@@ -103,9 +104,9 @@ def train_adapter(vectors: np.ndarray, labels: dict[str, np.ndarray], patients: 
     held = fractions < cfg.heldout_fraction
     train = ~held
     if len(set(patients[held])) < 2 or train.sum() < 4:
-        raise MammoRetrievalError(f"{int(train.sum())} training images and {len(set(patients[held]))} held-out "
-                                  f"women: too few to train and measure an adapter (at least 4 and 2)", hint="label more images, or change "
-                                                                           "--heldout-fraction")
+        raise LabelsError(f"{int(train.sum())} labelled training images and {len(set(patients[held]))} held-out "
+                          f"women: too few to train and measure an adapter (at least 4 and 2)",
+                          hint="label more images, or change --heldout-fraction")
     projection, losses = fit_projection(vectors[train], [_codes(values[train]) for values in labels.values()], cfg)
     with torch.inference_mode():
         adapted = projection(torch.from_numpy(np.ascontiguousarray(vectors[held], dtype=np.float32))).numpy()

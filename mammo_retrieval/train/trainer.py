@@ -1,6 +1,10 @@
 """The SimCLR training loop: AdamW, cosine schedule with warm-up, AMP on CUDA, gradient clipping,
 early stopping on validation loss, patient-level splits, resumable after an interruption.
 
+Without a validation loss (fewer than two validation images after the patient split) the best epoch and
+early stopping go by the training loss instead, and the record says so: ``selected_by`` is "train_loss" and
+``best_val_loss`` is None, never the training loss under the validation loss's name.
+
 Images come from the preprocessed cache (uint8, model size); no DICOM is decoded here.
 """
 from __future__ import annotations
@@ -47,13 +51,23 @@ class TrainConfig:
     amp: bool = True               # used on CUDA only
 
 
+VAL_LOSS, TRAIN_LOSS = "val_loss", "train_loss"  # which loss chose the best epoch (`selected_by`)
+
+
 @dataclass
 class TrainResult:
     path: Path
     epochs_run: int
-    best_epoch: int
-    best_val_loss: float
+    best_epoch: int                    # 1-based; 0 when no epoch ran
+    best_val_loss: float | None        # the best epoch's validation loss; None without a validation loss
     history: list[dict] = field(default_factory=list)
+    best_train_loss: float | None = None  # the best epoch's (mean) training loss
+    selected_by: str = VAL_LOSS        # VAL_LOSS, or TRAIN_LOSS when there was no validation loss
+
+    def record(self) -> dict:
+        """The best epoch as the checkpoint and the CLI state it."""
+        return {"best_epoch": self.best_epoch, "selected_by": self.selected_by,
+                "best_val_loss": self.best_val_loss, "best_train_loss": self.best_train_loss}
 
 
 def patient_fraction(patient_id: str, seed: int) -> float:
@@ -118,6 +132,8 @@ class SimCLRTrainer:
         if len(self.train_idx) < 2:
             raise MammoRetrievalError(f"only {len(self.train_idx)} training images after the patient split",
                                       hint="ingest more images or lower --val-fraction/--holdout-fraction")
+        # the loss that picks the best epoch and stops early: a validation loss needs two validation images
+        self.selected_by = VAL_LOSS if len(self.val_idx) >= 2 else TRAIN_LOSS
         torch.manual_seed(cfg.seed)
         backbone = own_backbone(encoder, registry)
         learned_dim = getattr(backbone, "learned_dim", None) or encoder.dim  # a fused encoder: its network's
@@ -135,7 +151,8 @@ class SimCLRTrainer:
         self.size = cfg.image_size or self.images.shape[-1]
         self.history: list[dict] = []
         self.start_epoch = 0
-        self.best = (math.inf, -1)
+        self.best = (math.inf, -1)  # (the monitored loss, 0-based epoch)
+        self.best_losses: dict = {TRAIN_LOSS: None, VAL_LOSS: None}  # both losses of the best epoch
         self.best_state: dict | None = None
 
     # --- checkpoints -----------------------------------------------------------------------------
@@ -156,10 +173,15 @@ class SimCLRTrainer:
 
     def _state(self, epoch: int) -> dict:
         return {"format": CHECKPOINT_FORMAT, "epoch": epoch, "model_state_dict": self.model.state_dict(),
-                "best_state_dict": self.best_state, "best": list(self.best),
+                "best_state_dict": self.best_state, "best": list(self.best), "best_losses": self.best_losses,
                 "optimizer_state_dict": self.optimizer.state_dict(),
                 "scheduler_state_dict": self.scheduler.state_dict(), "scaler_state_dict": self.scaler.state_dict(),
                 "history": self.history, "recipe": asdict(self.cfg), "torch_rng": torch.get_rng_state()}
+
+    def _losses_from_history(self, epoch: int) -> dict:
+        """A .resume written before `best_losses` was kept: the best epoch's (rounded) losses from the history."""
+        row = next((h for h in self.history if h["epoch"] == epoch + 1), {})
+        return {TRAIN_LOSS: row.get(TRAIN_LOSS), VAL_LOSS: row.get(VAL_LOSS)}
 
     def try_resume(self) -> bool:
         path = self.resume_path()
@@ -174,6 +196,7 @@ class SimCLRTrainer:
         self.scheduler.load_state_dict(state["scheduler_state_dict"])
         self.scaler.load_state_dict(state["scaler_state_dict"])
         self.history, self.best, self.best_state = state["history"], tuple(state["best"]), state["best_state_dict"]
+        self.best_losses = state.get("best_losses") or self._losses_from_history(self.best[1])
         torch.set_rng_state(state["torch_rng"])
         self.start_epoch = state["epoch"] + 1
         self.log(f"resumed from {path} after epoch {state['epoch'] + 1}")
@@ -224,7 +247,7 @@ class SimCLRTrainer:
     @torch.no_grad()
     def validation_loss(self) -> float | None:
         """Loss on the validation women with fixed augmentations, so epochs are comparable."""
-        if len(self.val_idx) < 2:
+        if self.selected_by != VAL_LOSS:
             return None
         self.model.eval()
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 12345)
@@ -234,14 +257,19 @@ class SimCLRTrainer:
     def fit(self, data_info: dict | None = None) -> TrainResult:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.try_resume()
+        monitor = "validation" if self.selected_by == VAL_LOSS else "training"
+        if self.selected_by == TRAIN_LOSS:
+            self.log(f"no validation loss ({len(self.val_idx)} validation images, 2 needed): the best epoch and "
+                     f"early stopping go by the training loss")
         epoch = self.start_epoch - 1
         for epoch in range(self.start_epoch, self.cfg.epochs):
             started = time.perf_counter()
             train_loss = self.train_epoch(epoch)
             val_loss = self.validation_loss()
-            monitored = val_loss if val_loss is not None else train_loss
+            monitored = val_loss if self.selected_by == VAL_LOSS else train_loss
             if monitored < self.best[0]:
                 self.best = (monitored, epoch)
+                self.best_losses = {TRAIN_LOSS: train_loss, VAL_LOSS: val_loss}
                 self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
             self.history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 5),
                                  "val_loss": None if val_loss is None else round(val_loss, 5),
@@ -251,8 +279,12 @@ class SimCLRTrainer:
                      f"val {'-' if val_loss is None else f'{val_loss:.4f}'} ({self.history[-1]['seconds']} s)")
             _save_atomic(self._state(epoch), self.resume_path())
             if epoch - self.best[1] >= self.cfg.patience:
-                self.log(f"early stop: no better validation loss for {self.cfg.patience} epochs")
+                self.log(f"early stop: no better {monitor} loss for {self.cfg.patience} epochs")
                 break
+        ran = self.best[1] >= 0
+        result = TrainResult(self.out, len(self.history), self.best[1] + 1,
+                             self.best_losses[VAL_LOSS] if ran and self.selected_by == VAL_LOSS else None,
+                             self.history, self.best_losses[TRAIN_LOSS] if ran else None, self.selected_by)
         final = {
             "format": CHECKPOINT_FORMAT,
             "model_state_dict": self.best_state or self.model.state_dict(),
@@ -264,9 +296,13 @@ class SimCLRTrainer:
                 "heldout_images": int(len(self.held_idx)),
                 "heldout_patients": sorted({self.patients[i] for i in self.held_idx}),
                 "val_patients": sorted({self.patients[i] for i in self.val_idx})},
-            "epochs": len(self.history), "best_epoch": self.best[1] + 1, "best_val_loss": self.best[0],
+            "epochs": len(self.history), **result.record(),
             "losses": self.history,
         }
         _save_atomic(final, self.out)
         self.resume_path().unlink(missing_ok=True)
-        return TrainResult(self.out, len(self.history), self.best[1] + 1, self.best[0], self.history)
+        if ran:
+            best_loss = result.best_val_loss if self.selected_by == VAL_LOSS else result.best_train_loss
+            self.log(f"best epoch {result.best_epoch}/{result.epochs_run} chosen by the {monitor} loss "
+                     f"({best_loss:.4f})" + ("" if self.selected_by == VAL_LOSS else "; no validation loss"))
+        return result

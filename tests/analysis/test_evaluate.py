@@ -6,6 +6,7 @@ import pytest
 
 from mammo_retrieval.analysis.evaluate import (RankedLists, contralateral_hit_rate, evaluate, retrieval_metrics,
                                                to_markdown)
+from mammo_retrieval.analysis.labels import LabelsError
 
 
 def test_retrieval_metrics_known_answer():
@@ -101,3 +102,9 @@ def test_all_versions_are_measured_on_the_same_images(tmp_path, cbis_files):
     assert report["spaces"][live_name]["labels"] == report["spaces"][kept_name]["labels"]
     assert report["skipped_versions"] == {kept_name: "no vectors of this version in the catalog"}
     assert f"Not compared: {kept_name}: no vectors of this version in the catalog." in to_markdown(report)
+    other_archive = tmp_path / "other.csv"  # labels of another archive: a usage error (exit 2), as everywhere
+    other_archive.write_text("SOPInstanceUID,pathology\n" + "".join(f"1.2.3.{i},{('BENIGN', 'MALIGNANT')[i % 2]}\n"
+                                                                  for i in range(8)))
+    with pytest.raises(LabelsError, match="only 0 indexed images have labels") as raised:
+        evaluate(ws.corpus(), str(other_archive), ks=(1, 3))
+    assert raised.value.exit_code == 2

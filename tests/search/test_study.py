@@ -3,6 +3,7 @@ four-view phantom studies where one study is a copy of another with new UIDs (it
 import numpy as np
 import pytest
 
+from mammo_retrieval.app.cli._common import render_error
 from mammo_retrieval.app.workspace import Workspace
 from mammo_retrieval.core.errors import ConfigError, NotFoundError
 from mammo_retrieval.search.study import Study, StudyImage, fuse, rank_studies
@@ -111,7 +112,17 @@ def test_a_study_query_from_files_equals_the_stored_one(four_view_archive):
     assert two_views.hits[0].study_key == "ST6" and two_views.hits[0].views_matched == ["L CC", "L MLO"]
 
 
+def test_a_study_query_from_files_of_two_studies_is_refused_naming_them(four_view_archive):
+    ws, files = four_view_archive  # else study 3's own image would come back as a hit of "study 2"
+    with pytest.raises(ConfigError, match="belong to 2 studies") as raised:
+        ws.search.query_study_files([files[(2, 0)], files[(3, 1)]], k=3)
+    assert "study ST2" in raised.value.message and "study ST3" in raised.value.message
+    assert str(files[(3, 1)]) in raised.value.message and "--level image" in raised.value.hint
+
+
 def test_unknown_study_is_not_found(four_view_archive):
     ws, _ = four_view_archive
-    with pytest.raises(NotFoundError, match="NOPE"):
+    with pytest.raises(NotFoundError, match="NOPE") as raised:
         ws.search.similar_studies("NOPE")
+    assert "joined.csv" in raised.value.hint and raised.value.remedies[0].action == "export"  # where keys are listed
+    assert "mretrieve export --out DIR" in render_error(raised.value)

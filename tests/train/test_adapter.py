@@ -83,7 +83,7 @@ def test_adapt_cli_refuses_too_few_women_and_names_the_split(tmp_path, cbis_file
     result = runner.invoke(cli, ["adapt", "--labels", str(labels), "--label-column", "pathology", "--out",
                                  str(tmp_path / "a.safetensors"), "--heldout-fraction", "0.05"],
                            env={"MRETRIEVE_HOME": str(tmp_path / "state")})
-    assert result.exit_code == 1 and "too few to train and measure an adapter" in result.output
+    assert result.exit_code == 2 and "too few to train and measure an adapter" in result.output  # a LabelsError
 
 
 def test_a_tissue_adapter_improves_held_out_women_on_mias(mias_dir, tmp_path):

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -82,6 +84,59 @@ def test_checkpoint_is_primer_compatible_and_resumable(small_workspace, tmp_path
                          init_checkpoint=str(tmp_path / "primer.bin"), log=lambda _: None)
     torch.testing.assert_close(init.model.state_dict()["encoder.encoder.conv1.weight"],
                                checkpoint["model_state_dict"]["encoder.encoder.conv1.weight"])
+
+
+def test_without_a_validation_split_the_record_says_the_training_loss_chose(small_workspace, tmp_path):
+    """No validation women: the best epoch goes by the training loss, and the result, the checkpoint and the
+    CLI say so (best_val_loss null, best_train_loss, selected_by) instead of passing the training loss off as
+    a validation loss."""
+    images, patients, _ = load_training_images(small_workspace.corpus(), small_workspace.encoder.settings.size)
+    cfg = TrainConfig(epochs=2, batch_size=8, warmup_epochs=1, val_fraction=0.0)
+    out, lines = tmp_path / "noval.pt", []
+    trainer = SimCLRTrainer(small_workspace.encoder, images, patients, cfg, out, log=lines.append)
+    result = trainer.fit()
+    train_losses = [h["train_loss"] for h in result.history]
+    assert all(h["val_loss"] is None for h in result.history)
+    assert result.selected_by == "train_loss" and result.best_val_loss is None
+    assert result.best_epoch == int(np.argmin(train_losses)) + 1
+    assert result.best_train_loss == pytest.approx(min(train_losses), abs=1e-5)
+    checkpoint = torch.load(out, map_location="cpu", weights_only=True)
+    assert checkpoint["selected_by"] == "train_loss" and checkpoint["best_val_loss"] is None
+    assert checkpoint["best_epoch"] == result.best_epoch and checkpoint["best_train_loss"] == result.best_train_loss
+    assert checkpoint["data"]["val_images"] == 0
+    assert any("training loss" in line for line in lines) and not any("validation loss:" in line for line in lines)
+
+    # one validation image is no validation loss either; the CLI's JSON and stderr say which loss chose
+    from click.testing import CliRunner
+    from mammo_retrieval.app.cli.train import train
+    run = CliRunner().invoke(train, ["--epochs", "1", "--batch-size", "4", "--warmup-epochs", "0", "--device",
+                                     "cpu", "--val-fraction", "0.2", "--out", str(tmp_path / "cli.pt")],
+                             obj=small_workspace.config, catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    record = json.loads(run.stdout)
+    assert record["selected_by"] == "train_loss" and record["best_val_loss"] is None
+    assert record["best_epoch"] == 1 and isinstance(record["best_train_loss"], float)
+    assert "best epoch 1/1 chosen by the training loss" in run.stderr
+    saved = torch.load(tmp_path / "cli.pt", map_location="cpu", weights_only=True)
+    assert saved["data"]["val_images"] == 1 and saved["best_val_loss"] is None
+    assert saved["best_train_loss"] == pytest.approx(record["best_train_loss"])
+
+
+def test_with_a_validation_split_the_validation_loss_chooses(small_workspace, tmp_path):
+    images, patients, _ = load_training_images(small_workspace.corpus(), small_workspace.encoder.settings.size)
+    cfg = TrainConfig(epochs=2, batch_size=8, warmup_epochs=1, val_fraction=0.3)  # one woman, 2 images
+    out = tmp_path / "val.pt"
+    trainer = SimCLRTrainer(small_workspace.encoder, images, patients, cfg, out, log=lambda _: None)
+    assert len(trainer.val_idx) >= 2
+    result = trainer.fit()
+    val_losses = [h["val_loss"] for h in result.history]
+    best = int(np.argmin(val_losses))
+    assert result.selected_by == "val_loss" and result.best_epoch == best + 1
+    assert result.best_val_loss == pytest.approx(val_losses[best], abs=1e-5)
+    assert result.best_train_loss == pytest.approx(result.history[best]["train_loss"], abs=1e-5)
+    checkpoint = torch.load(out, map_location="cpu", weights_only=True)
+    assert {k: checkpoint[k] for k in ("best_epoch", "selected_by", "best_val_loss", "best_train_loss")} == \
+        result.record()
 
 
 def test_training_leaves_the_serving_encoder_untouched(small_workspace, tmp_path):

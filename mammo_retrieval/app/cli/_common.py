@@ -110,6 +110,7 @@ COMMANDS = {
     "rollback": "mretrieve reindex --rollback",
     "reindex": "mretrieve reindex",
     "qc": "mretrieve qc",
+    "export": "mretrieve export --out DIR",
 }
 
 

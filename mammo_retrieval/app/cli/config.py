@@ -40,8 +40,8 @@ def origins(config) -> dict[tuple[str, str], str]:
 
 def render(config, env: Mapping[str, str]) -> str:
     """YAML of the effective config; values not from the defaults carry a comment naming their layer."""
-    from mammo_retrieval.core.config import ENV_HOME
-    layers = [f"{DEFAULTS} (mammo_retrieval/_configs/default.yaml)"]
+    from mammo_retrieval.core.config import ENV_HOME, default_config_file
+    layers = [f"{DEFAULTS} ({default_config_file()})"]  # where this install reads them
     layers += [_layer(source) for source in config.source if source != DEFAULTS]
     home = f"{env[ENV_HOME]} (env ${ENV_HOME})" if env.get(ENV_HOME) else f"{os.getcwd()} (the current folder)"
     lines = ["# effective mretrieve configuration; layers in order, later ones win:",

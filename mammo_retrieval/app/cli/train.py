@@ -17,7 +17,9 @@ from mammo_retrieval.app.cli._common import workspace
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--warmup-epochs", type=click.IntRange(min=0), default=10, show_default=True)
 @click.option("--patience", type=click.IntRange(min=1), default=15, show_default=True)
-@click.option("--val-fraction", type=float, default=0.15, show_default=True, help="Share of women for validation.")
+@click.option("--val-fraction", type=float, default=0.15, show_default=True,
+              help="Share of women for validation; under 2 validation images the training loss picks the best "
+                   "epoch (the output's selected_by says which).")
 @click.option("--holdout-fraction", type=float, default=0.0, show_default=True,
               help="Share of women kept out of training and validation entirely (recorded in the checkpoint).")
 @click.option("--image-size", type=int, default=None, help="Train at this size (default: the encoder's).")
@@ -44,5 +46,7 @@ def train(ctx: click.Context, epochs: int, batch_size: int, out_path: str, init_
                f"({len(trainer.val_idx)} validation, {len(trainer.held_idx)} held out) on {trainer.device}", err=True)
     result = trainer.fit({"database": ws.status()["database"], "images": len(images),
                           "patients": len(set(patients))})
-    click.echo(json.dumps({"checkpoint": str(result.path), "epochs": result.epochs_run,
-                           "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss}, indent=2))
+    # selected_by says which loss chose best_epoch: "val_loss", or "train_loss" when there was no validation
+    # split (best_val_loss is then null, never the training loss)
+    click.echo(json.dumps({"checkpoint": str(result.path), "epochs": result.epochs_run, **result.record()},
+                          indent=2))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
-from mammo_retrieval.core.errors import ConfigError
+from mammo_retrieval.core.errors import ConfigError, PacsError
 from mammo_retrieval.core.netaddr import is_loopback
 
 logger = logging.getLogger(__name__)
@@ -46,23 +47,58 @@ def check_bind(host: str, token: str | None) -> None:
                           hint=f"pass --token-file FILE or set ${TOKEN_ENV}, or bind 127.0.0.1")
 
 
-def display_url(host: str, port: int) -> str:
+def display_address(host: str, port: int) -> str:
     shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}/"
+    return f"{shown}:{port}"
+
+
+def display_url(host: str, port: int) -> str:
+    return f"http://{display_address(host, port)}/"
+
+
+BACKLOG = 2048  # uvicorn's
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` resolves to, as asyncio would open them for uvicorn, but
+    opened here: a port in use (or an address not on this machine) is then a PacsError naming it, exit 12
+    as for `mretrieve listen`, not uvicorn's own exit 3 (which is "rejected DICOM" to us)."""
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise PacsError(f"cannot listen on {display_address(host, port)}: {exc.strerror or exc}",
+                        hint="choose another --port, or stop what holds it") from None
+    return sockets
 
 
 def run(app, host: str, port: int, *, on_listening: Callable[[str], None]) -> None:
-    """Serve until interrupted; ``on_listening(url)`` as soon as the socket accepts connections."""
+    """Serve until interrupted; ``on_listening(url)`` as soon as the socket accepts connections. A port
+    that cannot be bound is a PacsError before anything starts."""
     import uvicorn
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None,
-                                          timeout_graceful_shutdown=5))
+    sockets = bind(host, port)
+    try:
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None,
+                                              timeout_graceful_shutdown=5, backlog=BACKLOG))
 
-    def announce() -> None:
-        while not server.started and not server.should_exit:
-            time.sleep(0.01)
-        if server.started:
-            sockets = [s for srv in server.servers for s in srv.sockets]
-            bound = sockets[0].getsockname()[1] if sockets else port
-            on_listening(display_url(host, bound))
-    threading.Thread(target=announce, name="announce", daemon=True).start()
-    server.run()
+        def announce() -> None:
+            while not server.started and not server.should_exit:
+                time.sleep(0.01)
+            if server.started:
+                bound = sockets[0].getsockname()[1]
+                on_listening(display_url(host, bound))
+        threading.Thread(target=announce, name="announce", daemon=True).start()
+        server.run(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -1,10 +1,12 @@
 """`config show`: the effective config as YAML, which layer set each value, and no password."""
+from pathlib import Path
+
 import pytest
 import yaml
 from click.testing import CliRunner
 
 from mammo_retrieval.app.cli import cli
-from mammo_retrieval.core.config import ENV_OVERRIDES, load_config
+from mammo_retrieval.core.config import ENV_OVERRIDES, default_config_file, load_config
 
 
 @pytest.fixture
@@ -30,6 +32,8 @@ def test_defaults_only(env, tmp_path):
     assert shown["preprocess"]["percentiles"] == list(cfg.preprocess.percentiles)
     assert "#   1. defaults" in out and "#   2." not in out and f"{tmp_path / 'home'} (env $MRETRIEVE_HOME)" in out
     assert "# file" not in out and "# env" not in out
+    defaults = default_config_file()  # the file this install reads, named as it is (a checkout or a wheel)
+    assert f"#   1. defaults ({defaults})" in out and Path(str(defaults)).is_file()
 
 
 def test_each_value_names_its_layer_and_the_password_is_masked(env, tmp_path):

@@ -112,12 +112,46 @@ def test_filters_apply(client, archive):
     assert client.get(f"/api/v1/images/{sop}/similar?k=20&view=MLO").json()["hits"] == []  # phantoms are CC
 
 
-@pytest.mark.parametrize("query", ["k=0", "k=abc", "laterality=X", "k=100000"])
+@pytest.mark.parametrize("query", ["k=0", "k=abc", "laterality=X", "view=XX", "k=100000"])
 def test_bad_parameters_are_422_json(client, archive, query):
     _, files, _ = archive
     sop = client.post("/api/v1/query?k=1", content=files[0].read_bytes(), headers=DICOM).json()["query"]["sop_instance_uid"]
     response = client.get(f"/api/v1/images/{sop}/similar?{query}")
     assert response.status_code == 422 and response.json()["error"] == "invalid_request"
+
+
+@pytest.mark.parametrize("route", ["query", "similar", "similar.kos"])
+def test_an_unknown_view_or_laterality_is_422_naming_the_parameter_and_its_values_on_every_filtered_route(
+        client, archive, route):
+    _, files, _ = archive
+    data = files[0].read_bytes()
+    sop = client.post("/api/v1/query?k=1", content=data, headers=DICOM).json()["query"]["sop_instance_uid"]
+
+    def ask(query):
+        if route == "query":
+            return client.post(f"/api/v1/query?{query}", content=data, headers=DICOM)
+        return client.get(f"/api/v1/images/{sop}/{route}?{query}")
+
+    for query, parameter, allowed in [("view=XX", "view", ["CC", "MLO", "ML", "LM", "XCCL"]),
+                                      ("laterality=X", "laterality", ["L", "R"])]:
+        response = ask(query)
+        assert response.status_code == 422, (query, response.text)
+        body = response.json()
+        assert body["error"] == "invalid_request" and f"query.{parameter}" in body["message"], body
+        assert all(f"'{value}'" in body["message"] for value in allowed), body["message"]
+    assert ask("view=CC&laterality=L").status_code == 200
+
+
+def test_view_and_laterality_filters_take_any_case_and_empty_is_no_filter_as_on_the_cli(client, archive):
+    _, files, _ = archive
+    upload = client.post("/api/v1/query?k=1", content=files[0].read_bytes(), headers=DICOM).json()
+    sop = upload["query"]["sop_instance_uid"]
+    every = client.get(f"/api/v1/images/{sop}/similar?k=20").json()["hits"]
+    assert len(every) == 9 and all(h["view"] == "CC" for h in every)  # phantoms are CC
+    assert client.get(f"/api/v1/images/{sop}/similar?k=20&view=cc").json()["hits"] == every
+    assert client.get(f"/api/v1/images/{sop}/similar?k=20&view=&laterality=").json()["hits"] == every
+    left = [h["sop_instance_uid"] for h in client.get(f"/api/v1/images/{sop}/similar?k=20&laterality=l").json()["hits"]]
+    assert left and left == [h["sop_instance_uid"] for h in every if h["laterality"] == "L"] and len(left) < len(every)
 
 
 def test_unknown_image_is_404_everywhere(client):
@@ -179,6 +213,32 @@ def test_metrics_count_routes_stages_and_index(client, archive):
     assert 'mretrieve_stage_seconds_count{stage="embed"}' in text
     assert 'mretrieve_stage_seconds_count{stage="search"}' in text
     assert "mretrieve_index_vectors 10.0" in text and "mretrieve_live_model_info" in text
+
+
+def test_a_home_without_a_database_or_an_index_is_503_saying_which_while_an_unknown_image_stays_404(tmp_path):
+    from tests.app.http.conftest import TINY
+    from tests.conftest import make_config
+    upload = make_file(tmp_path / "q.dcm", breast_phantom(128, 96, side="L", seed=0)).read_bytes()
+    ws = Workspace(make_config(tmp_path / "state", encoder=TINY))
+    requests = [("GET", "/api/v1/info"), ("POST", "/api/v1/query"), ("GET", "/api/v1/status"),
+                ("GET", "/api/v1/images/1.2.3.404"), ("GET", "/api/v1/images/1.2.3.404/similar"),
+                ("GET", "/api/v1/images/1.2.3.404/thumbnail.png"), ("GET", "/api/v1/images/1.2.3.404/similar.kos"),
+                ("GET", "/api/v1/studies/NO-SUCH-ACC/similar"), ("GET", "/api/v1/qc/latest")]
+    with TestClient(create_app(ws, warm_up=False)) as client:
+        for method, path in requests:  # nothing ingested yet: no database
+            response = client.request(method, path, content=upload, headers=DICOM)
+            assert response.status_code == 503, (path, response.text)
+            body = response.json()
+            assert body["error"] == "no_database" and body["message"].startswith("no database at"), body
+            assert body["remedies"][0]["action"] == "ingest"
+        ws.ensure_database()  # a database (as `mretrieve db upgrade` makes), still nothing ingested: no index
+        for method, path in [("GET", "/api/v1/info"), ("POST", "/api/v1/query"),
+                             ("GET", "/api/v1/images/1.2.3.404/similar")]:
+            response = client.request(method, path, content=upload, headers=DICOM)
+            assert response.status_code == 503 and response.json()["error"] == "no_index", (path, response.text)
+        unknown = client.get("/api/v1/images/1.2.3.404")
+        assert unknown.status_code == 404 and unknown.json()["error"] == "not_found"
+    ws.close()
 
 
 def test_qc_latest_is_404_before_a_sweep_then_shows_it(tmp_path):

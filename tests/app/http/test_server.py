@@ -1,5 +1,6 @@
 """`mretrieve serve` as a user runs it: a real uvicorn process, the URL printed while the model warms up,
 no open bind without a token, and no PatientID or PatientName in its log."""
+import socket
 import time
 
 import httpx
@@ -38,6 +39,17 @@ def test_bad_token_files_exit_2(tmp_path):
     result = _serve(tmp_path, "--host", "0.0.0.0", "--token-file", str(short))
     assert result.exit_code == 2 and "at least 16" in result.output
     assert _serve(tmp_path, "--token-file", str(tmp_path / "missing.txt")).exit_code == 2
+
+
+def test_serve_on_a_port_in_use_exits_12_naming_the_address_with_a_hint(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _serve(tmp_path, "--port", str(port))
+    assert result.exit_code == 12, result.output  # as `mretrieve listen`; not 3, which is "rejected DICOM"
+    assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in result.output
+    assert "hint: choose another --port, or stop what holds it" in result.output
 
 
 def test_token_resolution_and_bind_rules(tmp_path):
@@ -108,4 +120,4 @@ def test_the_server_starts_on_an_empty_home_and_says_why_it_cannot_answer(tmp_pa
             time.sleep(0.05)
         assert health["status"] == "error" and "database" in health["message"]
         response = httpx.get(url + "api/v1/info", timeout=30)
-        assert response.status_code == 404 and response.json()["error"] == "not_found"
+        assert response.status_code == 503 and response.json()["error"] == "no_database"
