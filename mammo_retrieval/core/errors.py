@@ -126,6 +126,17 @@ class NotFoundError(MammoRetrievalError):
     exit_code = 7
 
 
+class NoDatabaseError(NotFoundError):
+    """Nothing ingested yet: no database, or one without our schema. Not found to the CLI (exit 7); a service
+    that cannot answer anything yet (503) over HTTP, where 404 says the request named something unknown."""
+    code = "no_database"
+
+
+class NoIndexError(NotFoundError):
+    """No index for the live model (nothing ingested with it); as NoDatabaseError for the CLI and HTTP."""
+    code = "no_index"
+
+
 class DatabaseError(MammoRetrievalError):
     code = "database_error"
     exit_code = 8

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from mammo_retrieval.core.config import Config, EncoderConfig
-from mammo_retrieval.core.errors import ConfigError, IndexCorruptError, NotFoundError, Remedy
+from mammo_retrieval.core.errors import ConfigError, IndexCorruptError, NotFoundError, Remedy, display_path
 from mammo_retrieval.core.timing import Stopwatch
 from mammo_retrieval.dicom.reader import InMemoryDicom, read_header
 from mammo_retrieval.encoders.pooling import embed_pictures
@@ -245,7 +245,7 @@ class SearchService:
         if len(studies) > 1:  # else the other studies' own images would come back as hits
             raise ConfigError(
                 f"a study query is one study's views, and these files belong to {len(studies)} studies: "
-                + "; ".join(f"{source} (study {header.study_key})" for source, header in zip(sources, headers)),
+                + "; ".join(f"{display_path(source)} (study {header.study_key})" for source, header in zip(sources, headers)),
                 hint="pass the files of one study (the same AccessionNumber, else StudyInstanceUID), or query each "
                      "image on its own with --level image")
         index = self.index()

@@ -174,6 +174,7 @@ class SimCLRTrainer:
     def _state(self, epoch: int) -> dict:
         return {"format": CHECKPOINT_FORMAT, "epoch": epoch, "model_state_dict": self.model.state_dict(),
                 "best_state_dict": self.best_state, "best": list(self.best), "best_losses": self.best_losses,
+                "selected_by": self.selected_by,
                 "optimizer_state_dict": self.optimizer.state_dict(),
                 "scheduler_state_dict": self.scheduler.state_dict(), "scaler_state_dict": self.scaler.state_dict(),
                 "history": self.history, "recipe": asdict(self.cfg), "torch_rng": torch.get_rng_state()}
@@ -197,6 +198,13 @@ class SimCLRTrainer:
         self.scaler.load_state_dict(state["scaler_state_dict"])
         self.history, self.best, self.best_state = state["history"], tuple(state["best"]), state["best_state_dict"]
         self.best_losses = state.get("best_losses") or self._losses_from_history(self.best[1])
+        if state.get("selected_by", self.selected_by) != self.selected_by:  # the split crossed 2 validation images
+            earlier = "validation" if state["selected_by"] == VAL_LOSS else "training"
+            self.log(f"the best epoch so far was chosen by the {earlier} loss, and this run has "
+                     f"{'a' if self.selected_by == VAL_LOSS else 'no'} validation loss: the best epoch is chosen "
+                     "again from here on")
+            self.best, self.best_state = (math.inf, -1), None
+            self.best_losses = {TRAIN_LOSS: None, VAL_LOSS: None}
         torch.set_rng_state(state["torch_rng"])
         self.start_epoch = state["epoch"] + 1
         self.log(f"resumed from {path} after epoch {state['epoch'] + 1}")
@@ -303,6 +311,7 @@ class SimCLRTrainer:
         self.resume_path().unlink(missing_ok=True)
         if ran:
             best_loss = result.best_val_loss if self.selected_by == VAL_LOSS else result.best_train_loss
+            shown = "-" if best_loss is None else f"{best_loss:.4f}"
             self.log(f"best epoch {result.best_epoch}/{result.epochs_run} chosen by the {monitor} loss "
-                     f"({best_loss:.4f})" + ("" if self.selected_by == VAL_LOSS else "; no validation loss"))
+                     f"({shown})" + ("" if self.selected_by == VAL_LOSS else "; no validation loss"))
         return result

@@ -9,6 +9,7 @@ from mammo_retrieval.search.filters import LATERALITIES, VIEW_FILTERS
 def test_the_cli_and_the_page_offer_exactly_the_shared_values():
     options = {o.name: o for o in query.params}
     assert tuple(options["view"].type.choices) == VIEW_FILTERS
+    assert tuple(options["laterality"].type.choices) == LATERALITIES
     page = resources.files("mammo_retrieval.app.http").joinpath("static/index.html").read_text()
 
     def menu(name):

@@ -190,3 +190,36 @@ def test_v1_weights_pinned_without_a_name_get_a_clear_error(tmp_path):
     with pytest.raises(WeightsError, match="plain network's weights") as info:
         build_encoder(cfg.encoder, cfg.preprocess)
     assert "encoder.name: mammo-simclr" in info.value.hint
+
+
+def test_a_resume_whose_split_lost_its_validation_images_chooses_the_best_epoch_again(small_workspace, tmp_path,
+                                                                                      monkeypatch):
+    """Images changed between the interruption and the resume (here the validation woman's are gone): the
+    best epoch so far was chosen by another loss than this run can measure, so it is chosen again, never
+    reported under the wrong loss's name."""
+    images, patients, _ = load_training_images(small_workspace.corpus(), small_workspace.encoder.settings.size)
+    cfg = TrainConfig(epochs=2, batch_size=8, warmup_epochs=1, val_fraction=0.3)
+    out = tmp_path / "resumed.pt"
+    first = SimCLRTrainer(small_workspace.encoder, images, patients, cfg, out, log=lambda _: None)
+    assert first.selected_by == "val_loss"
+    validation_women = {patients[i] for i in first.val_idx}
+    real_epoch, calls = first.train_epoch, []
+
+    def interrupted(epoch):
+        calls.append(epoch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(epoch)
+    monkeypatch.setattr(first, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    keep = [i for i, p in enumerate(patients) if p not in validation_women]
+    lines = []
+    second = SimCLRTrainer(small_workspace.encoder, images[keep], [patients[i] for i in keep], cfg, out,
+                           log=lines.append)
+    assert second.selected_by == "train_loss"
+    result = second.fit()
+    assert [h["epoch"] for h in result.history] == [1, 2]  # resumed, not restarted
+    assert result.selected_by == "train_loss" and result.best_val_loss is None and result.best_epoch == 2
+    assert result.best_train_loss == pytest.approx(result.history[1]["train_loss"], abs=1e-5)
+    assert any("chosen again" in line for line in lines)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import click
 
 from mammo_retrieval.app.cli._common import dumps, format_csv, format_table, workspace, write_or_send_kos
-from mammo_retrieval.search.filters import VIEW_FILTERS
+from mammo_retrieval.search.filters import LATERALITIES, VIEW_FILTERS
 
 COLUMNS = ["rank", "score", "accession_number", "patient_id", "laterality", "view", "path"]
 # what "score" means, printed under the table (the index is inner product on unit vectors)
@@ -22,7 +22,7 @@ SCORE_NOTE = "score: cosine similarity of the unit-length embeddings, -1..1 (1 =
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
 @click.option("--exclude-same-patient", is_flag=True, help="Drop the query patient's own images.")
 @click.option("--view", type=click.Choice(VIEW_FILTERS, case_sensitive=False))
-@click.option("--laterality", type=click.Choice(["L", "R"], case_sensitive=False))
+@click.option("--laterality", type=click.Choice(LATERALITIES, case_sensitive=False))
 @click.option("--kos", "kos_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the query and its hits as a DICOM Key Object Selection document (image level, one query).")
 @click.option("--stow", "stow_url", metavar="URL", default=None,

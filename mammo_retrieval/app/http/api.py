@@ -25,7 +25,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from mammo_retrieval import __version__
 from mammo_retrieval.app.http import auth
-from mammo_retrieval.app.http.errors import NotReady, error_body, http_status
+from mammo_retrieval.app.http.errors import error_body, http_status
 from mammo_retrieval.app.http.metrics import Metrics
 from mammo_retrieval.app.http.thumbnails import ThumbnailCache, encode_png
 from mammo_retrieval.app.workspace import Workspace
@@ -109,26 +109,6 @@ class ServerState:
 
 def get_state(request: Request) -> ServerState:
     return request.app.state.server
-
-
-def catalog_ready(state: ServerState = Depends(get_state)) -> ServerState:
-    """The state, once the database exists; before that (nothing ingested yet) every request is 503
-    no_database, not the 404 of an unknown image."""
-    try:
-        state.workspace.db
-    except NotFoundError as exc:  # the only one Workspace.db raises: no database, or one without our schema
-        raise NotReady("no_database", exc) from None
-    return state
-
-
-def index_ready(state: ServerState = Depends(catalog_ready)) -> ServerState:
-    """The state, once the live model has an index (loaded, and caught up, as a search would): else 503
-    no_index."""
-    try:
-        state.workspace.search.index()
-    except NotFoundError as exc:  # no index for the live model (nothing ingested with it)
-        raise NotReady("no_index", exc) from None
-    return state
 
 
 def _any_case(value: object) -> object:
@@ -227,7 +207,7 @@ def api_router() -> APIRouter:
     @router.post("/query", summary="Search with an uploaded DICOM (application/dicom or multipart)")
     async def query_upload(request: Request, k: int = K, filters: QueryFilters = Depends(query_filters),
                            thumbnail: bool = Query(False, description="include the query's picture as a data URL"),
-                           state: ServerState = Depends(index_ready)) -> dict:
+                           state: ServerState = Depends(get_state)) -> dict:
         upload = await read_upload(request, state.max_upload)
         watch = Stopwatch()
         result = await run_in_threadpool(state.workspace.search.query_file, upload, k, filters, watch,
@@ -237,7 +217,7 @@ def api_router() -> APIRouter:
 
     @router.get("/images/{sop_instance_uid}/similar", summary="Neighbours of an indexed image (nothing decoded)")
     def similar(sop_instance_uid: SopInstanceUid, k: int = K, filters: QueryFilters = Depends(query_filters),
-                state: ServerState = Depends(index_ready)) -> dict:
+                state: ServerState = Depends(get_state)) -> dict:
         watch = Stopwatch()
         result = state.workspace.search.similar(sop_instance_uid, k, filters, watch)
         state.metrics.observe_stages(watch.stages)
@@ -246,12 +226,12 @@ def api_router() -> APIRouter:
     @router.get("/studies/{study_key}/similar", summary="The k most similar studies, fused view by view")
     def similar_studies(study_key: StudyKey, k: int = K, exclude_same_patient: bool = False,
                         rule: Literal["mean_pooled", "view_best_mean"] = "mean_pooled",
-                        state: ServerState = Depends(index_ready)) -> dict:
+                        state: ServerState = Depends(get_state)) -> dict:
         return state.workspace.search.similar_studies(study_key, k, rule=rule,
                                                       exclude_same_patient=exclude_same_patient).as_dict()
 
     @router.get("/images/{sop_instance_uid}", summary="An indexed image's metadata")
-    def image(sop_instance_uid: SopInstanceUid, state: ServerState = Depends(catalog_ready)) -> dict:
+    def image(sop_instance_uid: SopInstanceUid, state: ServerState = Depends(get_state)) -> dict:
         record = state.workspace.search.record(sop_instance_uid)
         body = {k: v for k, v in asdict(record).items() if k not in ("image_id", "vector_id")}
         body["thumbnail"] = f"/api/v1/images/{sop_instance_uid}/thumbnail.png"
@@ -260,7 +240,7 @@ def api_router() -> APIRouter:
     @router.get("/images/{sop_instance_uid}/thumbnail.png", summary="PNG from the preprocessed cache",
                 response_class=Response, responses={200: {"content": {"image/png": {}}}})
     def thumbnail(request: Request, sop_instance_uid: SopInstanceUid, size: int = Query(256, ge=32, le=1024),
-                  state: ServerState = Depends(catalog_ready)) -> Response:
+                  state: ServerState = Depends(get_state)) -> Response:
         state.workspace.search.record(sop_instance_uid)  # only indexed images, and 404 before any decoding
         settings = state.workspace.encoder.settings
         etag = state.thumbnails.etag(settings, sop_instance_uid, size)
@@ -271,23 +251,23 @@ def api_router() -> APIRouter:
                         headers=headers)
 
     @router.get("/info", summary="The serving model and index (the page footer)")
-    def info(state: ServerState = Depends(index_ready)) -> dict:
+    def info(state: ServerState = Depends(get_state)) -> dict:
         return {"version": __version__, **state.refresh_serving()}
 
     @router.get("/status", summary="What `mretrieve status --format json` says")
-    def status(state: ServerState = Depends(catalog_ready)) -> dict:
+    def status(state: ServerState = Depends(get_state)) -> dict:
         return state.workspace.status()
 
     @router.get("/images/{sop_instance_uid}/similar.kos", response_class=Response,
                 summary="Neighbours of an indexed image as a DICOM Key Object Selection document",
                 responses={200: {"content": {"application/dicom": {}}}})
     def similar_kos(sop_instance_uid: SopInstanceUid, k: int = K, filters: QueryFilters = Depends(query_filters),
-                    state: ServerState = Depends(index_ready)) -> Response:
+                    state: ServerState = Depends(get_state)) -> Response:
         _, document = state.workspace.similar_kos(k=k, sop_instance_uid=sop_instance_uid, filters=filters)
         return _dicom(document, f"similar-{sop_instance_uid}.dcm")
 
     @router.get("/qc/kos", summary="Studies with flagged images in the latest QC sweep, each with its KOS link")
-    def qc_kos_list(top: int = Query(50, ge=1, le=10000), state: ServerState = Depends(catalog_ready)) -> dict:
+    def qc_kos_list(top: int = Query(50, ge=1, le=10000), state: ServerState = Depends(get_state)) -> dict:
         documents = state.workspace.qc_kos(top)
         return {"documents": [{"study_instance_uid": d.StudyInstanceUID, "images": len(referenced_sops(d)),
                                "url": f"/api/v1/qc/kos/{d.StudyInstanceUID}?top={top}"} for d in documents]}
@@ -296,13 +276,13 @@ def api_router() -> APIRouter:
                 summary="One study's flagged images of the latest QC sweep as a Key Object Selection document",
                 responses={200: {"content": {"application/dicom": {}}}})
     def qc_kos(study_instance_uid: StudyInstanceUid, top: int = Query(50, ge=1, le=10000),
-               state: ServerState = Depends(catalog_ready)) -> Response:
+               state: ServerState = Depends(get_state)) -> Response:
         for document in state.workspace.qc_kos(top, study=study_instance_uid):
             return _dicom(document, f"qc-{study_instance_uid}.dcm")
         raise NotFoundError(f"no flagged image of study {study_instance_uid} among the latest sweep's top {top}")
 
     @router.get("/qc/latest", summary="The latest QC sweep: outliers, duplicate pairs, header flags, what is new")
-    def qc_latest(top: int = Query(50, ge=1, le=10000), state: ServerState = Depends(catalog_ready)) -> dict:
+    def qc_latest(top: int = Query(50, ge=1, le=10000), state: ServerState = Depends(get_state)) -> dict:
         with state.workspace.db.session() as s:
             sweep = repo.latest_qc_sweep(s, top)
         if sweep is None:

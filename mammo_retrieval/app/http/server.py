@@ -2,6 +2,7 @@
 listens (the model warms up behind /healthz), and log no request line (a URL may carry a token)."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -61,13 +62,24 @@ BACKLOG = 2048  # uvicorn's
 
 def bind(host: str, port: int) -> list[socket.socket]:
     """Listening sockets on every address ``host`` resolves to, as asyncio would open them for uvicorn, but
-    opened here: a port in use (or an address not on this machine) is then a PacsError naming it, exit 12
-    as for `mretrieve listen`, not uvicorn's own exit 3 (which is "rejected DICOM" to us)."""
-    sockets: list[socket.socket] = []
+    opened here, so that failures name what to change: a port in use is a PacsError (exit 12, as for
+    `mretrieve listen`; uvicorn's own exit 3 is "rejected DICOM" to us), a host that is not an address of
+    this machine a ConfigError (exit 2). An address family the kernel lacks is skipped, as asyncio does;
+    with port 0 every address gets the first one's port."""
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {display_address(host, port)}: {exc.strerror or exc}",
+                          hint="--host must be a name or an address of this machine (default 127.0.0.1)") from None
+    sockets: list[socket.socket] = []
+    try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:
+                continue
+            if sockets and port == 0:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
@@ -77,16 +89,22 @@ def bind(host: str, port: int) -> list[socket.socket]:
     except OSError as exc:
         for sock in sockets:
             sock.close()
-        raise PacsError(f"cannot listen on {display_address(host, port)}: {exc.strerror or exc}",
-                        hint="choose another --port, or stop what holds it") from None
+        message = f"cannot listen on {display_address(host, port)}: {exc.strerror or exc}"
+        if exc.errno == errno.EADDRINUSE:
+            raise PacsError(message, hint="choose another --port, or stop what holds it") from None
+        raise ConfigError(message, hint="--host must be an address of this machine (default 127.0.0.1)") from None
+    if not sockets:
+        raise ConfigError(f"cannot listen on {display_address(host, port)}: no address family of it is available "
+                          "here", hint="--host must be an address of this machine (default 127.0.0.1)")
     return sockets
 
 
 def run(app, host: str, port: int, *, on_listening: Callable[[str], None]) -> None:
     """Serve until interrupted; ``on_listening(url)`` as soon as the socket accepts connections. A port
-    that cannot be bound is a PacsError before anything starts."""
+    or host that cannot be bound is refused (``bind``) before anything starts."""
     import uvicorn
     sockets = bind(host, port)
+    bound = sockets[0].getsockname()[1]  # read now: a quick shutdown may close the socket before announce runs
     try:
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None,
                                               timeout_graceful_shutdown=5, backlog=BACKLOG))
@@ -95,7 +113,6 @@ def run(app, host: str, port: int, *, on_listening: Callable[[str], None]) -> No
             while not server.started and not server.should_exit:
                 time.sleep(0.01)
             if server.started:
-                bound = sockets[0].getsockname()[1]
                 on_listening(display_url(host, bound))
         threading.Thread(target=announce, name="announce", daemon=True).start()
         server.run(sockets=sockets)

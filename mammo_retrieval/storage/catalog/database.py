@@ -27,7 +27,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from mammo_retrieval.core.errors import BusyError, ConfigError, DatabaseError, NotFoundError, Remedy
+from mammo_retrieval.core.errors import BusyError, ConfigError, DatabaseError, NoDatabaseError, NotFoundError, Remedy
 
 POSTGRES_HINT = ("install the PostgreSQL driver: pip install 'mammo_retrieval[postgres]' "
                  "(and name that driver in the URL, e.g. postgresql+psycopg://...)")
@@ -138,18 +138,18 @@ class Database:
         return self.head_revision()
 
     def ensure_schema(self, *, create: bool = True) -> None:
-        """Empty database: create it (or, with create=False, raise NotFoundError). Outdated schema: refuse,
+        """Empty database: create it (or, with create=False, raise NoDatabaseError). Outdated schema: refuse,
         and say how to upgrade. Read-only commands pass create=False so that they never create a database."""
         if not create and not self.file_exists():
-            raise NotFoundError(f"no database at {self.display_url}",
+            raise NoDatabaseError(f"no database at {self.display_url}",
                                 remedies=[Remedy("ingest an archive first (or check paths.database_url)", "ingest")])
         current = self.current_revision()
         if current is None:
             if not create:
                 with self._wrap_errors(), self.engine.connect() as conn:
                     self._check_not_foreign(conn, repair=False)
-                raise NotFoundError(f"the database {self.display_url} is empty (no mammo_retrieval schema)",
-                                    remedies=[Remedy("ingest an archive first (or check paths.database_url)", "ingest")])
+                raise NoDatabaseError(f"the database {self.display_url} is empty (no mammo_retrieval schema)",
+                                      remedies=[Remedy("ingest an archive first (or check paths.database_url)", "ingest")])
             self.upgrade()
             return
         head = self.head_revision()

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 from mammo_retrieval.core.config import IndexConfig
 from mammo_retrieval.core.errors import (ConfigError, DatabaseError, IndexCorruptError, IndexMismatchError,
-                                         NotFoundError, Remedy)
+                                         NoIndexError, Remedy)
 from mammo_retrieval.core.identity import ModelIdentity
 from mammo_retrieval.storage.catalog import Database
 from mammo_retrieval.storage.catalog import repository as repo
@@ -118,8 +118,8 @@ class IndexLifecycle:
                                         "index was deleted)",
                                         remedies=[Remedy("rebuild it from the database, or re-run the ingest",
                                                          "index_rebuild")])
-        raise NotFoundError(f"no index for model {identity.key} in {self.index_dir}",
-                            remedies=[Remedy("ingest an archive first, with the same config", "ingest")])
+        raise NoIndexError(f"no index for model {identity.key} in {self.index_dir}",
+                           remedies=[Remedy("ingest an archive first, with the same config", "ingest")])
 
     def _newest_manifest(self) -> Manifest | None:
         manifests = []

@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from mammo_retrieval.app.cli import cli
-from mammo_retrieval.app.http.server import check_bind, is_loopback, resolve_token
-from mammo_retrieval.core.errors import ConfigError
+from mammo_retrieval.app.http.server import bind, check_bind, is_loopback, resolve_token
+from mammo_retrieval.core.errors import ConfigError, PacsError
 from tests.app.http.conftest import TINY, running_server, write_config
 from tests.conftest import make_config
 from tests.factory import breast_phantom, make_file
@@ -46,10 +46,26 @@ def test_serve_on_a_port_in_use_exits_12_naming_the_address_with_a_hint(tmp_path
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        with pytest.raises(PacsError):  # checked first, so that a bind that succeeds fails here, not serves
+            bind("127.0.0.1", port)
         result = _serve(tmp_path, "--port", str(port))
     assert result.exit_code == 12, result.output  # as `mretrieve listen`; not 3, which is "rejected DICOM"
     assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in result.output
     assert "hint: choose another --port, or stop what holds it" in result.output
+
+
+def test_a_host_not_of_this_machine_is_a_usage_error_and_port_0_is_one_port_for_every_address():
+    with pytest.raises(ConfigError, match="cannot listen on 192.0.2.1:") as raised:  # TEST-NET-1: not ours
+        bind("192.0.2.1", 0)
+    assert "--host must be" in raised.value.hint
+    with pytest.raises(ConfigError, match="--host|no-such-host"):
+        bind("no-such-host.invalid", 0)
+    sockets = bind("localhost", 0)  # one address or two (127.0.0.1, ::1): the same port on each
+    try:
+        assert len({sock.getsockname()[1] for sock in sockets}) == 1
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def test_token_resolution_and_bind_rules(tmp_path):
