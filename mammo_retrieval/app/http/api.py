@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncGenerator
@@ -40,6 +41,7 @@ from mammo_retrieval.storage.catalog import repository as repo
 
 logger = logging.getLogger(__name__)
 
+WARM_UP_RETRY_S = 5.0  # after a failed warm-up, /healthz tries again at most this often
 DEFAULT_MAX_UPLOAD = 512 * 1024 * 1024  # a full-field DBT frame set is far below this; a typo'd upload is not
 DICOM_TYPES = ("application/dicom", "application/octet-stream")
 CACHE_CONTROL = "private, max-age=86400"  # patient data: browsers may keep it, shared caches may not
@@ -85,12 +87,16 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     health: Health = field(default_factory=Health)
     thumbnails: ThumbnailCache | None = None
+    warm_up_retry_s: float = WARM_UP_RETRY_S
+    _warm_up_at: float = field(default=-math.inf, repr=False)
+    _warming: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self.thumbnails = ThumbnailCache(self.workspace.cached_image)
 
     def warm_up(self) -> None:
         """Build the encoder and load the index before the first query asks for them."""
+        self._warm_up_at = time.monotonic()
         try:
             self.refresh_serving()
             self.health = Health("ok", loaded_at=time.time())
@@ -100,6 +106,18 @@ class ServerState:
         except Exception as exc:  # noqa: BLE001 - a failed warm-up must not kill the server; health shows it
             self.health = Health("error", f"{type(exc).__name__}: {exc}")
             logger.exception("warm-up failed")
+
+    def current_health(self) -> Health:
+        """The warm-up's outcome. After a failure (nothing ingested yet, say) the warm-up is tried again, at most
+        every ``warm_up_retry_s`` and by one request at a time, so that the health turns ok once there is
+        something to serve, without a restart."""
+        retry = self.health.state == "error" and time.monotonic() - self._warm_up_at >= self.warm_up_retry_s
+        if retry and self._warming.acquire(blocking=False):
+            try:
+                self.warm_up()
+            finally:
+                self._warming.release()
+        return self.health
 
     def refresh_serving(self) -> dict:
         info = self.workspace.search.info()
@@ -377,7 +395,7 @@ def create_app(workspace: Workspace, *, token: str | None = None, max_upload: in
 
     @app.get("/healthz", summary="loading until the model and index are warm, then ok")
     def healthz() -> JSONResponse:
-        health = state.health
+        health = state.current_health()
         body = {"status": health.state, "version": __version__}
         if health.message:
             body["message"] = health.message

@@ -36,6 +36,27 @@ def test_health_reports_loading_then_ok(archive):
     ws.close()
 
 
+def test_health_turns_ok_once_an_ingest_gives_the_server_something_to_serve(tmp_path):
+    """Started on an empty home, the server is 503 error; after an ingest it is ok, without a restart
+    (a failed warm-up is tried again, at most every warm_up_retry_s)."""
+    from tests.app.http.conftest import TINY
+    from tests.conftest import make_config
+    cfg = make_config(tmp_path / "state", encoder=TINY)
+    for i in range(3):
+        make_file(tmp_path / "archive" / f"{i}.dcm", breast_phantom(128, 96, side="L", seed=i))
+    ws = Workspace(cfg)
+    with TestClient(create_app(ws)) as client:
+        failed = wait_healthy(client)
+        assert failed["status"] == "error" and "no database" in failed["message"]
+        client.app.state.server.warm_up_retry_s = 3600.0
+        Workspace(cfg).ingest(tmp_path / "archive", workers=0)
+        assert client.get("/healthz").json()["status"] == "error"  # not retried yet: at most every retry_s
+        client.app.state.server.warm_up_retry_s = 0.0
+        healthy = client.get("/healthz")
+        assert healthy.status_code == 200 and healthy.json()["status"] == "ok"
+    ws.close()
+
+
 def test_upload_query_matches_the_library_and_the_cli_fields(client, archive):
     cfg, files, _ = archive
     body = client.post("/api/v1/query?k=4", content=files[0].read_bytes(), headers=DICOM).json()
