@@ -20,6 +20,20 @@ def small_workspace(tmp_path_factory, cbis_files):
     return ws
 
 
+def interrupt_in_the_second_epoch(trainer, monkeypatch) -> None:
+    """Run ``trainer.fit()`` until a KeyboardInterrupt in its second epoch (after the first one's .resume)."""
+    real_epoch, calls = trainer.train_epoch, []
+
+    def interrupted(epoch):
+        calls.append(epoch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(epoch)
+    monkeypatch.setattr(trainer, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+
+
 def test_split_never_shares_a_patient():
     patients = [f"P{i // 2}" for i in range(400)]
     train, val, held = split_by_patient(patients, TrainConfig(val_fraction=0.15, holdout_fraction=0.3))
@@ -49,17 +63,7 @@ def test_checkpoint_is_primer_compatible_and_resumable(small_workspace, tmp_path
     cfg = TrainConfig(epochs=3, batch_size=8, warmup_epochs=1, val_fraction=0.0)
     out = tmp_path / "ours.pt"
     trainer = SimCLRTrainer(small_workspace.encoder, images, patients, cfg, out, log=lambda _: None)
-    real_epoch = trainer.train_epoch
-    calls = []
-
-    def interrupted(epoch):
-        calls.append(epoch)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(epoch)
-    monkeypatch.setattr(trainer, "train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
+    interrupt_in_the_second_epoch(trainer, monkeypatch)
     assert trainer.resume_path().exists() and not out.exists()
     fresh = SimCLRTrainer(small_workspace.encoder, images, patients, cfg, out, log=lambda _: None)
     result = fresh.fit()
@@ -203,16 +207,7 @@ def test_a_resume_whose_split_lost_its_validation_images_chooses_the_best_epoch_
     first = SimCLRTrainer(small_workspace.encoder, images, patients, cfg, out, log=lambda _: None)
     assert first.selected_by == "val_loss"
     validation_women = {patients[i] for i in first.val_idx}
-    real_epoch, calls = first.train_epoch, []
-
-    def interrupted(epoch):
-        calls.append(epoch)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(epoch)
-    monkeypatch.setattr(first, "train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        first.fit()
+    interrupt_in_the_second_epoch(first, monkeypatch)
     keep = [i for i, p in enumerate(patients) if p not in validation_women]
     lines = []
     second = SimCLRTrainer(small_workspace.encoder, images[keep], [patients[i] for i in keep], cfg, out,
