@@ -1,7 +1,15 @@
-"""Network addresses: the one rule for what counts as loopback (the HTTP server and the DICOM listener)."""
+"""Network addresses, for the HTTP server and the DICOM listener alike: what counts as loopback, how an
+address is shown, and the one error for a socket that cannot listen."""
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
+
+from mammo_retrieval.core.errors import ConfigError, MammoRetrievalError, PacsError
+
+PORT_HINT = "choose another --port, or stop what holds it"
+HOST_HINT = "--host must be a name or an address of this machine (default 127.0.0.1)"
 
 
 def is_loopback(host: str) -> bool:
@@ -13,3 +21,20 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def display_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port}"
+
+
+def cannot_listen(host: str, port: int, reason: OSError | str) -> MammoRetrievalError:
+    """The error for a server that cannot listen on ``host:port``: a port in use is a PacsError (exit 12:
+    uvicorn's own exit 3 means "rejected DICOM" to us), anything else is the host's fault, a ConfigError
+    (exit 2). Each names the option to change."""
+    detail = reason if isinstance(reason, str) else (reason.strerror or str(reason))
+    message = f"cannot listen on {display_address(host, port)}: {detail}"
+    if isinstance(reason, OSError) and not isinstance(reason, socket.gaierror) and reason.errno == errno.EADDRINUSE:
+        return PacsError(message, hint=PORT_HINT)
+    return ConfigError(message, hint=HOST_HINT)

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from mammo_retrieval.core.errors import FATAL_EXCEPTIONS, BusyError, ConfigError, PacsError
+from mammo_retrieval.core.errors import FATAL_EXCEPTIONS, BusyError, ConfigError
 from mammo_retrieval.core.fileio import write_bytes_atomic
+from mammo_retrieval.core.netaddr import cannot_listen
 from mammo_retrieval.dicom.reader import InMemoryDicom
 from mammo_retrieval.pipeline.prepare import Prepared, Rejected
 
@@ -236,8 +237,7 @@ class Listener:
             self._server = ae.start_server((self.settings.host, self.settings.port), block=False,
                                            evt_handlers=[(evt.EVT_C_STORE, self.handler)])
         except OSError as exc:
-            raise PacsError(f"cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror or exc}",
-                            hint="choose another --port, or stop what holds it") from None
+            raise cannot_listen(self.settings.host, self.settings.port, exc) from None
         self.batcher.start()
         logger.info("listening for C-STORE on %s:%d as %s", self.settings.host, self.port, self.settings.ae_title)
 

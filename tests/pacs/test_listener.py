@@ -178,3 +178,23 @@ def test_listening_off_loopback_needs_an_allow_list(tmp_path):
     ws = Workspace(make_config(tmp_path / "state"))
     with pytest.raises(ConfigError, match="--allow"):
         ws.listener(host="0.0.0.0", port=0)
+
+
+def test_a_port_in_use_is_exit_12_and_a_host_not_of_this_machine_exit_2_as_for_serve(tmp_path):
+    """The listener and `serve` share one error for a socket that cannot listen (core/netaddr.py)."""
+    import socket
+
+    from mammo_retrieval.core.errors import ConfigError, PacsError
+    ws = Workspace(make_config(tmp_path / "state"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = ws.listener(host="127.0.0.1", port=port)
+        with pytest.raises(PacsError, match=f"cannot listen on 127.0.0.1:{port}: ") as raised:
+            busy.start()
+    assert raised.value.exit_code == 12 and "--port" in raised.value.hint
+    foreign = ws.listener(host="192.0.2.1", port=0, allowed=("SCU",))  # TEST-NET-1: not an address of ours
+    with pytest.raises(ConfigError, match="cannot listen on 192.0.2.1:0: ") as raised:
+        foreign.start()
+    assert raised.value.exit_code == 2 and "--host" in raised.value.hint

@@ -2,7 +2,6 @@
 listens (the model warms up behind /healthz), and log no request line (a URL may carry a token)."""
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
@@ -11,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from mammo_retrieval.core.errors import ConfigError, PacsError
-from mammo_retrieval.core.netaddr import is_loopback
+from mammo_retrieval.core.errors import ConfigError
+from mammo_retrieval.core.netaddr import cannot_listen, display_address, is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +47,6 @@ def check_bind(host: str, token: str | None) -> None:
                           hint=f"pass --token-file FILE or set ${TOKEN_ENV}, or bind 127.0.0.1")
 
 
-def display_address(host: str, port: int) -> str:
-    shown = f"[{host}]" if ":" in host else host
-    return f"{shown}:{port}"
-
-
 def display_url(host: str, port: int) -> str:
     return f"http://{display_address(host, port)}/"
 
@@ -69,8 +63,7 @@ def bind(host: str, port: int) -> list[socket.socket]:
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ConfigError(f"cannot listen on {display_address(host, port)}: {exc.strerror or exc}",
-                          hint="--host must be a name or an address of this machine (default 127.0.0.1)") from None
+        raise cannot_listen(host, port, exc) from None
     sockets: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
@@ -89,13 +82,9 @@ def bind(host: str, port: int) -> list[socket.socket]:
     except OSError as exc:
         for sock in sockets:
             sock.close()
-        message = f"cannot listen on {display_address(host, port)}: {exc.strerror or exc}"
-        if exc.errno == errno.EADDRINUSE:
-            raise PacsError(message, hint="choose another --port, or stop what holds it") from None
-        raise ConfigError(message, hint="--host must be an address of this machine (default 127.0.0.1)") from None
+        raise cannot_listen(host, port, exc) from None
     if not sockets:
-        raise ConfigError(f"cannot listen on {display_address(host, port)}: no address family of it is available "
-                          "here", hint="--host must be an address of this machine (default 127.0.0.1)")
+        raise cannot_listen(host, port, "no address family of it is available here")
     return sockets
 
 
