@@ -52,6 +52,7 @@ class TrainConfig:
 
 
 VAL_LOSS, TRAIN_LOSS = "val_loss", "train_loss"  # which loss chose the best epoch (`selected_by`)
+LOSS_WORDS = {VAL_LOSS: "validation", TRAIN_LOSS: "training"}
 
 
 @dataclass
@@ -151,7 +152,7 @@ class SimCLRTrainer:
         self.size = cfg.image_size or self.images.shape[-1]
         self.history: list[dict] = []
         self.start_epoch = 0
-        self.best = (math.inf, -1)  # (the monitored loss, 0-based epoch)
+        self.best_epoch = -1  # 0-based; -1 before any epoch ran
         self.best_losses: dict = {TRAIN_LOSS: None, VAL_LOSS: None}  # both losses of the best epoch
         self.best_state: dict | None = None
 
@@ -173,7 +174,7 @@ class SimCLRTrainer:
 
     def _state(self, epoch: int) -> dict:
         return {"format": CHECKPOINT_FORMAT, "epoch": epoch, "model_state_dict": self.model.state_dict(),
-                "best_state_dict": self.best_state, "best": list(self.best), "best_losses": self.best_losses,
+                "best_state_dict": self.best_state, "best_epoch": self.best_epoch, "best_losses": self.best_losses,
                 "selected_by": self.selected_by,
                 "optimizer_state_dict": self.optimizer.state_dict(),
                 "scheduler_state_dict": self.scheduler.state_dict(), "scaler_state_dict": self.scaler.state_dict(),
@@ -196,14 +197,15 @@ class SimCLRTrainer:
         self.optimizer.load_state_dict(state["optimizer_state_dict"])
         self.scheduler.load_state_dict(state["scheduler_state_dict"])
         self.scaler.load_state_dict(state["scaler_state_dict"])
-        self.history, self.best, self.best_state = state["history"], tuple(state["best"]), state["best_state_dict"]
-        self.best_losses = state.get("best_losses") or self._losses_from_history(self.best[1])
+        self.history, self.best_state = state["history"], state["best_state_dict"]
+        # a .resume of an earlier release kept "best": [monitored loss, epoch] instead of "best_epoch"
+        self.best_epoch = state["best_epoch"] if "best_epoch" in state else int(state["best"][1])
+        self.best_losses = state.get("best_losses") or self._losses_from_history(self.best_epoch)
         if state.get("selected_by", self.selected_by) != self.selected_by:  # the split crossed 2 validation images
-            earlier = "validation" if state["selected_by"] == VAL_LOSS else "training"
-            self.log(f"the best epoch so far was chosen by the {earlier} loss, and this run has "
-                     f"{'a' if self.selected_by == VAL_LOSS else 'no'} validation loss: the best epoch is chosen "
+            self.log(f"the best epoch so far was chosen by the {LOSS_WORDS[state['selected_by']]} loss, and this run "
+                     f"has {'a' if self.selected_by == VAL_LOSS else 'no'} validation loss: the best epoch is chosen "
                      "again from here on")
-            self.best, self.best_state = (math.inf, -1), None
+            self.best_epoch, self.best_state = -1, None
             self.best_losses = {TRAIN_LOSS: None, VAL_LOSS: None}
         torch.set_rng_state(state["torch_rng"])
         self.start_epoch = state["epoch"] + 1
@@ -265,7 +267,7 @@ class SimCLRTrainer:
     def fit(self, data_info: dict | None = None) -> TrainResult:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.try_resume()
-        monitor = "validation" if self.selected_by == VAL_LOSS else "training"
+        monitor = LOSS_WORDS[self.selected_by]
         if self.selected_by == TRAIN_LOSS:
             self.log(f"no validation loss ({len(self.val_idx)} validation images, 2 needed): the best epoch and "
                      f"early stopping go by the training loss")
@@ -274,10 +276,10 @@ class SimCLRTrainer:
             started = time.perf_counter()
             train_loss = self.train_epoch(epoch)
             val_loss = self.validation_loss()
-            monitored = val_loss if self.selected_by == VAL_LOSS else train_loss
-            if monitored < self.best[0]:
-                self.best = (monitored, epoch)
-                self.best_losses = {TRAIN_LOSS: train_loss, VAL_LOSS: val_loss}
+            losses = {TRAIN_LOSS: train_loss, VAL_LOSS: val_loss}
+            best = self.best_losses[self.selected_by]
+            if losses[self.selected_by] < (math.inf if best is None else best):  # a NaN loss is never the best
+                self.best_epoch, self.best_losses = epoch, losses
                 self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
             self.history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 5),
                                  "val_loss": None if val_loss is None else round(val_loss, 5),
@@ -286,11 +288,11 @@ class SimCLRTrainer:
             self.log(f"epoch {epoch + 1}/{self.cfg.epochs} train {train_loss:.4f} "
                      f"val {'-' if val_loss is None else f'{val_loss:.4f}'} ({self.history[-1]['seconds']} s)")
             _save_atomic(self._state(epoch), self.resume_path())
-            if epoch - self.best[1] >= self.cfg.patience:
+            if epoch - self.best_epoch >= self.cfg.patience:
                 self.log(f"early stop: no better {monitor} loss for {self.cfg.patience} epochs")
                 break
-        ran = self.best[1] >= 0
-        result = TrainResult(self.out, len(self.history), self.best[1] + 1,
+        ran = self.best_epoch >= 0
+        result = TrainResult(self.out, len(self.history), self.best_epoch + 1,
                              self.best_losses[VAL_LOSS] if ran and self.selected_by == VAL_LOSS else None,
                              self.history, self.best_losses[TRAIN_LOSS] if ran else None, self.selected_by)
         final = {

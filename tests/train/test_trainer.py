@@ -65,9 +65,18 @@ def test_checkpoint_is_primer_compatible_and_resumable(small_workspace, tmp_path
     trainer = SimCLRTrainer(small_workspace.encoder, images, patients, cfg, out, log=lambda _: None)
     interrupt_in_the_second_epoch(trainer, monkeypatch)
     assert trainer.resume_path().exists() and not out.exists()
+    # written as an earlier release wrote it: "best" [monitored loss, epoch], no best_losses or selected_by
+    state = torch.load(trainer.resume_path(), map_location="cpu", weights_only=False)
+    assert state["best_epoch"] == 0
+    state["best"] = [state["best_losses"]["train_loss"], state.pop("best_epoch")]
+    del state["best_losses"], state["selected_by"]
+    torch.save(state, trainer.resume_path())
     fresh = SimCLRTrainer(small_workspace.encoder, images, patients, cfg, out, log=lambda _: None)
     result = fresh.fit()
     assert [h["epoch"] for h in result.history] == [1, 2, 3] and not fresh.resume_path().exists()
+    train_losses = [h["train_loss"] for h in result.history]
+    assert result.best_epoch == int(np.argmin(train_losses)) + 1
+    assert result.best_train_loss == pytest.approx(min(train_losses), abs=1e-5)
 
     checkpoint = torch.load(out, map_location="cpu", weights_only=True)
     keys = checkpoint["model_state_dict"].keys()
