@@ -23,7 +23,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import numpy as np
 
@@ -194,6 +194,25 @@ def close(client) -> None:
             started.close()
 
 
+NO_WORKER_WARNING_S = 60.0  # how often a wait on a cluster without workers says so
+T = TypeVar("T")
+
+
+def _patiently(client, wait_once: Callable[[float], T]) -> T:
+    """``wait_once(timeout)`` until it returns. Dask waits silently for workers that may still join (a SLURM
+    queue; a LocalCluster of the user's whose nanny Dask closed never gets one): each NO_WORKER_WARNING_S
+    spent waiting while the scheduler has no worker is said, so a stalled ingest is not a silent one."""
+    waited = 0.0
+    while True:
+        try:
+            return wait_once(NO_WORKER_WARNING_S)
+        except TimeoutError:
+            waited += NO_WORKER_WARNING_S
+            if not client.nthreads():
+                logger.warning("waiting for a Dask worker (%.0f s so far): the scheduler has none. Start workers, "
+                               "or stop the ingest (Ctrl+C) and rerun it later: it resumes where it stopped", waited)
+
+
 BATCH_DEATHS_BEFORE_PROBING = 3  # batches that killed their workers, none surviving: are the workers to blame?
 PROBE_ATTEMPTS = 2  # a probe's first death may be a worker still dying or restarting under it (seen under load)
 
@@ -263,7 +282,8 @@ def _run_batches(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink", 
         run.uid_of[str(path)] = uid
         fingerprint = crash_fingerprint(path, environment())
         try:
-            return client.submit(prepare_and_embed, [str(path)], job, pure=False).result()
+            trial = client.submit(prepare_and_embed, [str(path)], job, pure=False)
+            return _patiently(client, lambda s: trial.result(timeout=s))
         except KilledWorker:
             logger.warning("rejected [%s] %s: it kills its Dask workers", RejectionCode.WORKER_DIED.value,
                            display_path(path))
@@ -273,7 +293,8 @@ def _run_batches(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink", 
         if not pending:
             return
         if block:
-            finished = wait(list(pending), return_when="FIRST_COMPLETED").done
+            futures = list(pending)
+            finished = _patiently(client, lambda s: wait(futures, timeout=s, return_when="FIRST_COMPLETED").done)
         else:
             finished = {f for f in pending if f.done()}
         for future in finished:
@@ -296,7 +317,8 @@ def _run_batches(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink", 
             return
         for attempt in range(1, PROBE_ATTEMPTS + 1):
             try:
-                client.submit(prepare_and_embed, [], job, pure=False).result()
+                probe = client.submit(prepare_and_embed, [], job, pure=False)
+                _patiently(client, lambda s: probe.result(timeout=s))
                 break
             except KilledWorker:
                 logger.warning("the probe (the model alone, no file) lost its Dask worker (%d of %d)",

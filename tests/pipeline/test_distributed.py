@@ -122,6 +122,40 @@ def test_a_cluster_without_workers_stops_the_ingest_with_a_clear_error_then_a_re
     assert _counts(cfg) == (4, 4, 4)
 
 
+def test_an_ingest_waiting_on_a_cluster_without_workers_says_so_and_goes_on_when_one_joins(tmp_path, monkeypatch,
+                                                                                         caplog):
+    """Dask waits silently for a worker that may still join (and, on a user's LocalCluster whose nanny it
+    closed, forever): the ingest says it is waiting for one, and finishes once a worker joins."""
+    import logging
+    synthetic_archive(tmp_path / "archive", 3)
+    cfg = make_config(tmp_path / "state", encoder={**TINY, "runtime": "torch"})
+    monkeypatch.setattr(dist, "NO_WORKER_WARNING_S", 0.5)
+    said = threading.Event()
+
+    class Noticed(logging.Handler):
+        def emit(self, record):
+            if "waiting for a Dask worker" in record.getMessage():
+                said.set()
+    noticed = Noticed()
+    logging.getLogger(dist.__name__).addHandler(noticed)
+    try:
+        with local_cluster(0) as empty:
+            def join_once_told() -> None:
+                said.wait(60)  # a worker joins even if nothing was said, so the test fails rather than hangs
+                empty.scale(1)
+            joiner = threading.Thread(target=join_once_told, daemon=True)
+            joiner.start()
+            with caplog.at_level(logging.WARNING, logger=dist.__name__):
+                report = Workspace(cfg).ingest(tmp_path / "archive", executor="dask",
+                                               scheduler=empty.scheduler_address)
+            joiner.join(60)
+    finally:
+        logging.getLogger(dist.__name__).removeHandler(noticed)
+    assert said.is_set() and (report.ingested, len(report.rejected)) == (3, 0)
+    assert any("the scheduler has none" in r.getMessage() and "rerun" in r.getMessage() for r in caplog.records)
+    assert _counts(cfg) == (3, 3, 3)
+
+
 def test_a_batch_is_one_task_of_many_paths(tmp_path):
     files = synthetic_archive(tmp_path / "archive", 5) + [make_file(tmp_path / "archive" / "ct.dcm", modality="CT")]
     cfg = make_config(tmp_path / "state", encoder=TINY)
