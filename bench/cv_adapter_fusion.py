@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_builtin_v2 import MEAN, STD  # noqa: E402
-from cv_builtin import FOLDS, add_recipe_arguments, finetune, folds_by_woman, pooled_scores, training_data  # noqa: E402
+from cv_builtin import (FOLDS, add_recipe_arguments, finetune, folds_by_woman, pooled_figures, pooled_scores,  # noqa: E402
+                        training_data)
 
 from mammo_retrieval.analysis.evaluate import l2_rows  # noqa: E402
 from mammo_retrieval.encoders.adapter import Projection  # noqa: E402
@@ -117,8 +118,7 @@ def main() -> None:
                         fused[held_rows] = np.hstack([z, bw * l2_rows(features), hw * centred])
                         totals += pooled_scores(fused, labels, held_rows)
                     key = f"epoch {epoch}, {name}, backbone {bw}, histogram {hw}"
-                    table[key] = {"contralateral@5": round(totals[0] / totals[2], 4),
-                                  "tissue P@10": round(totals[1] / totals[2], 4)}
+                    table[key] = pooled_figures(totals)
                     print(key, table[key], flush=True)
     (args.out / "summary.json").write_text(json.dumps(table, indent=1))
 

@@ -98,6 +98,12 @@ def pooled_scores(vectors: np.ndarray, labels, rows: np.ndarray) -> tuple[float,
     return float(contra["contralateral@5"]) * n, float(tissue["precision@10"]) * n, n
 
 
+def pooled_figures(totals: np.ndarray) -> dict:
+    """Summed ``pooled_scores`` over folds as the pooled rates, rounded as every cv_* JSON stores them."""
+    return {"contralateral@5": round(float(totals[0] / totals[2]), 4),
+            "tissue P@10": round(float(totals[1] / totals[2]), 4)}
+
+
 def finetune(recipe: str, grey: torch.Tensor, tissue: torch.Tensor, labels, train_rows: np.ndarray, args,
              epochs: int, at_checkpoint) -> None:
     """Finetune v1's ResNet-18 on ``train_rows`` with ``recipe`` for ``epochs``, calling
@@ -159,9 +165,7 @@ def summarise(out: Path, labels, counts: np.ndarray, folds: list[tuple[np.ndarra
     for fit_rows, held_rows in folds:
         centred = l2_rows(counts - counts[fit_rows].mean(axis=0))
         hist_totals += pooled_scores(centred, labels, held_rows)
-    summary["histogram alone"] = {"contralateral@5": round(hist_totals[0] / hist_totals[2], 4),
-                                  "tissue P@10": round(hist_totals[1] / hist_totals[2], 4),
-                                  "queries": int(hist_totals[2])}
+    summary["histogram alone"] = pooled_figures(hist_totals) | {"queries": int(hist_totals[2])}
     for recipe in RECIPES:
         files = [out / f"{recipe}-fold{k}.npz" for k in range(len(folds))]
         if not all(f.exists() for f in files):
@@ -177,8 +181,7 @@ def summarise(out: Path, labels, counts: np.ndarray, folds: list[tuple[np.ndarra
                     centred = l2_rows(counts - counts[fit_rows].mean(axis=0))
                     fused = np.hstack([l2_rows(learned), weight * centred])
                     totals += pooled_scores(fused, labels, held_rows)
-                table[f"epoch {epoch}, histogram {weight}"] = {
-                    "contralateral@5": round(totals[0] / totals[2], 4), "tissue P@10": round(totals[1] / totals[2], 4)}
+                table[f"epoch {epoch}, histogram {weight}"] = pooled_figures(totals)
         summary["recipes"][recipe] = table
     summary["choice"] = choose(summary)
     return summary

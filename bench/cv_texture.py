@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cv_adapter_fusion import write_fold_vectors  # noqa: E402
-from cv_builtin import FOLDS, add_recipe_arguments, folds_by_woman, pooled_scores, training_data  # noqa: E402
+from cv_builtin import (FOLDS, add_recipe_arguments, folds_by_woman, pooled_figures, pooled_scores,  # noqa: E402
+                        training_data)
 
 from mammo_retrieval.analysis.evaluate import l2_rows  # noqa: E402
 from mammo_retrieval.encoders.texture import LBP_CODES, LBP_RADII, texture_features  # noqa: E402
@@ -50,7 +51,7 @@ def scored(parts, folds, labels) -> dict:
     totals = np.zeros(3)
     for k, (fit_rows, held_rows) in enumerate(folds):
         totals += pooled_scores(parts(k, fit_rows), labels, held_rows)
-    return {"contralateral@5": round(totals[0] / totals[2], 4), "tissue P@10": round(totals[1] / totals[2], 4)}
+    return pooled_figures(totals)
 
 
 def supervised(texture: np.ndarray, networks: dict, codes: np.ndarray, folds, labels) -> dict:

@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_builtin_v2 import read_mias  # noqa: E402
-from cv_builtin import add_recipe_arguments, folds_by_woman, pooled_scores, training_data  # noqa: E402
+from cv_builtin import (add_recipe_arguments, folds_by_woman, pooled_figures, pooled_scores,  # noqa: E402
+                        training_data)
 from cv_texture import standardised  # noqa: E402
 
 from mammo_retrieval.analysis.evaluate import RankedLists, l2_rows  # noqa: E402
@@ -107,8 +108,7 @@ def scored(vectors_for, folds, labels, expansion: tuple[int, float] | None = Non
         per_query.append(tissue_precision_per_query(vectors, labels, held_rows))
     if not np.isclose(np.concatenate(per_query).sum(), totals[1]):  # the two counts must be one rule
         raise RuntimeError("per-query tissue precision disagrees with pooled_scores")
-    return ({"contralateral@5": round(float(totals[0] / totals[2]), 4),
-             "tissue P@10": round(float(totals[1] / totals[2]), 4)}, np.concatenate(per_query))
+    return pooled_figures(totals), np.concatenate(per_query)
 
 
 def paired_interval(gain: np.ndarray, women: np.ndarray, draws: int = 2000) -> list[float]:
