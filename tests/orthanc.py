@@ -85,6 +85,14 @@ class OrthancServer:
         with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(response.read())
 
+    def delete_instance(self, sop_instance_uid: str) -> None:
+        """Delete one instance, found by its SOPInstanceUID (/tools/lookup), as an archive prunes one."""
+        request = urllib.request.Request(self.url + "/tools/lookup", data=sop_instance_uid.encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            [found] = [item for item in json.loads(response.read()) if item["Type"] == "Instance"]
+        urllib.request.urlopen(urllib.request.Request(f"{self.url}/instances/{found['ID']}", method="DELETE"),
+                               timeout=30).read()
+
     def reset(self) -> None:
         """Delete every patient (a fresh PACS for the next test, without restarting the server)."""
         for patient in self.get("/patients"):

@@ -53,11 +53,12 @@ def redact(url: str) -> str:
 
 
 class TransferFailed(Exception):
-    """One study or instance the PACS kept failing to send, after every retry."""
+    """One study or instance the PACS kept failing to send, after every retry; ``status`` is the last HTTP
+    status, None where there was none (a timeout, a refused connection, a body cut short)."""
 
-    def __init__(self, what: str, reason: str) -> None:
+    def __init__(self, what: str, reason: str, status: int | None = None) -> None:
         super().__init__(f"{what}: {reason}")
-        self.what, self.reason = what, reason
+        self.what, self.reason, self.status = what, reason, status
 
 
 @dataclass(frozen=True)
@@ -101,12 +102,19 @@ def _retriable(exc: BaseException) -> bool:
     return status is None or status in RETRIABLE_STATUSES
 
 
+DESCRIBED_CHARS = 300  # of an exception's text (requests nests whole reprs of its connection objects)
+
+
 def _describe(exc: BaseException) -> str:
     status = _status_of(exc)
     if status is not None:
         reason = getattr(getattr(exc, "response", None), "reason", "") or ""
         return f"HTTP {status} {reason}".strip()
-    return f"{type(exc).__name__}: {redact(str(exc))}"[:300]
+    text = f"{type(exc).__name__}: {redact(str(exc))}"
+    if len(text) <= DESCRIBED_CHARS:
+        return text
+    half = DESCRIBED_CHARS // 2  # the head names the failure, the tail its cause ("[Errno 111] Connection refused")
+    return f"{text[:half].rsplit(' ', 1)[0]} ... {text[-half:].split(' ', 1)[-1]}"
 
 
 def with_retries(call: Callable[[], T], what: str, *, retries: int, backoff_s: float,
@@ -129,7 +137,8 @@ def with_retries(call: Callable[[], T], what: str, *, retries: int, backoff_s: f
                     raise PacsError(f"{what}: the PACS refused our credentials ({_describe(exc)})",
                                     hint="set pacs.dicomweb_username/password or dicomweb_token "
                                          "($MRETRIEVE_DICOMWEB_*)") from None
-                raise TransferFailed(what, f"{_describe(exc)} after {attempt + 1} attempt(s)") from None
+                raise TransferFailed(what, f"{_describe(exc)} after {attempt + 1} attempt(s)",
+                                     _status_of(exc)) from None
             sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")  # the loop always returns or raises
@@ -246,9 +255,12 @@ class DicomWebClient:
         from pydicom import Dataset
 
         def fetch() -> "Dataset":
-            [meta] = self._client.retrieve_instance_metadata(instance.study_uid, instance.series_uid,
-                                                             instance.sop_uid)
-            return Dataset.from_json(meta)
+            meta = self._client.retrieve_instance_metadata(instance.study_uid, instance.series_uid,
+                                                           instance.sop_uid)
+            if isinstance(meta, list):  # the DICOM JSON array itself, as dicomweb-client before 0.60 gave it
+                [meta] = meta
+            # bulk data (pixels, large private values) stays on the PACS: a header needs none of it
+            return Dataset.from_json(meta, bulk_data_uri_handler=lambda tag, vr, uri: None)
 
         return self._retrying(fetch, f"WADO-RS metadata {instance.url}", refusal_is_fatal=False)
 
@@ -281,6 +293,17 @@ def retrieve_url(url: str, cfg: "PacsConfig", *, header_only: bool = False) -> "
         client = DicomWebClient(instance.base_url, cfg)
         return client.retrieve_header(instance) if header_only else client.retrieve(instance)
     except TransferFailed as exc:
-        from mammo_retrieval.core.errors import NotFoundError
-        raise NotFoundError(f"cannot retrieve {redact(url)}: {exc.reason}",
-                            hint="is the PACS up, and does it still hold the instance?") from None
+        raise _retrieval_error(url, exc) from None
+
+
+def _retrieval_error(url: str, failed: TransferFailed) -> Exception:
+    """What a failed read-back of a stored instance means: the PACS no longer holds it (404, 410: not
+    found), refuses our credentials (401, 403), or is down or failing (anything else): both PacsErrors."""
+    from mammo_retrieval.core.errors import NotFoundError
+    message = f"cannot retrieve {redact(url)}: {failed.reason}"
+    if failed.status in (404, 410):
+        return NotFoundError(message, hint="the PACS no longer holds the instance: re-ingest from where it is now")
+    if failed.status in (401, 403):
+        return PacsError(message, hint="the PACS refused our credentials: set pacs.dicomweb_username/password "
+                                       "or dicomweb_token ($MRETRIEVE_DICOMWEB_*)")
+    return PacsError(message, hint="is the PACS up? the instance is read back from it (its stored WADO-RS URL)")

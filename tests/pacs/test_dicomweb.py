@@ -13,7 +13,10 @@ from click.testing import CliRunner
 from mammo_retrieval.app.cli import cli as main
 from mammo_retrieval.app.workspace import Workspace
 from mammo_retrieval.core.errors import PacsError
+from mammo_retrieval.analysis.qc import run_qc
+from mammo_retrieval.core.errors import NotFoundError
 from mammo_retrieval.pacs.dicomweb import parse_instance_url, redact, with_retries, TransferFailed
+from mammo_retrieval.pacs.kos import referenced_sops
 from tests.conftest import MIAS_DIR, make_config
 from tests.httpproxy import Proxy
 
@@ -86,6 +89,16 @@ def test_a_pull_equals_a_folder_ingest_and_a_repull_fetches_nothing(loaded, tmp_
         assert ws.cached_image(sop).dtype == np.uint8
         assert sum(n for key, n in proxy.requests.items() if key.endswith(f"/instances/{sop}")) == 2
 
+        # Key Object Selection documents of pulled images read their headers back as WADO-RS metadata
+        _, document = ws.similar_kos(sop_instance_uid=sop, k=2)
+        assert referenced_sops(document)[0] == sop and len(referenced_sops(document)) == 3
+        assert document.StudyInstanceUID == parse_instance_url(_paths(ws)[sop]).study_uid
+        assert proxy.count("GET /dicom-web/studies/") and \
+            sum(n for key, n in proxy.requests.items() if key.endswith(f"/instances/{sop}/metadata")) >= 1
+        run_qc(ws.corpus(), method="knn", k=3, header_checks=False, min_pixel_correlation=None)
+        documents = ws.qc_kos(top=3)
+        assert documents and sum(len(referenced_sops(d)) for d in documents) >= 3
+
 
 def test_a_study_broken_mid_transfer_is_recorded_and_the_rest_ingested(loaded, tmp_path):
     orthanc, _, files = loaded
@@ -131,6 +144,21 @@ def test_bearer_token_from_the_environment_and_refusal(loaded, tmp_path, monkeyp
         assert ok.exit_code == 0, ok.output
         assert f'"ingested": {len(files)}' in ok.output and "s3cret" not in ok.output
 
+        # reading a stored instance back: refused credentials are the PACS's answer (exit 12, HTTP 502) with
+        # the credentials hint, not "not found"; an instance the PACS no longer holds is not found
+        ws = Workspace(make_config(home, encoder=TINY, pacs={"retries": 0, "backoff_s": 0.01}))
+        sop = next(iter(_paths(ws)))
+        shutil.rmtree(ws.config.cache_dir)
+        with pytest.raises(PacsError, match="HTTP 401") as refused_back:
+            ws.cached_image(sop)
+        assert "credentials" in refused_back.value.hint and "s3cret" not in str(refused_back.value)
+        proxy.required_token = None
+        assert ws.header_of(sop).SOPInstanceUID == sop  # allowed again: read back
+        orthanc.delete_instance(sop)
+        with pytest.raises(NotFoundError, match="HTTP 404") as gone:
+            ws.header_of(sop)
+        assert "no longer holds" in gone.value.hint
+
 
 def test_a_pacs_that_is_down_is_a_clear_error_and_folder_options_are_refused(tmp_path):
     ws = Workspace(make_config(tmp_path / "state", encoder=TINY, pacs=FAST_RETRIES))
@@ -167,9 +195,20 @@ def test_retries_back_off_then_give_up_and_a_4xx_is_final():
         calls.append(1)
         raise gone
 
-    with pytest.raises(TransferFailed, match="HTTP 404"):
+    with pytest.raises(TransferFailed, match="HTTP 404") as final:
         with_retries(missing, "WADO-RS y", retries=3, backoff_s=0.5, sleep=waits.append)
-    assert len(calls) == 1
+    assert len(calls) == 1 and final.value.status == 404
+
+    def wordy():  # requests nests whole reprs of its connection objects in the message
+        raise requests.ConnectionError("Max retries exceeded with url: /dicom-web/studies (Caused by "
+                                       "NewConnectionError('<urllib3.connection.HTTPConnection object at 0x7f>: "
+                                       + "Failed to establish a new connection: " * 10
+                                       + "[Errno 111] Connection refused'))")
+    with pytest.raises(TransferFailed) as long_one:
+        with_retries(wordy, "QIDO-RS z", retries=0, backoff_s=0.5, sleep=waits.append)
+    reason = long_one.value.reason
+    assert reason.startswith("ConnectionError: Max retries exceeded") and " ... " in reason
+    assert reason.endswith("[Errno 111] Connection refused')) after 1 attempt(s)") and len(reason) < 330
     assert redact("http://bob:pw@pacs:8042/dicom-web") == "http://pacs:8042/dicom-web"
     assert redact("http://bob:pw@[::1]:8042/x") == "http://[::1]:8042/x"
 
