@@ -38,3 +38,38 @@ def cannot_listen(host: str, port: int, reason: OSError | str) -> MammoRetrieval
     if isinstance(reason, OSError) and not isinstance(reason, socket.gaierror) and reason.errno == errno.EADDRINUSE:
         return PacsError(message, hint=PORT_HINT)
     return ConfigError(message, hint=HOST_HINT)
+
+
+BACKLOG = 2048  # uvicorn's
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` resolves to, as asyncio would open them (for uvicorn), but
+    opened here, so that failures name what to change (``cannot_listen``). An address family the kernel
+    lacks is skipped, as asyncio does; with port 0 every address gets the first one's port."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise cannot_listen(host, port, exc) from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:
+                continue
+            if sockets and port == 0:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise cannot_listen(host, port, exc) from None
+    if not sockets:
+        raise cannot_listen(host, port, "no address family of it is available here")
+    return sockets

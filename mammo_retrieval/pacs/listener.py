@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 from mammo_retrieval.core.errors import FATAL_EXCEPTIONS, BusyError, ConfigError
 from mammo_retrieval.core.fileio import write_bytes_atomic
-from mammo_retrieval.core.netaddr import cannot_listen
+from mammo_retrieval.core.netaddr import bind, cannot_listen
 from mammo_retrieval.dicom.reader import InMemoryDicom
 from mammo_retrieval.pipeline.prepare import Prepared, Rejected
 
@@ -228,6 +228,12 @@ class Listener:
         self.batcher = Batcher(index_batch, settings.batch_images, settings.batch_seconds)
         self.handler = StoreHandler(prepare, record_rejection, self.batcher, settings.spool_dir)
         self._server = None
+
+    def check_address(self) -> None:
+        """Refuse an address that cannot be listened on now, before a spool recovery and the model load take
+        their time (``start`` still reports one taken in between)."""
+        for sock in bind(self.settings.host, self.settings.port):
+            sock.close()
 
     def start(self) -> None:
         from pynetdicom import evt

@@ -166,7 +166,8 @@ class SearchService:
                 vector = embed_pictures(encoder, [prepared.model_input])
         h = prepared.header
         path = source.name if isinstance(source, InMemoryDicom) else str(source)
-        query = QueryImage(h.sop_instance_uid, h.accession_number, h.patient_id, h.laterality, h.view, path)
+        query = QueryImage(h.sop_instance_uid, h.accession_number, h.patient_id, h.laterality, h.view, path,
+                           h.study_key)
         return query, vector, prepared.display
 
     # --- queries -------------------------------------------------------------------------------------
@@ -288,4 +289,4 @@ class SearchService:
 
 def _as_query(record: repo.ImageRecord) -> QueryImage:
     return QueryImage(record.sop_instance_uid, record.accession_number, record.patient_id, record.laterality,
-                      record.view, record.path)
+                      record.view, record.path, record.study_key)

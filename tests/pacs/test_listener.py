@@ -198,3 +198,26 @@ def test_a_port_in_use_is_exit_12_and_a_host_not_of_this_machine_exit_2_as_for_s
     with pytest.raises(ConfigError, match="cannot listen on 192.0.2.1:0: ") as raised:
         foreign.start()
     assert raised.value.exit_code == 2 and "--host" in raised.value.hint
+
+
+def test_listen_checks_its_options_and_port_before_recovering_the_spool(tmp_path, cbis_files):
+    """A wrong option or a busy port is said at once, not after the spool is ingested and the model loaded."""
+    import socket
+
+    from click.testing import CliRunner
+
+    from mammo_retrieval.app.cli import cli
+    home = tmp_path / "home"
+    (home / "spool").mkdir(parents=True)
+    (home / "spool" / "received.dcm").write_bytes(Path(cbis_files[0]).read_bytes())
+    env = {"MRETRIEVE_HOME": str(home)}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = CliRunner().invoke(cli, ["listen", "--port", str(taken.getsockname()[1])], env=env)
+    assert busy.exit_code == 12 and "cannot listen on 127.0.0.1:" in busy.output, busy.output
+    long_title = CliRunner().invoke(cli, ["listen", "--port", "0", "--ae-title", "ABCDEFGHIJKLMNOPQRS"], env=env)
+    assert long_title.exit_code == 2 and "1 to 16 characters" in long_title.output, long_title.output
+    for result in (busy, long_title):
+        assert "spool:" not in result.output
+    assert Workspace(make_config(home)).status()["counts"]["images"] == 0  # nothing was ingested first

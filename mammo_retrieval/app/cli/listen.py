@@ -30,12 +30,13 @@ def listen(ctx: click.Context, host: str, port: int, ae_title: str | None, allow
     so a crash before indexing loses nothing. C-ECHO is answered.
     """
     ws = workspace(ctx)
+    listener = ws.listener(host=host, port=port, ae_title=ae_title, allowed=allowed, batch_images=batch_images,
+                           batch_seconds=batch_seconds)
+    listener.check_address()  # options and address first: a large spool takes a while to recover
     recovered = ws.recover_spool()
     if recovered is not None:
         click.echo(f"spool: indexed {recovered.ingested} received earlier, {recovered.already_present} already "
                    f"indexed, {len(recovered.rejected)} rejected")
-    listener = ws.listener(host=host, port=port, ae_title=ae_title, allowed=allowed, batch_images=batch_images,
-                           batch_seconds=batch_seconds)
     ws.encoder  # loaded before the first association, not during it
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,6 +9,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncGenerator
+from http import HTTPStatus
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -21,7 +22,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from pydantic import BeforeValidator
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from mammo_retrieval import __version__
@@ -59,6 +62,23 @@ StudyInstanceUid = Annotated[str, Path(pattern=NO_CONTROL_CHARACTER,
                                        description="a StudyInstanceUID")]
 StudyKey = Annotated[str, Path(pattern=NO_CONTROL_CHARACTER, max_length=IDENTITY_LIMITS["study_key"],
                                description="a study's AccessionNumber, or its StudyInstanceUID where that is empty")]
+
+
+
+class AnyText(Convertor):
+    """A path segment that may hold "/" (an AccessionNumber 2023/0001 arrives decoded from %2F) and any other
+    character, so that the parameter's own rule, not the router, judges it (422 naming it, not 404)."""
+
+    regex = "(?s:.+)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("any_text", AnyText())
 
 
 class UploadError(MammoRetrievalError):
@@ -241,7 +261,7 @@ def api_router() -> APIRouter:
         state.metrics.observe_stages(watch.stages)
         return _result_body(result, watch)
 
-    @router.get("/studies/{study_key}/similar", summary="The k most similar studies, fused view by view")
+    @router.get("/studies/{study_key:any_text}/similar", summary="The k most similar studies, fused view by view")
     def similar_studies(study_key: StudyKey, k: int = K, exclude_same_patient: bool = False,
                         rule: Literal["mean_pooled", "view_best_mean"] = "mean_pooled",
                         state: ServerState = Depends(get_state)) -> dict:
@@ -362,6 +382,16 @@ def create_app(workspace: Workspace, *, token: str | None = None, max_upload: in
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
         return JSONResponse({"error": "invalid_request", "message": problems, "hint": "see /docs",
                              "remedies": []}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def no_such_route(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """The framework's own refusals (no such route, a method not allowed) in our error shape. The path is
+        not echoed: it may hold an AccessionNumber."""
+        code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+        message = {404: "no such route", 405: f"{request.method} is not allowed here"}.get(exc.status_code,
+                                                                                          str(exc.detail))
+        return JSONResponse({"error": code, "message": message, "hint": "see /docs for the API", "remedies": []},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 from mammo_retrieval.core.errors import ConfigError
-from mammo_retrieval.core.netaddr import cannot_listen, display_address, is_loopback
+from mammo_retrieval.core.netaddr import BACKLOG, bind, display_address, is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -49,43 +48,6 @@ def check_bind(host: str, token: str | None) -> None:
 
 def display_url(host: str, port: int) -> str:
     return f"http://{display_address(host, port)}/"
-
-
-BACKLOG = 2048  # uvicorn's
-
-
-def bind(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets on every address ``host`` resolves to, as asyncio would open them for uvicorn, but
-    opened here, so that failures name what to change: a port in use is a PacsError (exit 12, as for
-    `mretrieve listen`; uvicorn's own exit 3 is "rejected DICOM" to us), a host that is not an address of
-    this machine a ConfigError (exit 2). An address family the kernel lacks is skipped, as asyncio does;
-    with port 0 every address gets the first one's port."""
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise cannot_listen(host, port, exc) from None
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):
-            try:
-                sock = socket.socket(family, kind, proto)
-            except OSError:
-                continue
-            if sockets and port == 0:
-                address = (address[0], sockets[0].getsockname()[1], *address[2:])
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(BACKLOG)
-    except OSError as exc:
-        for sock in sockets:
-            sock.close()
-        raise cannot_listen(host, port, exc) from None
-    if not sockets:
-        raise cannot_listen(host, port, "no address family of it is available here")
-    return sockets
 
 
 def run(app, host: str, port: int, *, on_listening: Callable[[str], None]) -> None:

@@ -526,3 +526,34 @@ def test_a_thumbnail_whose_source_is_gone_is_404_without_blaming_the_request(tmp
         assert body["error"] == "not_found" and sop in body["message"]
         assert str(tmp_path) not in body["message"] + str(body["hint"])
     ws.close()
+
+
+def test_a_study_key_with_a_slash_is_served_and_every_refusal_has_the_error_shape(tmp_path):
+    """An AccessionNumber such as 2023/0001 reaches the study route (%2F arrives decoded); the framework's
+    own 404 and 405 answer in the API's error shape, without echoing the path (it may hold an accession)."""
+    from mammo_retrieval.analysis.vectors import load_embeddings
+    from tests.app.http.conftest import TINY
+    from tests.conftest import make_config
+    for i, accession in enumerate(["2023/0001", "2023/0001", "2023/0002", "2023/0002"]):
+        make_file(tmp_path / "archive" / f"img{i}.dcm", breast_phantom(128, 96, side="LR"[i % 2], seed=i),
+                  accession=accession, patient_id=f"P{i // 2}", laterality="LR"[i % 2])
+    ws = Workspace(make_config(tmp_path / "state", encoder=TINY))
+    assert ws.ingest(tmp_path / "archive", workers=0).ingested == 4
+    table = load_embeddings(ws.corpus()).meta
+    with TestClient(create_app(ws, warm_up=False)) as client:
+        response = client.get("/api/v1/studies/2023%2F0001/similar?k=1")
+        assert response.status_code == 200, response.text
+        assert [h["study_key"] for h in response.json()["hits"]] == ["2023/0002"]
+        missing = client.get("/api/v1/studies/2023%2F0009/similar")
+        assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+        # an image query names its study's key: the page links it to the study search
+        for sop, accession in zip(table.sop_instance_uid, table.accession_number):
+            assert client.get(f"/api/v1/images/{sop}/similar?k=1").json()["query"]["study_key"] == accession
+        for method, path, status in (("GET", "/api/v1/no-such-route/2023/0001", 404),
+                                     ("POST", "/api/v1/info", 405)):
+            refused = client.request(method, path)
+            body = refused.json()
+            assert refused.status_code == status and set(body) == {"error", "message", "hint", "remedies"}
+            assert "2023" not in body["message"] and body["error"] in ("not_found", "method_not_allowed")
+        assert client.request("POST", "/api/v1/info").headers["allow"] == "GET"
+    ws.close()

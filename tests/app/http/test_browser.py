@@ -102,6 +102,7 @@ def test_deep_link_renders_hits_with_pictures_and_a_click_searches_again(mias_ho
         assert page.locator("#query img").evaluate("i => i.naturalWidth") > 0
         assert all(alt.startswith("Rank ") for alt in page.eval_on_selector_all("#hits img", "e => e.map(i => i.alt)"))
         assert "images indexed" in page.inner_text("footer")
+        assert page.get_attribute("#query a", "href").startswith("/study?key=")  # its study, by its key
 
         target = first[3]
         page.click(f'#hits li[data-sop-instance-uid="{target}"] button.open')

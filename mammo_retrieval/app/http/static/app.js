@@ -27,8 +27,8 @@ function renderQuery(query) {
     el("img", {src: queryPicture, alt: `Query image: ${describe(query)}`, width: 256}),
     meta([["SOP UID", query.sop_instance_uid], ["Accession", query.accession_number],
           ["Laterality", query.laterality], ["View", query.view], ["Source", query.path]]),
-    query.accession_number && current && current.kind === "sop"
-      ? el("a", {href: `/study?key=${encodeURIComponent(query.accession_number)}`, text: "Similar studies"}) : null);
+    query.study_key && current && current.kind === "sop"
+      ? el("a", {href: `/study?key=${encodeURIComponent(query.study_key)}`, text: "Similar studies"}) : null);
 }
 
 function renderHits(result) {
