@@ -326,11 +326,15 @@ class Workspace:
         missing = [Rejected.of(client.study_url(uid), RejectionCode.TRANSFER_FAILED,  # named, not listed: said
                                "the PACS does not list this study (QIDO-RS)") for uid in sorted(set(studies) - set(found))]
         report.rejected.extend(missing)
+        if not found and studies:  # named studies are not filtered by modality
+            raise NotFoundError(f"{redact(client.base_url)} lists none of the {len(studies)} studies asked "
+                                f"(--study {', '.join(sorted(set(studies))[:3])}{', ...' if len(set(studies)) > 3 else ''})"
+                                + (f" since {since}" if since else ""),
+                                hint="check the StudyInstanceUIDs, and that this is the PACS that holds them")
         if not found:
             raise NotFoundError(f"no study found at {redact(client.base_url)}"
-                                + (f" with modality {modality}" if modality else "")
-                                + (f" since {since}" if since else "") + (f" among {len(studies)} asked" if studies else ""),
-                                hint="check --study/--since/--modality (ModalitiesInStudy must be filled by the PACS)")
+                                + (f" with modality {modality}" if modality else "") + (f" since {since}" if since else ""),
+                                hint="check --since/--modality (ModalitiesInStudy must be filled by the PACS)")
         workers = cfg.workers() if workers is None else workers
         with self._writing(report) as (encoder, sink, job):
             sink.reject(missing)

@@ -259,7 +259,8 @@ def _dcmread(path: Path, cfg: ReaderConfig) -> Dataset:
             ds = (pydicom.dcmread(io.BytesIO(path.data)) if isinstance(path, InMemoryDicom)
                   else pydicom.dcmread(path, defer_size="64 KB"))
     except InvalidDicomError as exc:
-        raise _reject(path, C.NOT_DICOM, f"not a DICOM file ({exc})") from None
+        reason = str(exc).replace(" Use force=True to force reading.", "")  # pydicom's advice: no option of ours
+        raise _reject(path, C.NOT_DICOM, f"not a DICOM file ({reason})") from None
     except PermissionError as exc:
         raise _reject(path, C.UNREADABLE_FILE, f"cannot read file: {exc.strerror}") from None
     except Exception as exc:  # pydicom raises many types on a corrupt header

@@ -66,9 +66,7 @@ def qc_documents(db: "Database", header_of: HeaderOf, *, top: int, study: str | 
     (deleted, moved, their PACS down) are left out with a warning; one after it is not checked, and stays
     referenced by its UIDs, which is all a KOS holds. The other documents are made either way."""
     with db.session() as s:
-        sweep = repo.latest_qc_sweep(s, top)
-    if sweep is None:
-        raise NotFoundError("no QC sweep yet", hint="run `mretrieve qc` first")
+        sweep = repo.required_qc_sweep(s, top)
     flagged = [row for row in sweep.scores if row["rank"] <= top or row["flags"]]
     by_study: dict[str, list[dict]] = {}
     references: dict[str, Reference] = {}

@@ -62,7 +62,7 @@ class IngestReport:
     ingested: int = 0
     already_present: int = 0
     fetched: int = 0  # instances retrieved from a PACS (WADO-RS); 0 for a folder
-    skipped: int = 0  # plainly not DICOM by extension (sidecars), never read
+    skipped: int = 0  # never read: plainly not DICOM by extension (a folder), not an image by SOP class (a PACS)
     rejected: list[Rejected] = field(default_factory=list)
     model_key: str = ""
     random_weights: bool = False

@@ -99,6 +99,10 @@ def test_a_pull_equals_a_folder_ingest_and_a_repull_fetches_nothing(loaded, tmp_
         documents = ws.qc_kos(top=3)
         assert documents and sum(len(referenced_sops(d)) for d in documents) >= 3
 
+        with pytest.raises(NotFoundError, match="lists none of the 1 studies asked .--study 1.2.3.404.") as none:
+            ws.ingest(f"{proxy.url}/dicom-web", studies=["1.2.3.404"])
+        assert "modality" not in none.value.message  # named studies are not filtered by modality
+
 
 def test_a_study_broken_mid_transfer_is_recorded_and_the_rest_ingested(loaded, tmp_path):
     orthanc, _, files = loaded

@@ -77,6 +77,11 @@ def test_query_kos_is_written_sent_by_stow_and_read_back(archive, orthanc, tmp_p
     [stored] = _stored_kos(orthanc)
     assert stored.SOPInstanceUID == written.SOPInstanceUID
     assert referenced_sops(stored) == referenced_sops(written)
+    # a pull from that PACS skips our document unread, by its SOP class, and says so
+    pulled = CliRunner().invoke(cli, ["--config", str(archive["config"]), "ingest", orthanc.dicomweb, "--modality", "",
+                                      "--no-progress"], env={"MRETRIEVE_HOME": str(tmp_path / "pulled")})
+    assert pulled.exit_code == 0, pulled.output
+    assert "skipped 1 not images by SOP class" in pulled.output and "by extension" not in pulled.output
 
 
 def test_qc_kos_one_document_per_study_and_stow(archive, orthanc, tmp_path):

@@ -64,7 +64,8 @@ def ingest(ctx: click.Context, source: str, workers: int | None, executor: str, 
         return
     click.echo(f"ingested {report.ingested}, already present {report.already_present}, "
                f"rejected {len(report.rejected)} (of {report.files_seen} files, {report.seconds:.1f} s); "
-               f"skipped {report.skipped} not DICOM by extension"
+               + (f"skipped {report.skipped} not images by SOP class (reports, KOS, presentation states)" if remote
+                  else f"skipped {report.skipped} not DICOM by extension")
                + (f"; retrieved {report.fetched} by WADO-RS" if remote else ""))
     click.echo(f"model {report.model_key}; index {report.index_type} with {report.index_ntotal} vectors")
     for r in report.rejected:

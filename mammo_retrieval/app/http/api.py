@@ -33,7 +33,7 @@ from mammo_retrieval.app.http.errors import error_body, http_status
 from mammo_retrieval.app.http.metrics import Metrics
 from mammo_retrieval.app.http.thumbnails import ThumbnailCache, encode_png
 from mammo_retrieval.app.workspace import Workspace
-from mammo_retrieval.core.errors import MammoRetrievalError, NotFoundError, Remedy
+from mammo_retrieval.core.errors import MammoRetrievalError, NotFoundError
 from mammo_retrieval.core.timing import Stopwatch
 from mammo_retrieval.dicom.header import CONTROL_CHARACTERS, IDENTITY_LIMITS
 from mammo_retrieval.dicom.reader import InMemoryDicom
@@ -79,6 +79,12 @@ class AnyText(Convertor):
 
 
 register_url_convertor("any_text", AnyText())
+
+
+def _route_of(request: Request) -> str:
+    """The route's template (/api/v1/studies/{study_key}/similar), for logs and metrics: a request's own path
+    may hold an AccessionNumber or a UID, which a log line should not carry."""
+    return getattr(request.scope.get("route"), "path", "unmatched")
 
 
 class UploadError(MammoRetrievalError):
@@ -322,10 +328,7 @@ def api_router() -> APIRouter:
     @router.get("/qc/latest", summary="The latest QC sweep: outliers, duplicate pairs, header flags, what is new")
     def qc_latest(top: int = Query(50, ge=1, le=10000), state: ServerState = Depends(get_state)) -> dict:
         with state.workspace.db.session() as s:
-            sweep = repo.latest_qc_sweep(s, top)
-        if sweep is None:
-            raise NotFoundError("no QC sweep yet",
-                                remedies=[Remedy("run a QC sweep", "qc")])
+            sweep = repo.required_qc_sweep(s, top)
         body = asdict(sweep)
         compared = sweep.previous_run_id is not None
         for row in body["scores"]:
@@ -374,7 +377,7 @@ def create_app(workspace: Workspace, *, token: str | None = None, max_upload: in
     @app.exception_handler(MammoRetrievalError)
     async def library_error(request: Request, exc: MammoRetrievalError) -> JSONResponse:
         status = exc.status if isinstance(exc, UploadError) else http_status(exc)
-        logger.info("%s %s -> %d %s", request.method, request.url.path, status, exc.code)
+        logger.info("%s %s -> %d %s", request.method, _route_of(request), status, exc.code)
         return JSONResponse(error_body(exc), status_code=status)
 
     @app.exception_handler(RequestValidationError)
@@ -395,7 +398,7 @@ def create_app(workspace: Workspace, *, token: str | None = None, max_upload: in
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("%s %s failed", request.method, request.url.path)
+        logger.exception("%s %s failed", request.method, _route_of(request))
         return JSONResponse({"error": "internal_error", "message": f"{type(exc).__name__} (see the server log)",
                              "hint": None, "remedies": []}, status_code=500)
 
@@ -418,8 +421,7 @@ def create_app(workspace: Workspace, *, token: str | None = None, max_upload: in
                                              "?token=<token>", "remedies": []},
                                     status_code=401, headers={"WWW-Authenticate": "Bearer"})
         response = await call_next(request)
-        route = request.scope.get("route")
-        state.metrics.observe_request(getattr(route, "path", "unmatched"), request.method, response.status_code,
+        state.metrics.observe_request(_route_of(request), request.method, response.status_code,
                                       time.perf_counter() - started)
         return response
 

@@ -9,6 +9,7 @@ import numpy as np
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
+from mammo_retrieval.core.errors import NotFoundError, Remedy
 from mammo_retrieval.dicom.header import HeaderFields
 from mammo_retrieval.storage.catalog.models import (Embedding, Image, ModelVersion, QcDuplicate, QcRun, QcScore,
                                                    RejectedFile, Study)
@@ -435,6 +436,14 @@ def latest_qc_sweep(session: Session, top: int | None = None) -> QcSweep | None:
                 for image_id, score, rank, flags in scores],
         duplicates=[{"similarity": sim, "pixel_correlation": corr, "a": fields.get(a, {}), "b": fields.get(b, {})}
                     for a, b, sim, corr in pairs])
+
+
+def required_qc_sweep(session: Session, top: int | None = None) -> QcSweep:
+    """``latest_qc_sweep``, or a NotFoundError whose remedy is the QC operation (one wording for every caller)."""
+    sweep = latest_qc_sweep(session, top)
+    if sweep is None:
+        raise NotFoundError("no QC sweep yet", remedies=[Remedy("run a QC sweep", "qc")])
+    return sweep
 
 
 def images_with_paths(session: Session) -> list[tuple[int, str, str]]:
