@@ -20,8 +20,8 @@ from mammo_retrieval.core.identity import ModelIdentity
 from mammo_retrieval.storage.catalog import Database
 from mammo_retrieval.storage.catalog import repository as repo
 from mammo_retrieval.storage.index.manifest import Manifest
-from mammo_retrieval.storage.index.store import (FLAT, Layout, VectorIndex, auto_nlist, new_faiss_index,
-                                                 plan_layout)
+from mammo_retrieval.storage.index.store import (FLAT, PQ_CENTROIDS, Layout, VectorIndex, auto_nlist,
+                                                 new_faiss_index, plan_layout, vectors_to_train)
 from mammo_retrieval.storage.index.tune import TuneResult, exact_neighbours, tune_nprobe
 
 logger = logging.getLogger(__name__)
@@ -57,10 +57,12 @@ class LayoutRequest:
         nlist = self.nlist or (auto_nlist(count) if config.nlist == "auto" else int(config.nlist))
         opq = self.opq if self.opq is not None else (config.opq and index_type == "ivf_pq")
         layout = Layout(index_type, nlist, opq=opq, on_disk=on_disk)   # refuses OPQ without PQ first
-        needed = config.min_points_per_list * nlist
+        needed = vectors_to_train(index_type, nlist, config)
         if count < needed:
+            rule = f"{config.min_points_per_list} a list" + (f", and {PQ_CENTROIDS} for the product quantiser"
+                                                              if index_type == "ivf_pq" else "")
             raise ConfigError(f"an {index_type} index of {nlist} lists needs at least {needed} vectors to train "
-                              f"({config.min_points_per_list} a list); the database holds {count}",
+                              f"({rule}); the database holds {count}",
                               hint="choose a smaller --nlist, or keep the exact (flat) index until the archive grows")
         return layout
 
@@ -202,11 +204,14 @@ class IndexLifecycle:
                       shard_size=shard_size, source=source, nlist_auto=nlist_auto)
 
     def _training_sample(self, model_version_id: int, dim: int, layout: Layout):
-        """50 per centroid: at 1M vectors and nlist 4096 a 20% sample, never all of them."""
+        """50 per centroid (at least PQ_CENTROIDS for PQ): at 1M vectors and nlist 4096 a 20% sample, never all."""
         if not layout.nlist:
             return None
+        wanted = TRAINING_POINTS_PER_LIST * layout.nlist
+        if layout.index_type == "ivf_pq":
+            wanted = max(wanted, PQ_CENTROIDS)
         with self.db.session() as s:
-            return repo.sample_vectors(s, model_version_id, dim, n=TRAINING_POINTS_PER_LIST * layout.nlist)
+            return repo.sample_vectors(s, model_version_id, dim, n=wanted)
 
     def vector_chunks(self, model_version_id: int, dim: int,
                       on_progress: Callable[[int, int], None] | None = None) -> Callable[[], Iterator]:

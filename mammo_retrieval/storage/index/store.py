@@ -63,9 +63,19 @@ def auto_nlist(n: int) -> int:
     return max(16, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(max(n, 1))))))
 
 
+PQ_CENTROIDS = 256  # each product quantiser codebook (8 bits a code): FAISS cannot train one on fewer vectors
+
+
+def vectors_to_train(index_type: str, nlist: int, cfg: IndexConfig) -> int:
+    """The fewest vectors that train this IVF layout: ``min_points_per_list`` a list, and for PQ at least one
+    a codebook centroid."""
+    needed = cfg.min_points_per_list * nlist
+    return max(needed, PQ_CENTROIDS) if index_type == "ivf_pq" else needed
+
+
 def plan_layout(n: int, cfg: IndexConfig) -> Layout:
     nlist = auto_nlist(n) if cfg.nlist == "auto" else int(cfg.nlist)
-    if n < cfg.min_points_per_list * nlist:
+    if n < vectors_to_train(cfg.type, nlist, cfg):
         return Layout(FLAT, None)
     return Layout(cfg.type, nlist, opq=cfg.opq and cfg.type == "ivf_pq", on_disk=cfg.on_disk)
 

@@ -196,6 +196,21 @@ def test_layout_requests():
         LayoutRequest("ivf_sq8", 16, True).layout(0, PQ_CFG)    # before the count check: the request is wrong
 
 
+def test_a_small_pq_layout_asks_for_the_product_quantisers_256_vectors():
+    """39 a list is not enough for PQ: each codebook has 256 centroids, and FAISS cannot train one on fewer
+    (it raised from C++). Refused with the rule when pinned, exact when planned; 256 vectors train it."""
+    from mammo_retrieval.storage.index.store import PQ_CENTROIDS, new_faiss_index, plan_layout
+    with pytest.raises(ConfigError, match=r"needs at least 256 vectors to train \(39 a list, and 256 for the "
+                                          r"product quantiser\); the database holds 200"):
+        LayoutRequest("ivf_pq", 4).layout(200, PQ_CFG)
+    assert LayoutRequest("ivf_flat", 4).layout(200, PQ_CFG).index_type == "ivf_flat"  # 156 are enough there
+    small = dataclasses.replace(PQ_CFG, nlist=4, opq=False)
+    assert plan_layout(200, small).index_type == "flat" and plan_layout(PQ_CENTROIDS, small).index_type == "ivf_pq"
+    index = new_faiss_index(Layout("ivf_pq", 4), small, 64)
+    index.train(clustered(PQ_CENTROIDS))
+    assert index.is_trained
+
+
 def test_rebuild_pins_a_layout_that_ingest_keeps(tmp_path, database_url):
     """From the catalog (SQLite and PostgreSQL) to an on-disk index, re-ranked from the catalog."""
     from mammo_retrieval.app.workspace import Workspace
