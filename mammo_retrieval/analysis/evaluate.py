@@ -158,10 +158,13 @@ def heldout_patients(checkpoint: str) -> set[str]:
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise MammoRetrievalError(f"{checkpoint}: cannot read its held-out women: {type(exc).__name__}: {exc}",
                                   hint="give a checkpoint of `mretrieve train` or a built-in's .safetensors") from None
+    hint = ("give a checkpoint of `mretrieve train --holdout-fraction 0.2` (the default holds none out) or a "
+            "built-in's .safetensors (an adapter's held-out women are in its training report)")
     if not isinstance(data, dict) or "heldout_patients" not in data:
-        raise MammoRetrievalError(f"{checkpoint} records no held-out patients",
-                                  hint="give a checkpoint of `mretrieve train --holdout-fraction ...` or a built-in's "
-                                       ".safetensors (an adapter's held-out women are in its training report)")
+        raise MammoRetrievalError(f"{checkpoint} records no held-out patients", hint=hint)
+    if not data["heldout_patients"]:
+        raise MammoRetrievalError(f"{checkpoint} was trained with no held-out women (--holdout-fraction 0): "
+                                  "it saw every woman it could evaluate", hint=hint)
     return set(data["heldout_patients"])
 
 

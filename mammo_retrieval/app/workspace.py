@@ -692,10 +692,10 @@ class Workspace:
         """Search with one DICOM file or upload (see SearchService.query_file)."""
         return self.search.query_file(path, k, filters, watch)
 
-    def query_accession(self, accession: str, k: int = 10,
-                        filters: QueryFilters = QueryFilters()) -> list[QueryResult]:
+    def query_accession(self, accession: str, k: int = 10, filters: QueryFilters = QueryFilters(),
+                        watch: "Stopwatch | None" = None) -> list[QueryResult]:
         """One result per image of the study, using the stored vectors (nothing is decoded)."""
-        return self.search.query_study(accession, k, filters)
+        return self.search.query_study(accession, k, filters, watch)
 
     def similar(self, sop_instance_uid: str, k: int = 10, filters: QueryFilters = QueryFilters()) -> QueryResult:
         """Neighbours of a stored image, from its stored vector."""

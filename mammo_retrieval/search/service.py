@@ -212,9 +212,12 @@ class SearchService:
         with watch.stage("search"):
             return search(self.db, index, vector, _as_query(record), k, filters)
 
-    def query_study(self, accession: str, k: int = 10, filters: QueryFilters = QueryFilters()) -> list[QueryResult]:
+    def query_study(self, accession: str, k: int = 10, filters: QueryFilters = QueryFilters(),
+                    watch: Stopwatch | None = None) -> list[QueryResult]:
         """One result per image of the study, using the stored vectors (nothing is decoded)."""
-        index = self.index()
+        watch = watch or Stopwatch()
+        with watch.stage("index_load"):
+            index = self.index()
         mv_id = self.model_version_id()
         with self.db.session() as s:
             records = repo.records_for_study(s, accession, mv_id) if mv_id is not None else []
@@ -222,26 +225,32 @@ class SearchService:
         if not records:
             raise NotFoundError(f"no indexed images for accession '{accession}'",
                                 remedies=[STUDY_KEYS_REMEDY])
-        return [search(self.db, index, vector, _as_query(record), k, filters)
-                for record, vector in zip(records, vectors)]
+        with watch.stage("search"):
+            return [search(self.db, index, vector, _as_query(record), k, filters)
+                    for record, vector in zip(records, vectors)]
 
     # --- studies ---------------------------------------------------------------------------------------
-    def similar_studies(self, key: str, k: int = 10, *, rule: str = DEFAULT_RULE,
-                        exclude_same_patient: bool = False) -> StudyResult:
+    def similar_studies(self, key: str, k: int = 10, *, rule: str = DEFAULT_RULE, exclude_same_patient: bool = False,
+                        watch: Stopwatch | None = None) -> StudyResult:
         """The k studies most like an indexed study (by study key or AccessionNumber), from stored vectors."""
         check_rule(rule)
-        index = self.index()
+        watch = watch or Stopwatch()
+        with watch.stage("index_load"):
+            index = self.index()
         studies = self._studies([key], index.manifest.dim)
         if not studies:
             raise NotFoundError(f"no indexed images for study '{key}'",
                                 remedies=[STUDY_KEYS_REMEDY])
-        return self._rank(studies[0], index, k, rule, exclude_same_patient)
+        with watch.stage("search"):
+            return self._rank(studies[0], index, k, rule, exclude_same_patient)
 
     def query_study_files(self, sources: list[Source], k: int = 10, *, rule: str = DEFAULT_RULE,
-                          exclude_same_patient: bool = False) -> StudyResult:
+                          exclude_same_patient: bool = False, watch: Stopwatch | None = None) -> StudyResult:
         """The k studies most like the study these DICOM files (its views) make up."""
         check_rule(rule)
-        headers = [read_header(source, self.config.reader) for source in sources]  # refused before the model loads
+        watch = watch or Stopwatch()
+        with watch.stage("header_check"):  # refused before the model loads
+            headers = [read_header(source, self.config.reader) for source in sources]
         studies = {header.study_key for header in headers}
         if len(studies) > 1:  # else the other studies' own images would come back as hits
             raise ConfigError(
@@ -249,15 +258,17 @@ class SearchService:
                 + "; ".join(f"{display_path(source)} (study {header.study_key})" for source, header in zip(sources, headers)),
                 hint="pass the files of one study (the same AccessionNumber, else StudyInstanceUID), or query each "
                      "image on its own with --level image")
-        index = self.index()
+        with watch.stage("index_load"):
+            index = self.index()
         images = []
         for source in sources:
-            query, vector, _ = self._embed(source, None)
+            query, vector, _ = self._embed(source, watch)
             images.append(StudyImage(query.sop_instance_uid, query.laterality, query.view, query.path, vector[0]))
         first = headers[0]
         study = Study(first.study_key, first.accession_number, first.study_instance_uid or None,
                       first.patient_id or None, tuple(images))
-        return self._rank(study, index, k, rule, exclude_same_patient)
+        with watch.stage("search"):
+            return self._rank(study, index, k, rule, exclude_same_patient)
 
     def _studies(self, keys: list[str], dim: int) -> list[Study]:
         mv_id = self.model_version_id()

@@ -108,3 +108,21 @@ def test_all_versions_are_measured_on_the_same_images(tmp_path, cbis_files):
     with pytest.raises(LabelsError, match="only 0 indexed images have labels") as raised:
         evaluate(ws.corpus(), str(other_archive), ks=(1, 3))
     assert raised.value.exit_code == 2
+
+
+def test_heldout_women_come_from_the_checkpoint_and_an_empty_hold_out_is_said_as_such(tmp_path):
+    """`mretrieve train` holds no woman out by default: evaluating on its held-out women is refused naming
+    that, not with a labels error about zero images."""
+    import torch
+
+    from mammo_retrieval.analysis.evaluate import heldout_patients
+    from mammo_retrieval.core.errors import MammoRetrievalError
+    torch.save({"data": {"heldout_patients": ["P0001", "P0002"]}}, tmp_path / "held.pt")
+    assert heldout_patients(str(tmp_path / "held.pt")) == {"P0001", "P0002"}
+    torch.save({"data": {"heldout_patients": []}}, tmp_path / "none.pt")
+    with pytest.raises(MammoRetrievalError, match="trained with no held-out women") as none:
+        heldout_patients(str(tmp_path / "none.pt"))
+    assert "--holdout-fraction" in none.value.hint
+    torch.save({"data": {}}, tmp_path / "unrecorded.pt")
+    with pytest.raises(MammoRetrievalError, match="records no held-out patients"):
+        heldout_patients(str(tmp_path / "unrecorded.pt"))

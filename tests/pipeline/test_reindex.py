@@ -235,6 +235,8 @@ def test_live_model_uses_a_stored_copy_of_its_weights(tmp_path):
     with pytest.raises(WeightsError, match=f"{stored}.*{sha}") as caught:
         Workspace(cfg).query_accession("ACC0001", k=3)
     assert sha256_file(stored) in str(caught.value)
+    from mammo_retrieval.app.cli._common import render_error
+    assert "run `mretrieve reindex --model CKPT`" in render_error(caught.value)  # a plain reindex keeps the model
     Workspace(cfg).rollback()  # the old (random-weights) version has nothing stored to check
     with pytest.raises(WeightsError, match="modified"):
         Workspace(cfg).rollback()  # rolling forward onto the tampered copy is refused

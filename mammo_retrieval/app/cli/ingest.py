@@ -52,6 +52,8 @@ def ingest(ctx: click.Context, source: str, workers: int | None, executor: str, 
     ws = workspace(ctx)
     from mammo_retrieval.pacs.dicomweb import is_dicomweb_url
     remote = is_dicomweb_url(source)
+    if scheduler and executor != "dask":
+        raise click.UsageError("--scheduler names a Dask cluster: add --executor dask")
     if not remote and not Path(source).exists():
         raise click.BadParameter(f"{source!r}: no such folder or file (nor an http(s):// DICOMweb URL)",
                                  param_hint="SOURCE")

@@ -46,10 +46,13 @@ def query(ctx: click.Context, dicom_paths: tuple[str, ...], accession: str | Non
     if level == "study":
         if view or laterality:
             raise click.UsageError("--view and --laterality filter images; a study query matches every view")
-        ws = workspace(ctx)
-        result = (ws.search.query_study_files(list(dicom_paths), k, rule=rule,
-                                              exclude_same_patient=exclude_same_patient) if dicom_paths
-                  else ws.search.similar_studies(accession, k, rule=rule, exclude_same_patient=exclude_same_patient))
+        with watch.stage("workspace_open"):
+            ws = workspace(ctx)
+        options = {"rule": rule, "exclude_same_patient": exclude_same_patient, "watch": watch}
+        result = (ws.search.query_study_files(list(dicom_paths), k, **options) if dicom_paths
+                  else ws.search.similar_studies(accession, k, **options))
+        if timings:
+            click.echo(dumps({"stages_ms": watch.as_ms()}), err=True)
         _print_studies(result, fmt)
         return
     filters = QueryFilters(view=view.upper() if view else None, laterality=laterality.upper() if laterality else None,
@@ -62,7 +65,7 @@ def query(ctx: click.Context, dicom_paths: tuple[str, ...], accession: str | Non
         write_or_send_kos([document], kos_path, stow_url, ws, folder=False)
     else:
         results = ([ws.query_dicom(path, k, filters, watch) for path in dicom_paths] if dicom_paths
-                   else ws.query_accession(accession, k, filters))
+                   else ws.query_accession(accession, k, filters, watch))
     if timings:
         click.echo(dumps({"stages_ms": watch.as_ms()}), err=True)
     if fmt == "json":

@@ -88,3 +88,10 @@ def test_errors_render_remedies_as_commands():
                              "hint": "rebuild it from the database; or wait",
                              "remedies": [{"text": "rebuild it from the database", "action": "index_rebuild"},
                                           {"text": "or wait", "action": None}]}
+
+
+def test_a_scheduler_without_the_dask_executor_is_a_usage_error(run, tmp_path):
+    """--scheduler alone used to be ignored: the ingest ran locally and said nothing."""
+    (tmp_path / "archive").mkdir()
+    out = run("ingest", tmp_path / "archive", "--scheduler", "tcp://127.0.0.1:9", code=2).output
+    assert "add --executor dask" in out and not (tmp_path / "state" / "mretrieve.db").exists()

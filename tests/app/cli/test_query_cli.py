@@ -69,3 +69,15 @@ def test_table_says_what_the_score_is(run, indexed):
     out = run("query", "--dicom", indexed, "-k", "2").output
     assert out.rstrip().splitlines()[-1] == SCORE_NOTE and "cosine similarity" in SCORE_NOTE
     assert SCORE_NOTE not in run("query", "--dicom", indexed, "--format", "csv").output
+
+
+def test_timings_at_study_level_and_by_accession(run, indexed):
+    """--timings on every kind of query: a study's files embed (every stage), stored vectors only search."""
+    import pydicom
+    accession = str(pydicom.dcmread(indexed, stop_before_pixels=True).AccessionNumber)
+    files = run("query", "--dicom", indexed, "--level", "study", "-k", "1", "--timings")
+    assert set(json.loads(files.stderr)["stages_ms"]) == {"workspace_open", "header_check", "encoder_load",
+                                                          "index_load", "decode_preprocess", "embed", "search"}
+    for level in ("study", "image"):
+        stored = run("query", "--accession", accession, "--level", level, "-k", "1", "--timings")
+        assert set(json.loads(stored.stderr)["stages_ms"]) == {"workspace_open", "index_load", "search"}, level
