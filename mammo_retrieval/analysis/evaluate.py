@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import cv2
@@ -24,6 +25,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from mammo_retrieval.core.errors import ConfigError, MammoRetrievalError
+from mammo_retrieval.core.fileio import write_bytes_atomic
 
 # on_progress(step, done, total): the library reports, the CLI renders
 Progress = Callable[[str, int, int], None]
@@ -300,6 +302,8 @@ def _same_patient_counted(report: dict) -> list[str]:
     return lines
 
 
-def write_evaluation(report: dict, out_json, out_md) -> None:
-    out_json.write_text(json.dumps(report, indent=2))
-    out_md.write_text(to_markdown(report))
+def write_evaluation(report: dict, out_json, out_md, markdown: Callable[[dict], str] = to_markdown) -> None:
+    """The report as JSON and as Markdown (``markdown``: the study-level one renders its own), each written
+    whole or not at all."""
+    write_bytes_atomic(Path(out_json), (json.dumps(report, indent=2, default=str) + "\n").encode())
+    write_bytes_atomic(Path(out_md), (markdown(report) + "\n").encode())

@@ -565,7 +565,7 @@ class Workspace:
             logger.info("reindex: %s is live (was %s), %d vectors", identity.key, old_key, index.ntotal)
         self.search.forget_model()
         return {"live": identity.key, "previous": old_key if old_key != identity.key else None,
-                "embedded": result.embedded, "already_embedded": result.already_embedded,
+                "embedded": result.embedded, "already_embedded": result.already_embedded, "mapped": result.mapped,
                 "failed": result.failures, "index_type": index.manifest.index_type, "ntotal": index.ntotal,
                 "weights": stored, "weights_sha256": sha, "random_weights": identity.random_weights,
                 "gate": gate_result.as_dict() if gate_result else None,
@@ -597,23 +597,27 @@ class Workspace:
         from mammo_retrieval.pipeline.reindex import reembed
         with self.db.session() as s:
             mv_id = repo.get_or_create_model_version(s, encoder.identity, encoder.settings.as_dict()).id
-        self._map_adapter_base(encoder, mv_id)
-        return mv_id, reembed(self.db, encoder, mv_id, self.model_input, batch_size=self.config.encoder.batch_size,
-                              on_progress=on_progress)
+        mapped = self._map_adapter_base(encoder, mv_id)
+        result = reembed(self.db, encoder, mv_id, self.model_input, batch_size=self.config.encoder.batch_size,
+                         on_progress=on_progress)
+        result.mapped = mapped
+        return mv_id, result
 
-    def _map_adapter_base(self, encoder, mv_id: int) -> None:
+    def _map_adapter_base(self, encoder, mv_id: int) -> int:
+        """An adapter's vectors mapped from its base's stored ones (nothing decoded); how many were mapped."""
         from mammo_retrieval.encoders.adapter import AdaptedEncoder
         from mammo_retrieval.pipeline.reindex import remap
         if not isinstance(encoder, AdaptedEncoder):
-            return
+            return 0
         with self.db.session() as s:
             base_mv = repo.model_version_id_by_key(s, encoder.info.base_key)
         if base_mv is None:
             logger.warning("reindex: the adapter's base %s has no stored vectors: every image is decoded and "
                            "embedded again", encoder.info.base_key)
-            return
+            return 0
         mapped = remap(self.db, encoder.project, base_mv, mv_id, encoder.info.in_dim)
         logger.info("reindex: %d vectors mapped from %s through the adapter", mapped, encoder.info.base_key)
+        return mapped
 
     def adapt(self, labels_csv: str, columns: list[str], out: str | os.PathLike, cfg: "AdaptConfig") -> dict:
         """Train a label adapter on the serving model's stored vectors (see ``train.adapter``) and write it

@@ -25,6 +25,7 @@ class Reembedded:
     images: int = 0            # stored images
     already_embedded: int = 0  # had a vector of this model version before this run
     embedded: int = 0          # embedded by this run
+    mapped: int = 0            # of already_embedded: mapped by this run from the base's vectors (an adapter)
     failures: list[dict] = field(default_factory=list)  # {sop_instance_uid, path, reason}
 
 

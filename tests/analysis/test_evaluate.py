@@ -126,3 +126,12 @@ def test_heldout_women_come_from_the_checkpoint_and_an_empty_hold_out_is_said_as
     torch.save({"data": {}}, tmp_path / "unrecorded.pt")
     with pytest.raises(MammoRetrievalError, match="records no held-out patients"):
         heldout_patients(str(tmp_path / "unrecorded.pt"))
+
+
+def test_write_evaluation_writes_both_files_whole_with_the_levels_markdown(tmp_path):
+    from mammo_retrieval.analysis.evaluate import write_evaluation
+    report = {"images": 4, "score": np.float32(0.5)}
+    write_evaluation(report, tmp_path / "e.json", tmp_path / "e.md", lambda r: f"# {r['images']} images")
+    assert json.loads((tmp_path / "e.json").read_text()) == {"images": 4, "score": "0.5"}
+    assert (tmp_path / "e.md").read_text() == "# 4 images\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "e.md"]  # no temporary file left

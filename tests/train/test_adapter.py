@@ -59,6 +59,9 @@ def test_an_adapter_is_a_model_version_mapped_from_stored_vectors(tmp_path, cbis
 
     result = ws.reindex(str(out))
     assert result["embedded"] == 0, "an adapter maps stored vectors: nothing is decoded or embedded"
+    assert result["mapped"] == result["already_embedded"] == len(cbis_files)
+    from mammo_retrieval.app.cli.reindex import format_summary
+    assert f"({len(cbis_files)} of them mapped through the adapter" in format_summary(result)
     fresh = Workspace(ws.config)
     assert isinstance(fresh.encoder, AdaptedEncoder) and fresh.search.info().ntotal == len(cbis_files)
     assert fresh.searchable_index().manifest.dim == 16

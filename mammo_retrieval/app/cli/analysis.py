@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mammo_retrieval.app.cli._common import dumps, StepProgress, no_progress_option, workspace
+from mammo_retrieval.app.cli._common import StepProgress, no_progress_option, workspace
 
 
 @click.group()
@@ -54,7 +54,8 @@ def clusters(ctx: click.Context, out_dir: str, k: int | None, labels_csv: str | 
     m = result.metrics
     click.echo(f"{m['clusters_from']}: silhouette {m['silhouette_score']:.4f}, Davies-Bouldin "
                f"{m['davies_bouldin_index']:.4f}, Calinski-Harabasz {m['calinski_harabasz_score']:.1f}")
-    click.echo(f"wrote {Path(out_dir) / 'clustering_metrics.json'} and {', '.join(m['plots'])}")
+    written = [str(Path(out_dir) / "clustering_metrics.json"), *m["plots"]]
+    click.echo(f"wrote {', '.join(written)}")
 
 
 @click.command()
@@ -62,7 +63,8 @@ def clusters(ctx: click.Context, out_dir: str, k: int | None, labels_csv: str | 
 @click.option("--k", "ks", default="1,5,10", show_default=True, help="Comma list of k for precision@k.")
 @click.option("--label-column", "columns", multiple=True, help="Columns to evaluate (default: categorical ones).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Write evaluation.json and evaluation.md here (default: print Markdown).")
+              help="Also write evaluation.json and evaluation.md here (study_evaluation.* with --level study); "
+                   "the Markdown is printed either way.")
 @click.option("--heldout-from", "heldout_ckpt", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Only the women these weights never trained on: a `mretrieve train` checkpoint, or a "
                    "built-in's .safetensors (mammo_retrieval/weights/).")
@@ -92,8 +94,7 @@ def evaluate(ctx: click.Context, labels_csv: str, ks: str, columns: tuple[str, .
         if out_dir:
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "study_evaluation.json").write_text(dumps(report) + "\n")
-            (out / "study_evaluation.md").write_text(study_markdown(report) + "\n")
+            write_evaluation(report, out / "study_evaluation.json", out / "study_evaluation.md", study_markdown)
             click.echo(f"wrote {out / 'study_evaluation.json'} and {out / 'study_evaluation.md'}")
         click.echo(study_markdown(report))
         return

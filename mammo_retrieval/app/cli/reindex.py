@@ -74,8 +74,10 @@ def format_summary(result: dict) -> str:
     """The reindex result for a person: what is live now, what was embedded, what is missing."""
     lines = [f"live: {result['live']}" + (f" (previous {result['previous']}, kept for --rollback)"
                                           if result["previous"] else " (unchanged)"),
-             f"embedded {result['embedded']}, already embedded {result['already_embedded']}, "
-             f"failed {len(result['failed'])} ({result['seconds']:.1f} s)",
+             f"embedded {result['embedded']}, already embedded {result['already_embedded']}"
+             + (f" ({result['mapped']} of them mapped through the adapter from stored vectors, nothing decoded)"
+                if result.get("mapped") else "")
+             + f", failed {len(result['failed'])} ({result['seconds']:.1f} s)",
              f"index {result['index_type']} with {result['ntotal']} vectors"]
     if result.get("weights"):
         lines.append(f"weights stored as {result['weights']}")

@@ -105,6 +105,8 @@ def test_progress_on_stderr_and_csv_formulas(small, tmp_path):
     assert "report clusters: cluster metrics..." in result.stderr
     saved = json.loads((tmp_path / "cl" / "clustering_metrics.json").read_text())
     assert saved["label_column"] == "tissue" and saved["cluster_names"] == {"0": "F", "1": "G"}
+    bare = run_cli(env, "report", "clusters", "--out", tmp_path / "cl2", "--labels", labels, "--plots", "none")
+    assert bare.stdout.rstrip().splitlines()[-1] == f"wrote {tmp_path / 'cl2' / 'clustering_metrics.json'}"
     run_cli(env, "export", "--out", tmp_path / "ex")
     with open(tmp_path / "ex" / "joined.csv", newline="") as fh:
         assert "'" + FORMULA in {row["AccessionNumber"] for row in csv.DictReader(fh)}
