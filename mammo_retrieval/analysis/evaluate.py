@@ -8,6 +8,7 @@ cross-validated with folds split by patient.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -163,10 +164,10 @@ def heldout_patients(checkpoint: str) -> set[str]:
     hint = ("give a checkpoint of `mretrieve train --holdout-fraction 0.2` (the default holds none out) or a "
             "built-in's .safetensors (an adapter's held-out women are in its training report)")
     if not isinstance(data, dict) or "heldout_patients" not in data:
-        raise MammoRetrievalError(f"{checkpoint} records no held-out patients", hint=hint)
+        raise ConfigError(f"{checkpoint} records no held-out patients", hint=hint)
     if not data["heldout_patients"]:
-        raise MammoRetrievalError(f"{checkpoint} was trained with no held-out women (--holdout-fraction 0): "
-                                  "it saw every woman it could evaluate", hint=hint)
+        raise ConfigError(f"{checkpoint} holds no woman out: its training saw every woman it could be "
+                          "evaluated on", hint=hint)
     return set(data["heldout_patients"])
 
 
@@ -302,8 +303,14 @@ def _same_patient_counted(report: dict) -> list[str]:
     return lines
 
 
-def write_evaluation(report: dict, out_json, out_md, markdown: Callable[[dict], str] = to_markdown) -> None:
+def _plain(value: object) -> object:
+    """A numpy number as the number it is; anything else JSON cannot take as its text."""
+    return value.item() if isinstance(value, np.generic) else str(value)
+
+
+def write_evaluation(report: dict, out_json: str | os.PathLike, out_md: str | os.PathLike,
+                     markdown: Callable[[dict], str] = to_markdown) -> None:
     """The report as JSON and as Markdown (``markdown``: the study-level one renders its own), each written
     whole or not at all."""
-    write_bytes_atomic(Path(out_json), (json.dumps(report, indent=2, default=str) + "\n").encode())
+    write_bytes_atomic(Path(out_json), (json.dumps(report, indent=2, default=_plain) + "\n").encode())
     write_bytes_atomic(Path(out_md), (markdown(report) + "\n").encode())

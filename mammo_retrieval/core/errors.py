@@ -174,6 +174,10 @@ class PacsError(MammoRetrievalError):
     exit_code = 12
 
 
+class CredentialsRefused(PacsError):
+    """The PACS refused our credentials (401/403): every later request would be refused too."""
+
+
 _SQLITE_FULL, _SQLITE_CORRUPT, _SQLITE_NOTADB = 13, 11, 26
 
 

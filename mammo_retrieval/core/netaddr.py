@@ -9,6 +9,7 @@ import socket
 from mammo_retrieval.core.errors import ConfigError, MammoRetrievalError, PacsError
 
 PORT_HINT = "choose another --port, or stop what holds it"
+PRIVILEGED_PORT_HINT = "ports below 1024 need privileges: choose another --port (e.g. 11112 for DICOM, 8000 for HTTP)"
 HOST_HINT = "--host must be a name or an address of this machine (default 127.0.0.1)"
 
 
@@ -24,19 +25,22 @@ def is_loopback(host: str) -> bool:
 
 
 def display_address(host: str, port: int) -> str:
-    """``host:port``, with an IPv6 address in brackets."""
-    shown = f"[{host}]" if ":" in host else host
+    """``host:port``, with an IPv6 address in brackets and every address ('') as ``*``."""
+    shown = f"[{host}]" if ":" in host else (host or "*")
     return f"{shown}:{port}"
 
 
 def cannot_listen(host: str, port: int, reason: OSError | str) -> MammoRetrievalError:
     """The error for a server that cannot listen on ``host:port``: a port in use is a PacsError (exit 12:
-    uvicorn's own exit 3 means "rejected DICOM" to us), anything else is the host's fault, a ConfigError
-    (exit 2). Each names the option to change."""
+    uvicorn's own exit 3 means "rejected DICOM" to us), a privileged port or anything about the host a
+    ConfigError (exit 2). Each names the option to change."""
     detail = reason if isinstance(reason, str) else (reason.strerror or str(reason))
     message = f"cannot listen on {display_address(host, port)}: {detail}"
-    if isinstance(reason, OSError) and not isinstance(reason, socket.gaierror) and reason.errno == errno.EADDRINUSE:
+    number = None if isinstance(reason, (str, socket.gaierror)) else reason.errno
+    if number == errno.EADDRINUSE:
         return PacsError(message, hint=PORT_HINT)
+    if number == errno.EACCES:
+        return ConfigError(message, hint=PRIVILEGED_PORT_HINT)
     return ConfigError(message, hint=HOST_HINT)
 
 

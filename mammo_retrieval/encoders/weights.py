@@ -99,15 +99,15 @@ def verify_weights(path: str | Path, expected_sha256: str) -> None:
         if (actual := folder_sha256(path)) != expected_sha256:
             raise WeightsError(f"{path}: stored model folder was modified: sha256 is {actual}, expected "
                                f"{expected_sha256}", remedies=[Remedy("restore it, or reindex with the original "
-                                                                      "folder", "reindex_model")])
+                                                                      "folder", "reindex")])
         return
     if not path.is_file():
         raise WeightsError(f"stored weights file is missing: {path} (expected sha256 {expected_sha256})",
-                           remedies=[Remedy("restore it, or reindex with the original checkpoint", "reindex_model")])
+                           remedies=[Remedy("restore it, or reindex with the original checkpoint", "reindex")])
     actual = sha256_file(path)
     if actual != expected_sha256:
         raise WeightsError(f"{path}: stored weights were modified: sha256 is {actual}, expected {expected_sha256}",
-                           remedies=[Remedy("restore the file, or reindex with the original checkpoint", "reindex_model")])
+                           remedies=[Remedy("restore the file, or reindex with the original checkpoint", "reindex")])
 
 
 def sha256_state_dict(state: Mapping[str, torch.Tensor]) -> str:

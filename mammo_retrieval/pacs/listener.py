@@ -231,8 +231,15 @@ class Listener:
 
     def check_address(self) -> None:
         """Refuse an address that cannot be listened on now, before a spool recovery and the model load take
-        their time (``start`` still reports one taken in between)."""
-        for sock in bind(self.settings.host, self.settings.port):
+        their time (``start`` still reports one taken in between). Only the address pynetdicom will listen
+        on: a host's first IPv4 address, else its first IPv6 one."""
+        from pynetdicom.transport import AddressInformation
+        host, port = self.settings.host, self.settings.port
+        try:
+            address = AddressInformation(host, port).address
+        except OSError as exc:
+            raise cannot_listen(host, port, exc) from None
+        for sock in bind(address, port):
             sock.close()
 
     def start(self) -> None:

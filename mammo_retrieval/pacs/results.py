@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Callable
 
-from mammo_retrieval.core.errors import NotFoundError, PacsError
+from mammo_retrieval.core.errors import CredentialsRefused, NotFoundError, PacsError
 from mammo_retrieval.pacs.kos import Reference, key_object_selection
 from mammo_retrieval.storage.catalog import repository as repo
 
@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 HeaderOf = Callable[[str], "Dataset"]  # SOPInstanceUID -> its DICOM header (read from its stored path)
 GONE = (NotFoundError, PacsError)  # what reading an indexed image's header raises when its source is gone
+# (refused credentials are not: CredentialsRefused, a PacsError, stops the documents instead)
 
 
 def reference_of_header(header: "Dataset") -> Reference:
@@ -73,6 +74,8 @@ def qc_documents(db: "Database", header_of: HeaderOf, *, top: int, study: str | 
     for row in flagged:
         try:
             references[row["sop_instance_uid"]] = stored_reference(db, row["sop_instance_uid"], header_of)
+        except CredentialsRefused:
+            raise
         except GONE as exc:
             logger.warning("QC KOS: flagged image %s left out: %s", row["sop_instance_uid"], exc.message)
             continue
@@ -100,6 +103,8 @@ def _study_header(rows: list[dict], header_of: HeaderOf) -> tuple["Dataset | Non
     for i, row in enumerate(rows):
         try:
             return header_of(row["sop_instance_uid"]), rows[i:]
+        except CredentialsRefused:
+            raise
         except GONE as exc:
             logger.warning("QC KOS: flagged image %s left out: %s", row["sop_instance_uid"], exc.message)
     return None, []

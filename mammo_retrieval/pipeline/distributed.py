@@ -23,7 +23,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -195,22 +195,33 @@ def close(client) -> None:
 
 
 NO_WORKER_WARNING_S = 60.0  # how often a wait on a cluster without workers says so
-T = TypeVar("T")
 
 
-def _patiently(client, wait_once: Callable[[float], T]) -> T:
-    """``wait_once(timeout)`` until it returns. Dask waits silently for workers that may still join (a SLURM
-    queue; a LocalCluster of the user's whose nanny Dask closed never gets one): each NO_WORKER_WARNING_S
-    spent waiting while the scheduler has no worker is said, so a stalled ingest is not a silent one."""
+def _running_workers(client) -> int:
+    """Workers able to run a task now (a paused one, at its memory limit, is not)."""
+    try:
+        info = client.scheduler_info(n_workers=-1)
+    except TypeError:  # distributed before 2025.1 takes no argument and lists every worker
+        info = client.scheduler_info()
+    return sum(1 for w in info.get("workers", {}).values() if w.get("status", "running") == "running")
+
+
+def _first_done(client, futures: list) -> set:
+    """The futures done once one is (their results are read by the caller: a task's own TimeoutError is
+    its error, not ours). Dask waits silently for workers that may still join (a SLURM queue; a
+    LocalCluster of the user's whose nanny Dask closed never gets one): each NO_WORKER_WARNING_S spent
+    waiting while the scheduler has no running worker is said, so a stalled ingest is not a silent one."""
+    from distributed import wait
     waited = 0.0
     while True:
         try:
-            return wait_once(NO_WORKER_WARNING_S)
+            return wait(futures, timeout=NO_WORKER_WARNING_S, return_when="FIRST_COMPLETED").done
         except TimeoutError:
             waited += NO_WORKER_WARNING_S
-            if not client.nthreads():
-                logger.warning("waiting for a Dask worker (%.0f s so far): the scheduler has none. Start workers, "
-                               "or stop the ingest (Ctrl+C) and rerun it later: it resumes where it stopped", waited)
+            if not _running_workers(client):
+                logger.warning("waiting for a Dask worker (%.0f s so far): the scheduler has no running worker. "
+                               "Start workers, or stop the ingest (Ctrl+C) and rerun it later: it resumes where "
+                               "it stopped", waited)
 
 
 BATCH_DEATHS_BEFORE_PROBING = 3  # batches that killed their workers, none surviving: are the workers to blame?
@@ -246,7 +257,7 @@ def _run_batches(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink", 
     that reads no file probes the workers first: if it kills its worker too, twice (PROBE_ATTEMPTS), the
     workers fail (the model cannot load, a memory limit too low), and the ingest stops with
     WorkersKeepDying, no file blamed."""
-    from distributed import KilledWorker, wait
+    from distributed import KilledWorker
     run = _Run(sink, report)
     environment = functools.cache(lambda: decoding_environment(job.prepare))  # read on the first trial only
     if preceding:
@@ -283,7 +294,8 @@ def _run_batches(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink", 
         fingerprint = crash_fingerprint(path, environment())
         try:
             trial = client.submit(prepare_and_embed, [str(path)], job, pure=False)
-            return _patiently(client, lambda s: trial.result(timeout=s))
+            _first_done(client, [trial])
+            return trial.result()
         except KilledWorker:
             logger.warning("rejected [%s] %s: it kills its Dask workers", RejectionCode.WORKER_DIED.value,
                            display_path(path))
@@ -293,8 +305,7 @@ def _run_batches(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink", 
         if not pending:
             return
         if block:
-            futures = list(pending)
-            finished = _patiently(client, lambda s: wait(futures, timeout=s, return_when="FIRST_COMPLETED").done)
+            finished = _first_done(client, list(pending))
         else:
             finished = {f for f in pending if f.done()}
         for future in finished:
@@ -318,7 +329,8 @@ def _run_batches(paths: list[Path], job: EmbedJob, client, sink: "CatalogSink", 
         for attempt in range(1, PROBE_ATTEMPTS + 1):
             try:
                 probe = client.submit(prepare_and_embed, [], job, pure=False)
-                _patiently(client, lambda s: probe.result(timeout=s))
+                _first_done(client, [probe])
+                probe.result()
                 break
             except KilledWorker:
                 logger.warning("the probe (the model alone, no file) lost its Dask worker (%d of %d)",

@@ -38,7 +38,7 @@ class QueryImage:
     laterality: str | None
     view: str | None
     path: str
-    study_key: str | None = None  # its study's key (AccessionNumber, else StudyInstanceUID): a study query's
+    study_key: str | None = None  # its study's key (AccessionNumber, else StudyInstanceUID), for a study query
 
 
 @dataclass(frozen=True)

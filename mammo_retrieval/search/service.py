@@ -179,17 +179,22 @@ class SearchService:
         watch = watch or Stopwatch()
         with watch.stage("header_check"):
             read_header(source, self.config.reader)
-        with watch.stage("encoder_load"):  # its own stage: the model, not the index, dominates a cold query
-            self.follow_live()
-            _ = self.encoder
-        with watch.stage("index_load"):
-            index = self.index()
+        index = self._warm(watch)
         query, vector, picture = self._embed(source, watch)
         with watch.stage("search"):
             result = search(self.db, index, vector, query, k, filters)
         if keep_picture:
             result.picture = picture
         return result
+
+    def _warm(self, watch: Stopwatch) -> "VectorIndex":
+        """The serving model, then its index, timed apart: the model, not the index, dominates a cold query
+        (and the index needs the model's identity, so it would otherwise be timed as the index's)."""
+        with watch.stage("encoder_load"):
+            self.follow_live()
+            _ = self.encoder
+        with watch.stage("index_load"):
+            return self.index()
 
     def record(self, sop_instance_uid: str) -> repo.ImageRecord:
         """A stored image of the serving model, or NotFoundError."""
@@ -204,8 +209,7 @@ class SearchService:
                 watch: Stopwatch | None = None) -> QueryResult:
         """Neighbours of a stored image, from its stored vector: nothing is decoded or embedded."""
         watch = watch or Stopwatch()
-        with watch.stage("index_load"):
-            index = self.index()
+        index = self._warm(watch)
         record = self.record(sop_instance_uid)
         with self.db.session() as s:
             vector = repo.vector_of(s, record.vector_id, index.manifest.dim)
@@ -216,8 +220,7 @@ class SearchService:
                     watch: Stopwatch | None = None) -> list[QueryResult]:
         """One result per image of the study, using the stored vectors (nothing is decoded)."""
         watch = watch or Stopwatch()
-        with watch.stage("index_load"):
-            index = self.index()
+        index = self._warm(watch)
         mv_id = self.model_version_id()
         with self.db.session() as s:
             records = repo.records_for_study(s, accession, mv_id) if mv_id is not None else []
@@ -235,8 +238,7 @@ class SearchService:
         """The k studies most like an indexed study (by study key or AccessionNumber), from stored vectors."""
         check_rule(rule)
         watch = watch or Stopwatch()
-        with watch.stage("index_load"):
-            index = self.index()
+        index = self._warm(watch)
         studies = self._studies([key], index.manifest.dim)
         if not studies:
             raise NotFoundError(f"no indexed images for study '{key}'",
@@ -258,8 +260,7 @@ class SearchService:
                 + "; ".join(f"{display_path(source)} (study {header.study_key})" for source, header in zip(sources, headers)),
                 hint="pass the files of one study (the same AccessionNumber, else StudyInstanceUID), or query each "
                      "image on its own with --level image")
-        with watch.stage("index_load"):
-            index = self.index()
+        index = self._warm(watch)
         images = []
         for source in sources:
             query, vector, _ = self._embed(source, watch)

@@ -120,7 +120,7 @@ def test_heldout_women_come_from_the_checkpoint_and_an_empty_hold_out_is_said_as
     torch.save({"data": {"heldout_patients": ["P0001", "P0002"]}}, tmp_path / "held.pt")
     assert heldout_patients(str(tmp_path / "held.pt")) == {"P0001", "P0002"}
     torch.save({"data": {"heldout_patients": []}}, tmp_path / "none.pt")
-    with pytest.raises(MammoRetrievalError, match="trained with no held-out women") as none:
+    with pytest.raises(MammoRetrievalError, match="holds no woman out") as none:
         heldout_patients(str(tmp_path / "none.pt"))
     assert "--holdout-fraction" in none.value.hint
     torch.save({"data": {}}, tmp_path / "unrecorded.pt")
@@ -132,6 +132,6 @@ def test_write_evaluation_writes_both_files_whole_with_the_levels_markdown(tmp_p
     from mammo_retrieval.analysis.evaluate import write_evaluation
     report = {"images": 4, "score": np.float32(0.5)}
     write_evaluation(report, tmp_path / "e.json", tmp_path / "e.md", lambda r: f"# {r['images']} images")
-    assert json.loads((tmp_path / "e.json").read_text()) == {"images": 4, "score": "0.5"}
+    assert json.loads((tmp_path / "e.json").read_text()) == {"images": 4, "score": 0.5}  # a number, not text
     assert (tmp_path / "e.md").read_text() == "# 4 images\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "e.md"]  # no temporary file left

@@ -14,7 +14,7 @@ from mammo_retrieval.app.cli import cli as main
 from mammo_retrieval.app.workspace import Workspace
 from mammo_retrieval.core.errors import PacsError
 from mammo_retrieval.analysis.qc import run_qc
-from mammo_retrieval.core.errors import NotFoundError
+from mammo_retrieval.core.errors import CredentialsRefused, NotFoundError
 from mammo_retrieval.pacs.dicomweb import parse_instance_url, redact, with_retries, TransferFailed
 from mammo_retrieval.pacs.kos import referenced_sops
 from tests.conftest import MIAS_DIR, make_config
@@ -156,6 +156,9 @@ def test_bearer_token_from_the_environment_and_refusal(loaded, tmp_path, monkeyp
         with pytest.raises(PacsError, match="HTTP 401") as refused_back:
             ws.cached_image(sop)
         assert "credentials" in refused_back.value.hint and "s3cret" not in str(refused_back.value)
+        run_qc(ws.corpus(), method="knn", k=3, header_checks=False, min_pixel_correlation=None)
+        with pytest.raises(CredentialsRefused):  # not "every flagged image is gone": no document, and why
+            ws.qc_kos(top=3)
         proxy.required_token = None
         assert ws.header_of(sop).SOPInstanceUID == sop  # allowed again: read back
         orthanc.delete_instance(sop)

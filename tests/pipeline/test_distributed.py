@@ -152,8 +152,23 @@ def test_an_ingest_waiting_on_a_cluster_without_workers_says_so_and_goes_on_when
     finally:
         logging.getLogger(dist.__name__).removeHandler(noticed)
     assert said.is_set() and (report.ingested, len(report.rejected)) == (3, 0)
-    assert any("the scheduler has none" in r.getMessage() and "rerun" in r.getMessage() for r in caplog.records)
+    assert any("no running worker" in r.getMessage() and "rerun" in r.getMessage() for r in caplog.records)
     assert _counts(cfg) == (3, 3, 3)
+
+
+def test_a_tasks_own_timeout_error_is_its_error_not_a_wait(cluster):
+    """A task that raises TimeoutError (a weights file on a slow share) fails the wait's caller at once: only
+    the wait's own timeout means "still waiting" (it used to loop, silently, for ever)."""
+    def times_out():
+        raise TimeoutError("weights share did not answer")
+    with distributed.Client(cluster.scheduler_address) as client:
+        future = client.submit(times_out, pure=False)
+        started = time.monotonic()
+        assert dist._first_done(client, [future]) == {future}
+        with pytest.raises(TimeoutError, match="weights share"):
+            future.result()
+        assert time.monotonic() - started < 30
+        assert dist._running_workers(client) == 2
 
 
 def test_a_batch_is_one_task_of_many_paths(tmp_path):

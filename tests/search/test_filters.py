@@ -10,6 +10,9 @@ def test_the_cli_and_the_page_offer_exactly_the_shared_values():
     options = {o.name: o for o in query.params}
     assert tuple(options["view"].type.choices) == VIEW_FILTERS
     assert tuple(options["laterality"].type.choices) == LATERALITIES
+    import click
+    shown = query.get_help(click.Context(query))
+    assert "--view [CC|MLO|ML|LM|XCCL]" in shown and "--laterality [L|R]" in shown  # as the README writes them
     page = resources.files("mammo_retrieval.app.http").joinpath("static/index.html").read_text()
 
     def menu(name):

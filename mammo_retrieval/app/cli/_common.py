@@ -108,7 +108,7 @@ COMMANDS = {
     "db_upgrade": "mretrieve db upgrade",
     "status": "mretrieve status",
     "rollback": "mretrieve reindex --rollback",
-    "reindex_model": "mretrieve reindex --model CKPT",
+    "reindex": "mretrieve reindex --model CKPT",
     "qc": "mretrieve qc",
     "export": "mretrieve export --out DIR",
 }

@@ -5,6 +5,17 @@ import click
 from mammo_retrieval.app.cli._common import dumps, format_csv, format_table, workspace, write_or_send_kos
 from mammo_retrieval.search.filters import LATERALITIES, VIEW_FILTERS
 
+
+class AnyCase(click.Choice):
+    """Values taken in any case and shown as the README and the page write them (click 8.2 shows a
+    case-insensitive choice lower-cased)."""
+
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        super().__init__(choices, case_sensitive=False)
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
+        return f"[{'|'.join(self.choices)}]"
+
 COLUMNS = ["rank", "score", "accession_number", "patient_id", "laterality", "view", "path"]
 # what "score" means, printed under the table (the index is inner product on unit vectors)
 SCORE_NOTE = "score: cosine similarity of the unit-length embeddings, -1..1 (1 = identical; higher = more similar)"
@@ -21,8 +32,8 @@ SCORE_NOTE = "score: cosine similarity of the unit-length embeddings, -1..1 (1 =
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
 @click.option("--exclude-same-patient", is_flag=True, help="Drop the query patient's own images.")
-@click.option("--view", type=click.Choice(VIEW_FILTERS, case_sensitive=False))
-@click.option("--laterality", type=click.Choice(LATERALITIES, case_sensitive=False))
+@click.option("--view", type=AnyCase(VIEW_FILTERS))
+@click.option("--laterality", type=AnyCase(LATERALITIES))
 @click.option("--kos", "kos_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the query and its hits as a DICOM Key Object Selection document (image level, one query).")
 @click.option("--stow", "stow_url", metavar="URL", default=None,

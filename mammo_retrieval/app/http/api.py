@@ -9,9 +9,9 @@ import math
 import threading
 import time
 from collections.abc import AsyncGenerator
-from http import HTTPStatus
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
+from http import HTTPStatus
 from importlib import resources
 from pathlib import PurePath
 from typing import Annotated, Literal
@@ -64,7 +64,6 @@ StudyKey = Annotated[str, Path(pattern=NO_CONTROL_CHARACTER, max_length=IDENTITY
                                description="a study's AccessionNumber, or its StudyInstanceUID where that is empty")]
 
 
-
 class AnyText(Convertor):
     """A path segment that may hold "/" (an AccessionNumber 2023/0001 arrives decoded from %2F) and any other
     character, so that the parameter's own rule, not the router, judges it (422 naming it, not 404)."""
@@ -84,7 +83,8 @@ register_url_convertor("any_text", AnyText())
 def _route_of(request: Request) -> str:
     """The route's template (/api/v1/studies/{study_key}/similar), for logs and metrics: a request's own path
     may hold an AccessionNumber or a UID, which a log line should not carry."""
-    return getattr(request.scope.get("route"), "path", "unmatched")
+    route = request.scope.get("route")
+    return getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
 
 
 class UploadError(MammoRetrievalError):
@@ -390,9 +390,15 @@ def create_app(workspace: Workspace, *, token: str | None = None, max_upload: in
     async def no_such_route(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """The framework's own refusals (no such route, a method not allowed) in our error shape. The path is
         not echoed: it may hold an AccessionNumber."""
-        code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
-        message = {404: "no such route", 405: f"{request.method} is not allowed here"}.get(exc.status_code,
-                                                                                          str(exc.detail))
+        try:
+            code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+        except ValueError:
+            code = "http_error"
+        message = str(exc.detail)
+        if exc.status_code == 404 and request.scope.get("route") is None:
+            message = "no such route"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed here"
         return JSONResponse({"error": code, "message": message, "hint": "see /docs for the API", "remedies": []},
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 

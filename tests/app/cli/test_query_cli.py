@@ -80,4 +80,5 @@ def test_timings_at_study_level_and_by_accession(run, indexed):
                                                           "index_load", "decode_preprocess", "embed", "search"}
     for level in ("study", "image"):
         stored = run("query", "--accession", accession, "--level", level, "-k", "1", "--timings")
-        assert set(json.loads(stored.stderr)["stages_ms"]) == {"workspace_open", "index_load", "search"}, level
+        assert set(json.loads(stored.stderr)["stages_ms"]) == {"workspace_open", "encoder_load", "index_load",
+                                                               "search"}, level

@@ -234,6 +234,9 @@ def test_metrics_count_routes_stages_and_index(client, archive):
     assert 'mretrieve_stage_seconds_count{stage="embed"}' in text
     assert 'mretrieve_stage_seconds_count{stage="search"}' in text
     assert "mretrieve_index_vectors 10.0" in text and "mretrieve_live_model_info" in text
+    client.get("/api/v1/studies/ACC0001/similar?k=1")
+    text = client.get("/metrics").text  # a route's template, as the README writes it (no convertor)
+    assert 'mretrieve_requests_total{method="GET",route="/api/v1/studies/{study_key}/similar",status="200"}' in text
 
 
 def test_a_home_without_a_database_or_an_index_is_503_saying_which_while_an_unknown_image_stays_404(tmp_path):

@@ -8,8 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from mammo_retrieval.app.cli import cli
-from mammo_retrieval.app.http.server import bind, check_bind, is_loopback, resolve_token
+from mammo_retrieval.app.http.server import check_bind, is_loopback, resolve_token
 from mammo_retrieval.core.errors import ConfigError, PacsError
+from mammo_retrieval.core.netaddr import bind
 from tests.app.http.conftest import TINY, running_server, write_config
 from tests.conftest import make_config
 from tests.factory import breast_phantom, make_file
@@ -66,6 +67,18 @@ def test_a_host_not_of_this_machine_is_a_usage_error_and_port_0_is_one_port_for_
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_cannot_listen_names_the_option_to_change():
+    import errno
+
+    from mammo_retrieval.core.netaddr import cannot_listen
+    busy = cannot_listen("127.0.0.1", 8000, OSError(errno.EADDRINUSE, "Address already in use"))
+    assert isinstance(busy, PacsError) and "--port" in busy.hint
+    privileged = cannot_listen("0.0.0.0", 104, OSError(errno.EACCES, "Permission denied"))
+    assert isinstance(privileged, ConfigError) and "below 1024" in privileged.hint  # not a --host problem
+    foreign = cannot_listen("", 8000, OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address"))
+    assert "--host" in foreign.hint and foreign.message.startswith("cannot listen on *:8000: ")
 
 
 def test_token_resolution_and_bind_rules(tmp_path):
