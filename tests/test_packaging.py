@@ -45,3 +45,8 @@ def test_pyproject_lists_no_packages_by_hand_and_ships_data():
     assert all((REPO / "migrations" / f).exists() for f in data["mammo_retrieval._migrations"])
     assert isinstance(project["project"]["license"], str)  # SPDX string; the table form is deprecated
     assert project["project"]["optional-dependencies"]["postgres"] == ["psycopg[binary]>=3.1"]
+
+
+def test_passing_tests_leave_no_folders_behind(pytestconfig):
+    # the suite writes about 8 GB of models, checkpoints and indexes; kept, they filled CI's disk once
+    assert pytestconfig.getini("tmp_path_retention_policy") == "failed"
