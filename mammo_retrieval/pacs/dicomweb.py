@@ -33,6 +33,11 @@ T = TypeVar("T")
 QIDO_PAGE = 1000  # results asked for per QIDO-RS request
 RETRIABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 CREDENTIALS_HINT = "set pacs.dicomweb_username/password or dicomweb_token ($MRETRIEVE_DICOMWEB_*)"
+REFUSED_STATUSES = (401, 403)
+
+
+def _credentials_refused(what: str, reason: str) -> CredentialsRefused:
+    return CredentialsRefused(f"{what}: the PACS refused our credentials ({reason})", hint=CREDENTIALS_HINT)
 _UIDS = {"study": "0020000D", "series": "0020000E", "sop": "00080018", "sop_class": "00080016"}
 # SOP classes that are never an image to embed: structured reports and key object selections (ours among
 # them, once STOWed back), presentation states, encapsulated documents. Skipped before any retrieval.
@@ -134,9 +139,8 @@ def with_retries(call: Callable[[], T], what: str, *, retries: int, backoff_s: f
             logger.log(logging.WARNING if final else logging.INFO, "%s failed (attempt %d of %d): %s",
                        what, attempt + 1, retries + 1, _describe(exc))
             if final:
-                if refusal_is_fatal and _status_of(exc) in (401, 403):
-                    raise CredentialsRefused(f"{what}: the PACS refused our credentials ({_describe(exc)})",
-                                             hint=CREDENTIALS_HINT) from None
+                if refusal_is_fatal and _status_of(exc) in REFUSED_STATUSES:
+                    raise _credentials_refused(what, _describe(exc)) from None
                 raise TransferFailed(what, f"{_describe(exc)} after {attempt + 1} attempt(s)",
                                      _status_of(exc)) from None
             sleep(delay)
@@ -299,9 +303,11 @@ def retrieve_url(url: str, cfg: "PacsConfig", *, header_only: bool = False) -> "
 def _retrieval_error(url: str, failed: TransferFailed) -> Exception:
     """What a failed read-back of a stored instance means: the PACS no longer holds it (404, 410: not
     found), refuses our credentials (401, 403), or is down or failing (anything else): both PacsErrors."""
-    message = f"cannot retrieve {redact(url)}: {failed.reason}"
+    what = f"cannot retrieve {redact(url)}"
     if failed.status in (404, 410):
-        return NotFoundError(message, hint="the PACS no longer holds the instance: re-ingest from where it is now")
-    if failed.status in (401, 403):
-        return CredentialsRefused(message, hint=f"the PACS refused our credentials: {CREDENTIALS_HINT}")
-    return PacsError(message, hint="is the PACS up? the instance is read back from it (its stored WADO-RS URL)")
+        return NotFoundError(f"{what}: {failed.reason}",
+                             hint="the PACS no longer holds the instance: re-ingest from where it is now")
+    if failed.status in REFUSED_STATUSES:
+        return _credentials_refused(what, failed.reason)
+    return PacsError(f"{what}: {failed.reason}",
+                     hint="is the PACS up? the instance is read back from it (its stored WADO-RS URL)")

@@ -3,7 +3,7 @@ the text that carries ranks and scores."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from mammo_retrieval.core.errors import CredentialsRefused, NotFoundError, PacsError
 from mammo_retrieval.pacs.kos import Reference, key_object_selection
@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from mammo_retrieval.storage.catalog import Database
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 HeaderOf = Callable[[str], "Dataset"]  # SOPInstanceUID -> its DICOM header (read from its stored path)
 GONE = (NotFoundError, PacsError)  # what reading an indexed image's header raises when its source is gone
@@ -72,14 +74,11 @@ def qc_documents(db: "Database", header_of: HeaderOf, *, top: int, study: str | 
     by_study: dict[str, list[dict]] = {}
     references: dict[str, Reference] = {}
     for row in flagged:
-        try:
-            references[row["sop_instance_uid"]] = stored_reference(db, row["sop_instance_uid"], header_of)
-        except CredentialsRefused:
-            raise
-        except GONE as exc:
-            logger.warning("QC KOS: flagged image %s left out: %s", row["sop_instance_uid"], exc.message)
+        reference = _unless_gone(lambda sop: stored_reference(db, sop, header_of), row["sop_instance_uid"])
+        if reference is None:
             continue
-        by_study.setdefault(references[row["sop_instance_uid"]].study_instance_uid, []).append(row)
+        references[row["sop_instance_uid"]] = reference
+        by_study.setdefault(reference.study_instance_uid, []).append(row)
     documents = []
     for study_uid, rows in by_study.items():
         if study is not None and study_uid != study:
@@ -101,10 +100,19 @@ def _study_header(rows: list[dict], header_of: HeaderOf) -> tuple["Dataset | Non
     """The header of the first of a study's flagged images whose source can be read, and the rows from
     that image on; the images found gone before it are left out with a warning."""
     for i, row in enumerate(rows):
-        try:
-            return header_of(row["sop_instance_uid"]), rows[i:]
-        except CredentialsRefused:
-            raise
-        except GONE as exc:
-            logger.warning("QC KOS: flagged image %s left out: %s", row["sop_instance_uid"], exc.message)
+        header = _unless_gone(header_of, row["sop_instance_uid"])
+        if header is not None:
+            return header, rows[i:]
     return None, []
+
+
+def _unless_gone(read: Callable[[str], T], sop_instance_uid: str) -> T | None:
+    """What `read` gives for a flagged image, or None, with a warning, when its source is gone (the image is
+    left out); refused credentials are no image's fault and stop the documents."""
+    try:
+        return read(sop_instance_uid)
+    except CredentialsRefused:
+        raise
+    except GONE as exc:
+        logger.warning("QC KOS: flagged image %s left out: %s", sop_instance_uid, exc.message)
+        return None

@@ -155,7 +155,8 @@ def test_bearer_token_from_the_environment_and_refusal(loaded, tmp_path, monkeyp
         shutil.rmtree(ws.config.cache_dir)
         with pytest.raises(PacsError, match="HTTP 401") as refused_back:
             ws.cached_image(sop)
-        assert "credentials" in refused_back.value.hint and "s3cret" not in str(refused_back.value)
+        assert "refused our credentials" in str(refused_back.value) and "s3cret" not in str(refused_back.value)
+        assert "dicomweb_token" in refused_back.value.hint
         run_qc(ws.corpus(), method="knn", k=3, header_checks=False, min_pixel_correlation=None)
         with pytest.raises(CredentialsRefused):  # not "every flagged image is gone": no document, and why
             ws.qc_kos(top=3)

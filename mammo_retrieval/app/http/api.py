@@ -26,6 +26,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.routing import Match
 
 from mammo_retrieval import __version__
 from mammo_retrieval.app.http import auth
@@ -83,8 +84,16 @@ register_url_convertor("any_text", AnyText())
 def _route_of(request: Request) -> str:
     """The route's template (/api/v1/studies/{study_key}/similar), for logs and metrics: a request's own path
     may hold an AccessionNumber or a UID, which a log line should not carry."""
-    route = request.scope.get("route")
+    route = request.scope.get("route") or _matching_route(request)
     return getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
+
+
+def _matching_route(request: Request) -> object | None:
+    """FastAPI's own /docs and /openapi.json leave no route in the scope: find the one that matches."""
+    for route in request.app.router.routes:
+        if route.matches(request.scope)[0] is Match.FULL:
+            return route
+    return None
 
 
 class UploadError(MammoRetrievalError):

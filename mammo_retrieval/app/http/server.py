@@ -41,7 +41,8 @@ def resolve_token(token_file: str | os.PathLike | None, environ: dict | None = N
 def check_bind(host: str, token: str | None) -> None:
     """Mammograms and their headers are patient data: only loopback may be served without a token."""
     if token is None and not is_loopback(host):
-        raise ConfigError(f"refusing to serve on {host or repr(host) + ' (every address)'} without a token: any host that can reach it could read "
+        where = host or "* (every address)"  # '' as `display_address` shows it
+        raise ConfigError(f"refusing to serve on {where} without a token: any host that can reach it could read "
                           "patient data",
                           hint=f"pass --token-file FILE or set ${TOKEN_ENV}, or bind 127.0.0.1")
 

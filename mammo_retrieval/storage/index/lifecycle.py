@@ -57,7 +57,7 @@ class LayoutRequest:
         nlist = self.nlist or (auto_nlist(count) if config.nlist == "auto" else int(config.nlist))
         opq = self.opq if self.opq is not None else (config.opq and index_type == "ivf_pq")
         layout = Layout(index_type, nlist, opq=opq, on_disk=on_disk)   # refuses OPQ without PQ first
-        needed = vectors_to_train(index_type, nlist, config)
+        needed = vectors_to_train(index_type, nlist, config.min_points_per_list)
         if count < needed:
             rule = f"{config.min_points_per_list} a list" + (f", and {PQ_CENTROIDS} for the product quantiser"
                                                               if index_type == "ivf_pq" else "")
@@ -207,9 +207,7 @@ class IndexLifecycle:
         """50 per centroid (at least PQ_CENTROIDS for PQ): at 1M vectors and nlist 4096 a 20% sample, never all."""
         if not layout.nlist:
             return None
-        wanted = TRAINING_POINTS_PER_LIST * layout.nlist
-        if layout.index_type == "ivf_pq":
-            wanted = max(wanted, PQ_CENTROIDS)
+        wanted = vectors_to_train(layout.index_type, layout.nlist, TRAINING_POINTS_PER_LIST)
         with self.db.session() as s:
             return repo.sample_vectors(s, model_version_id, dim, n=wanted)
 

@@ -66,16 +66,15 @@ def auto_nlist(n: int) -> int:
 PQ_CENTROIDS = 256  # each product quantiser codebook (8 bits a code): FAISS cannot train one on fewer vectors
 
 
-def vectors_to_train(index_type: str, nlist: int, cfg: IndexConfig) -> int:
-    """The fewest vectors that train this IVF layout: ``min_points_per_list`` a list, and for PQ at least one
-    a codebook centroid."""
-    needed = cfg.min_points_per_list * nlist
+def vectors_to_train(index_type: str, nlist: int, per_list: int) -> int:
+    """Vectors that train this IVF layout: ``per_list`` a list, and for PQ at least one a codebook centroid."""
+    needed = per_list * nlist
     return max(needed, PQ_CENTROIDS) if index_type == "ivf_pq" else needed
 
 
 def plan_layout(n: int, cfg: IndexConfig) -> Layout:
     nlist = auto_nlist(n) if cfg.nlist == "auto" else int(cfg.nlist)
-    if n < vectors_to_train(cfg.type, nlist, cfg):
+    if n < vectors_to_train(cfg.type, nlist, cfg.min_points_per_list):
         return Layout(FLAT, None)
     return Layout(cfg.type, nlist, opq=cfg.opq and cfg.type == "ivf_pq", on_disk=cfg.on_disk)
 

@@ -237,6 +237,13 @@ def test_metrics_count_routes_stages_and_index(client, archive):
     client.get("/api/v1/studies/ACC0001/similar?k=1")
     text = client.get("/metrics").text  # a route's template, as the README writes it (no convertor)
     assert 'mretrieve_requests_total{method="GET",route="/api/v1/studies/{study_key}/similar",status="200"}' in text
+    client.get("/openapi.json")
+    client.get("/docs")
+    client.get("/no/such/page")
+    text = client.get("/metrics").text  # FastAPI's own routes leave none in the scope: counted by their path
+    assert 'mretrieve_requests_total{method="GET",route="/openapi.json",status="200"}' in text
+    assert 'mretrieve_requests_total{method="GET",route="/docs",status="200"}' in text
+    assert 'mretrieve_requests_total{method="GET",route="unmatched",status="404"}' in text
 
 
 def test_a_home_without_a_database_or_an_index_is_503_saying_which_while_an_unknown_image_stays_404(tmp_path):

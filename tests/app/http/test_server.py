@@ -31,6 +31,12 @@ def test_an_open_bind_without_a_token_exits_2_and_says_why(tmp_path, host, monke
     assert f"refusing to serve on {host} without a token" in result.output and "--token-file" in result.output
 
 
+def test_every_address_without_a_token_is_refused_as_every_address(tmp_path, monkeypatch):
+    monkeypatch.delenv("MRETRIEVE_TOKEN", raising=False)
+    result = _serve(tmp_path, "--host", "")
+    assert result.exit_code == 2 and "refusing to serve on * (every address) without a token" in result.output
+
+
 def test_bad_token_files_exit_2(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
