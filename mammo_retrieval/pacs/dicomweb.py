@@ -34,10 +34,6 @@ QIDO_PAGE = 1000  # results asked for per QIDO-RS request
 RETRIABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 CREDENTIALS_HINT = "set pacs.dicomweb_username/password or dicomweb_token ($MRETRIEVE_DICOMWEB_*)"
 REFUSED_STATUSES = (401, 403)
-
-
-def _credentials_refused(what: str, reason: str) -> CredentialsRefused:
-    return CredentialsRefused(f"{what}: the PACS refused our credentials ({reason})", hint=CREDENTIALS_HINT)
 _UIDS = {"study": "0020000D", "series": "0020000E", "sop": "00080018", "sop_class": "00080016"}
 # SOP classes that are never an image to embed: structured reports and key object selections (ours among
 # them, once STOWed back), presentation states, encapsulated documents. Skipped before any retrieval.
@@ -121,6 +117,10 @@ def _describe(exc: BaseException) -> str:
         return text
     half = DESCRIBED_CHARS // 2  # the head names the failure, the tail its cause ("[Errno 111] Connection refused")
     return f"{text[:half].rsplit(' ', 1)[0]} ... {text[-half:].split(' ', 1)[-1]}"
+
+
+def _credentials_refused(what: str, reason: str) -> CredentialsRefused:
+    return CredentialsRefused(f"{what}: the PACS refused our credentials ({reason})", hint=CREDENTIALS_HINT)
 
 
 def with_retries(call: Callable[[], T], what: str, *, retries: int, backoff_s: float,
