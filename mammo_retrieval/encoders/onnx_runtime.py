@@ -19,6 +19,7 @@ import json
 import logging
 import tempfile
 import threading
+import traceback
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, NamedTuple
@@ -144,7 +145,14 @@ def _export_and_check(encoder: TorchEncoder) -> tuple[bytes, float]:
         raise
     except Exception as exc:  # the exporter and onnxruntime raise many kinds; all mean "no ONNX twin"
         raise OnnxUnavailable(f"{encoder.identity.key}: the export to ONNX failed: {type(exc).__name__}: "
-                              f"{str(exc)[:300]}", hint=TORCH_HINT) from exc
+                              f"{str(exc)[:300]} ({_raised_at(exc)})", hint=TORCH_HINT) from exc
+
+
+def _raised_at(exc: BaseException) -> str:
+    """Where an exception was raised, as ``file.py:line``: the exporter's errors are terse ("expected str,
+    bytes or os.PathLike object, not int") and a warning carries no traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "at an unknown place"
 
 
 class ExportKey(NamedTuple):

@@ -64,7 +64,7 @@ def one_error(result, code: int) -> str:
 def test_a_healthy_home_has_no_errors(home):
     result = invoke("status", "--format", "json")
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     assert info["errors"] == [] and info["model_versions"][0]["index"]["ntotal"] == 3
 
 

@@ -105,6 +105,18 @@ def test_a_model_the_exporter_cannot_trace_is_a_clear_error_under_onnx(tmp_path)
         Workspace(cfg, registry=registry).encoder
 
 
+def test_an_export_failure_says_where_it_was_raised():
+    from mammo_retrieval.encoders.onnx_runtime import _raised_at
+
+    def deep():
+        return open(3.5)  # TypeError, raised inside the call
+    try:
+        deep()
+    except TypeError as exc:
+        where = _raised_at(exc)
+    assert where == f"at test_onnx.py:{deep.__code__.co_firstlineno + 1}"
+
+
 def test_train_finetunes_the_torch_model_behind_an_onnx_encoder(tmp_path):
     import torch
 

@@ -192,7 +192,7 @@ def test_reindex_prints_a_summary_or_json(tmp_path):
     assert "embedded 3, already embedded 0, failed 0" in text.output
     as_json = cli_reindex(cfg, config_file, "--model", ckpt, "--format", "json")
     assert as_json.exit_code == 0, as_json.output
-    assert json.loads(as_json.output)["already_embedded"] == 3
+    assert json.loads(as_json.stdout)["already_embedded"] == 3
     back = cli_reindex(cfg, config_file, "--rollback")
     assert back.exit_code == 0 and back.output.startswith(f"live: {ws.encoder.identity.key}"), back.output
 
@@ -284,7 +284,7 @@ def test_a_v2_home_moves_to_the_built_in_v3_and_back(tmp_path, cbis_files):
     moved = CliRunner().invoke(cli, ["reindex", "--encoder", "mammo-simclr-v3", "--format", "json", "--no-progress"],
                                env=env)
     assert moved.exit_code == 0, moved.output
-    result = json.loads(moved.output)
+    result = json.loads(moved.stdout)
     assert result["previous"] == v2_key and result["live"].startswith("mammo-simclr-v3-") and result["embedded"] == 8
     assert result["weights_sha256"] and not result["random_weights"]
     served = Workspace(make_config(home))
