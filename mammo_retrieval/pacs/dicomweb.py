@@ -33,7 +33,7 @@ T = TypeVar("T")
 QIDO_PAGE = 1000  # results asked for per QIDO-RS request
 RETRIABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 CREDENTIALS_HINT = "set pacs.dicomweb_username/password or dicomweb_token ($MRETRIEVE_DICOMWEB_*)"
-REFUSED_STATUSES = (401, 403)
+REFUSED_STATUSES = frozenset({401, 403})
 _UIDS = {"study": "0020000D", "series": "0020000E", "sop": "00080018", "sop_class": "00080016"}
 # SOP classes that are never an image to embed: structured reports and key object selections (ours among
 # them, once STOWed back), presentation states, encapsulated documents. Skipped before any retrieval.

@@ -122,6 +122,11 @@ class SearchService:
         """The serving index, caught up in memory with the catalog."""
         with self._state:
             self.follow_live()
+            return self._caught_up_index()
+
+    def _caught_up_index(self) -> "VectorIndex":
+        """The index of the model this service holds now (the caller has followed the live model)."""
+        with self._state:
             if self._index is not None and Manifest.signature(self._index.directory) != self._signature:
                 self._index = None  # another process saved this index (an ingest): reopen and catch up
             if self._index is None:
@@ -194,7 +199,7 @@ class SearchService:
             self.follow_live()
             _ = self.encoder
         with watch.stage("index_load"):
-            return self.index()
+            return self._caught_up_index()
 
     def record(self, sop_instance_uid: str) -> repo.ImageRecord:
         """A stored image of the serving model, or NotFoundError."""

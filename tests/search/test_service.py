@@ -86,3 +86,25 @@ def test_concurrent_queries_share_one_model_and_all_succeed(served):
         if key != "sop":
             assert _ranked(result) == expected[key]
     assert ws.search.encoder is encoder
+
+
+def test_a_query_reads_the_live_pointer_once(served, monkeypatch):
+    """The warm path checks for a model switch once per query, timed as the model's load, not again when
+    it opens the index."""
+    import mammo_retrieval.search.service as service_module
+    ws, files = served
+    sop = ws.search.query_file(files[0], k=1).query.sop_instance_uid
+    calls = []
+    real = service_module.live_model_differs
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "live_model_differs", counted)
+    ws.search.similar(sop, k=3)
+    assert len(calls) == 1
+    ws.search.query_file(files[0], k=3)
+    assert len(calls) == 2
+    ws.search.index()
+    assert len(calls) == 3
