@@ -12,6 +12,7 @@ import numpy as np
 from sklearn import metrics
 
 from mammo_retrieval.core.errors import ConfigError, MammoRetrievalError
+from mammo_retrieval.core.fileio import write_atomic, write_bytes_atomic
 from mammo_retrieval.analysis.labels import present as label_present
 from mammo_retrieval.analysis.vectors import EmbeddingTable
 
@@ -150,7 +151,7 @@ def plot_projections(coords: dict[str, tuple[np.ndarray, np.ndarray]], assignmen
         ax.set_yticks([])
         path = out / f"{method}_2d.png"
         fig.tight_layout()
-        fig.savefig(path)
+        write_atomic(path, lambda fh, f=fig: f.savefig(fh, format="png"))
         plt.close(fig)
         written.append(path)
     return written
@@ -202,5 +203,5 @@ def report_clusters(table: EmbeddingTable, out: Path, *, k: int | None = None, l
         progress(f"2-D projections ({', '.join(plots)})", 0, 1)
     coords = projections(vectors, plots, seed)
     result["plots"] = [p.name for p in plot_projections(coords, assignments, names, out, source)]
-    (out / "clustering_metrics.json").write_text(json.dumps(result, indent=2))
+    write_bytes_atomic(out / "clustering_metrics.json", json.dumps(result, indent=2).encode())
     return ClusterReport(metrics=result, assignments=assignments, names=names)

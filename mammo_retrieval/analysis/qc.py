@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from mammo_retrieval.core.csv_safety import write_frame
+from mammo_retrieval.core.fileio import write_bytes_atomic
 from mammo_retrieval.storage.catalog import repository as repo
 from mammo_retrieval.storage.catalog.corpus import Corpus, Picture
 from mammo_retrieval.core.errors import ConfigError, MammoRetrievalError
@@ -181,6 +182,6 @@ def write_outputs(picture: Picture, result: QcResult, out: Path, top: int,
                "images": len(result.scores), "duplicate_pairs": len(result.duplicates), "run_id": result.run_id,
                "previous_run_id": result.previous_run_id,
                "flagged": int((result.scores["flags"] != "").sum())}
-    (out / "qc_summary.json").write_text(json.dumps(summary, indent=2))
+    write_bytes_atomic(out / "qc_summary.json", json.dumps(summary, indent=2).encode())
     return {"scores": out / "scores.csv", "duplicates": out / "duplicates.csv", "report": out / "report.html",
             "summary": out / "qc_summary.json"}

@@ -10,6 +10,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from mammo_retrieval.core.fileio import write_bytes_atomic
+
 if TYPE_CHECKING:
     from mammo_retrieval.storage.catalog.corpus import Picture
     from mammo_retrieval.analysis.qc import QcResult
@@ -84,4 +86,4 @@ def write_html(picture: "Picture", result: "QcResult", path: Path, top: int) -> 
         parts.append(f'<div class=pair>{thumbnail(picture, r.sop_instance_uid_a)}{thumbnail(picture, r.sop_instance_uid_b)}'
                      f'<div>cosine {r.similarity:.5f}<br>pixel correlation {_correlation(r)}<div class=path>{e(r.path_a)}<br>{e(r.path_b)}</div>'
                      f'</div></div>')
-    path.write_text("\n".join(parts))
+    write_bytes_atomic(path, "\n".join(parts).encode("utf-8"))

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mammo_retrieval.core.fileio import write_bytes_atomic
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -39,5 +41,6 @@ def neutralise_frame(frame: "pd.DataFrame") -> "pd.DataFrame":
 
 
 def write_frame(frame: "pd.DataFrame", path: str | Path) -> None:
-    """``frame.to_csv(path, index=False)``, formula-safe."""
-    neutralise_frame(frame).to_csv(path, index=False)
+    """``frame.to_csv(path, index=False)``, formula-safe, and all or nothing (a kill leaves the old file or
+    the new one, never a torn one)."""
+    write_bytes_atomic(Path(path), neutralise_frame(frame).to_csv(index=False).encode("utf-8"))

@@ -163,3 +163,59 @@ def test_progress_is_reported(hostile, tmp_path):
     steps = list(dict.fromkeys(s for s, _, _ in seen))
     assert steps[:3] == ["loading vectors", "nearest neighbours of 9 images", "knn outlier scores"]
     assert ("header checks on the cached images", 8, 9) in seen and steps[-1].startswith("writing")
+
+
+def test_a_killed_re_export_never_leaves_rows_beside_another_exports_vectors(hostile, tmp_path, monkeypatch):
+    """joined.csv row i must be features.npy row i: a re-export into the same folder that dies while
+    writing the vectors leaves the old vectors whole and no joined.csv, not the old rows beside new
+    vectors (or torn files); rerun, it writes the three files and nothing else."""
+    import mammo_retrieval.analysis.export as export_module
+    table = load_embeddings(hostile.corpus())
+    first = export_table(table, tmp_path)
+    old_vectors = np.load(first["features"])
+
+    def killed(fh, array):
+        fh.write(b"\x93NUMPY half")
+        raise KeyboardInterrupt("killed while writing the vectors")
+
+    monkeypatch.setattr(export_module.np, "save", killed)
+    shifted = EmbeddingTable(table.vectors[::-1].copy(), table.meta.iloc[::-1].reset_index(drop=True))
+    with pytest.raises(KeyboardInterrupt):
+        export_table(shifted, tmp_path)
+    assert not (tmp_path / "joined.csv").exists()
+    np.testing.assert_array_equal(np.load(first["features"]), old_vectors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embeddings.parquet", "features.npy"]
+    monkeypatch.undo()
+    paths = export_table(shifted, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embeddings.parquet", "features.npy", "joined.csv"]
+    joined = pd.read_csv(paths["joined"])
+    np.testing.assert_array_equal(np.load(paths["features"]), shifted.vectors)
+    assert list(joined.SOPInstanceUID) == list(shifted.meta.sop_instance_uid)
+
+
+def test_qc_and_cluster_outputs_are_written_whole(hostile, tmp_path, monkeypatch):
+    """A QC or cluster report that dies at its last file leaves the earlier run's file as it was, and no
+    temporary file, in the output folder."""
+    import mammo_retrieval.core.fileio as fileio
+    out = tmp_path / "qc"
+    write_outputs(hostile.cached_image, run_qc(hostile.corpus(), k=3), out, top=9)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"scores.csv", "duplicates.csv", "report.html", "qc_summary.json"}
+    real_replace = fileio.os.replace
+
+    def refuse_summary(src, dst):
+        if str(dst).endswith("qc_summary.json"):
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", refuse_summary)
+    with pytest.raises(OSError, match="disk full"):
+        write_outputs(hostile.cached_image, run_qc(hostile.corpus(), k=3), out, top=9)
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+    assert json.loads((out / "qc_summary.json").read_text())["run_id"] == json.loads(before["qc_summary.json"])["run_id"]
+    monkeypatch.undo()
+    clusters = tmp_path / "clusters"
+    report_clusters(load_embeddings(hostile.corpus()), clusters, k=2, plots=("pca",))
+    assert all(not p.name.startswith(".") for p in clusters.iterdir())
+    assert len(json.loads((clusters / "clustering_metrics.json").read_text())["cluster_names"]) == 2
+    assert (clusters / "pca_2d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
