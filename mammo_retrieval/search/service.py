@@ -46,6 +46,15 @@ PrepareFn = Callable[["str | Path | InMemoryDicom", "PreprocessSettings"], objec
 
 
 @dataclass(frozen=True)
+class _Serving:
+    """One query's model, its index and its catalog row, taken together: a model switch picked up by
+    another thread mid-query cannot embed with one model and search another's index."""
+    encoder: "Encoder"
+    index: "VectorIndex"
+    model_version_id: int
+
+
+@dataclass(frozen=True)
 class ServingInfo:
     """What is serving right now (a footer, /metrics, /healthz)."""
     model_key: str
@@ -157,13 +166,13 @@ class SearchService:
     # --- embedding -----------------------------------------------------------------------------------
     def embed_file(self, source: Source, watch: Stopwatch | None = None) -> tuple[QueryImage, np.ndarray]:
         """Read, preprocess and embed one DICOM as ingest does (DicomRejected with the reason if unusable)."""
-        query, vector, _ = self._embed(source, watch)
-        return query, vector
-
-    def _embed(self, source: Source, watch: Stopwatch | None) -> tuple[QueryImage, np.ndarray, np.ndarray]:
         watch = watch or Stopwatch()
         with watch.stage("encoder_load"):
             encoder = self.encoder
+        query, vector, _ = self._embed(source, encoder, watch)
+        return query, vector
+
+    def _embed(self, source: Source, encoder: "Encoder", watch: Stopwatch) -> tuple[QueryImage, np.ndarray, np.ndarray]:
         with watch.stage("decode_preprocess"):
             prepared = self._prepare(source, encoder.settings)
         with watch.stage("embed"):
@@ -184,26 +193,32 @@ class SearchService:
         watch = watch or Stopwatch()
         with watch.stage("header_check"):
             read_header(source, self.config.reader)
-        index = self._warm(watch)
-        query, vector, picture = self._embed(source, watch)
+        serving = self._warm(watch)
+        query, vector, picture = self._embed(source, serving.encoder, watch)
         with watch.stage("search"):
-            result = search(self.db, index, vector, query, k, filters)
+            result = search(self.db, serving.index, vector, query, k, filters)
         if keep_picture:
             result.picture = picture
         return result
 
-    def _warm(self, watch: Stopwatch) -> "VectorIndex":
+    def _warm(self, watch: Stopwatch) -> _Serving:
         """The serving model, then its index, timed apart: the model, not the index, dominates a cold query
-        (and the index needs the model's identity, so it would otherwise be timed as the index's)."""
-        with watch.stage("encoder_load"):
-            self.follow_live()
-            _ = self.encoder
-        with watch.stage("index_load"):
-            return self._caught_up_index()
+        (and the index needs the model's identity, so it would otherwise be timed as the index's). Taken
+        under one lock, so the three belong to one model."""
+        with self._state:
+            with watch.stage("encoder_load"):
+                self.follow_live()
+                encoder = self.encoder
+            with watch.stage("index_load"):
+                index = self._caught_up_index()
+            mv_id = self.model_version_id()
+        if mv_id is None:  # only a guard: loading the index already refuses one without a catalog row
+            raise IndexCorruptError(f"the index in {index.directory} has no model version in the database")
+        return _Serving(encoder, index, mv_id)
 
-    def record(self, sop_instance_uid: str) -> repo.ImageRecord:
-        """A stored image of the serving model, or NotFoundError."""
-        mv_id = self.model_version_id()
+    def record(self, sop_instance_uid: str, mv_id: int | None = None) -> repo.ImageRecord:
+        """A stored image of ``mv_id`` (by default the serving model's), or NotFoundError."""
+        mv_id = self.model_version_id() if mv_id is None else mv_id
         with self.db.session() as s:
             record = repo.record_by_sop(s, sop_instance_uid, mv_id) if mv_id is not None else None
         if record is None:
@@ -214,21 +229,21 @@ class SearchService:
                 watch: Stopwatch | None = None) -> QueryResult:
         """Neighbours of a stored image, from its stored vector: nothing is decoded or embedded."""
         watch = watch or Stopwatch()
-        index = self._warm(watch)
-        record = self.record(sop_instance_uid)
+        serving = self._warm(watch)
+        record = self.record(sop_instance_uid, serving.model_version_id)
         with self.db.session() as s:
-            vector = repo.vector_of(s, record.vector_id, index.manifest.dim)
+            vector = repo.vector_of(s, record.vector_id, serving.index.manifest.dim)
         with watch.stage("search"):
-            return search(self.db, index, vector, _as_query(record), k, filters)
+            return search(self.db, serving.index, vector, _as_query(record), k, filters)
 
     def query_study(self, accession: str, k: int = 10, filters: QueryFilters = QueryFilters(),
                     watch: Stopwatch | None = None) -> list[QueryResult]:
         """One result per image of the study, using the stored vectors (nothing is decoded)."""
         watch = watch or Stopwatch()
-        index = self._warm(watch)
-        mv_id = self.model_version_id()
+        serving = self._warm(watch)
+        index = serving.index
         with self.db.session() as s:
-            records = repo.records_for_study(s, accession, mv_id) if mv_id is not None else []
+            records = repo.records_for_study(s, accession, serving.model_version_id)
             vectors = [repo.vector_of(s, r.vector_id, index.manifest.dim) for r in records]
         if not records:
             raise NotFoundError(f"no indexed images for accession '{accession}'",
@@ -243,13 +258,13 @@ class SearchService:
         """The k studies most like an indexed study (by study key or AccessionNumber), from stored vectors."""
         check_rule(rule)
         watch = watch or Stopwatch()
-        index = self._warm(watch)
-        studies = self._studies([key], index.manifest.dim)
+        serving = self._warm(watch)
+        studies = self._studies([key], serving)
         if not studies:
             raise NotFoundError(f"no indexed images for study '{key}'",
                                 remedies=[STUDY_KEYS_REMEDY])
         with watch.stage("search"):
-            return self._rank(studies[0], index, k, rule, exclude_same_patient)
+            return self._rank(studies[0], serving, k, rule, exclude_same_patient)
 
     def query_study_files(self, sources: list[Source], k: int = 10, *, rule: str = DEFAULT_RULE,
                           exclude_same_patient: bool = False, watch: Stopwatch | None = None) -> StudyResult:
@@ -265,31 +280,29 @@ class SearchService:
                 + "; ".join(f"{display_path(source)} (study {header.study_key})" for source, header in zip(sources, headers)),
                 hint="pass the files of one study (the same AccessionNumber, else StudyInstanceUID), or query each "
                      "image on its own with --level image")
-        index = self._warm(watch)
+        serving = self._warm(watch)
         images = []
         for source in sources:
-            query, vector, _ = self._embed(source, watch)
+            query, vector, _ = self._embed(source, serving.encoder, watch)
             images.append(StudyImage(query.sop_instance_uid, query.laterality, query.view, query.path, vector[0]))
         first = headers[0]
         study = Study(first.study_key, first.accession_number, first.study_instance_uid or None,
                       first.patient_id or None, tuple(images))
         with watch.stage("search"):
-            return self._rank(study, index, k, rule, exclude_same_patient)
+            return self._rank(study, serving, k, rule, exclude_same_patient)
 
-    def _studies(self, keys: list[str], dim: int) -> list[Study]:
-        mv_id = self.model_version_id()
-        if mv_id is None:
-            return []
+    def _studies(self, keys: list[str], serving: _Serving) -> list[Study]:
         with self.db.session() as s:
-            rows = repo.studies_with_vectors(s, keys, mv_id, dim)
+            rows = repo.studies_with_vectors(s, keys, serving.model_version_id, serving.index.manifest.dim)
         grouped: dict[str, list[tuple]] = {}
         for row in rows:
             grouped.setdefault(row[0], []).append(row)
         return [Study(key, rs[0][1], rs[0][2], rs[0][3],
                       tuple(StudyImage(r[4], r[5], r[6], r[7], r[8]) for r in rs)) for key, rs in grouped.items()]
 
-    def _rank(self, query: Study, index: "VectorIndex", k: int, rule: str, exclude_same_patient: bool) -> StudyResult:
+    def _rank(self, query: Study, serving: _Serving, k: int, rule: str, exclude_same_patient: bool) -> StudyResult:
         """Shortlist the studies of every query image's nearest images, widening until k remain, then fuse."""
+        index = serving.index
         fetch = max(64, 16 * k)
         while True:
             keys: set[str] = set()
@@ -297,7 +310,7 @@ class SearchService:
                 scores, ids = index.search(image.vector[None], fetch)
                 keys |= {r.study_key for r in records(self.db, [int(i) for i in ids[0] if i >= 0]).values()}
             keys.discard(query.study_key)
-            result = rank_studies(query, self._studies(sorted(keys), index.manifest.dim), k, rule=rule,
+            result = rank_studies(query, self._studies(sorted(keys), serving), k, rule=rule,
                                   exclude_same_patient=exclude_same_patient)
             if len(result.hits) >= k or fetch >= index.ntotal:
                 return result

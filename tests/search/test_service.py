@@ -108,3 +108,25 @@ def test_a_query_reads_the_live_pointer_once(served, monkeypatch):
     assert len(calls) == 2
     ws.search.index()
     assert len(calls) == 3
+
+
+def test_a_model_switch_picked_up_mid_query_does_not_mix_models(served, monkeypatch):
+    """Another request may notice a reindex (and drop the model) while this query is decoding: every
+    image of this query is still embedded by the model whose index it searches."""
+    import mammo_retrieval.search.service as service_module
+    ws, files = served
+    search_service = ws.search
+    search_service.query_file(files[0], k=1)
+    warm_encoder = search_service.encoder
+    real_prepare, real_embed = search_service._prepare, service_module.embed_pictures
+    used = []
+
+    def prepare_while_another_request_switches(source, settings):
+        search_service.forget_model()
+        return real_prepare(source, settings)
+
+    monkeypatch.setattr(search_service, "_prepare", prepare_while_another_request_switches)
+    monkeypatch.setattr(service_module, "embed_pictures",
+                        lambda encoder, pictures: used.append(encoder) or real_embed(encoder, pictures))
+    search_service.query_study_files([files[0], files[0]], k=2)
+    assert used == [warm_encoder, warm_encoder]
