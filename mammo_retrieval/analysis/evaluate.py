@@ -114,9 +114,14 @@ def classifier_metrics(features: np.ndarray, labels: np.ndarray, patients: np.nd
     n_groups = len(np.unique(groups))
     if len(classes) < 2 or n_groups < 3:
         return {"skipped": f"{len(classes)} classes over {n_groups} patients: too few to cross-validate"}
-    folds = GroupKFold(n_splits=min(5, n_groups))
+    folds = list(GroupKFold(n_splits=min(5, n_groups)).split(x, y, groups))
+    if any(len(np.unique(y[train])) < 2 for train, _ in folds):
+        return {"skipped": f"{len(classes)} classes over {n_groups} patients: a training fold would hold one "
+                           "class only, too few to cross-validate"}
+    smallest_fold = min(len(train) for train, _ in folds)  # kNN cannot ask for more neighbours than that
     models = {
-        "knn": make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=5, metric="cosine")),
+        "knn": make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=min(5, smallest_fold),
+                                                                    metric="cosine")),
         "logistic_regression": make_pipeline(StandardScaler(), LogisticRegression(
             max_iter=2000, class_weight="balanced", C=0.1)),
         "svm": make_pipeline(StandardScaler(), SVC(kernel="rbf", class_weight="balanced", random_state=seed)),
@@ -126,7 +131,7 @@ def classifier_metrics(features: np.ndarray, labels: np.ndarray, patients: np.nd
     out = {}
     for name, model in models.items():
         predicted = np.empty(len(y), dtype=object)
-        for train, test in folds.split(x, y, groups):
+        for train, test in folds:
             model.fit(x[train], y[train])
             predicted[test] = model.predict(x[test])
         out[name] = {"balanced_accuracy": float(balanced_accuracy_score(y, predicted.astype(str))),

@@ -135,3 +135,18 @@ def test_write_evaluation_writes_both_files_whole_with_the_levels_markdown(tmp_p
     assert json.loads((tmp_path / "e.json").read_text()) == {"images": 4, "score": 0.5}  # a number, not text
     assert (tmp_path / "e.md").read_text() == "# 4 images\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "e.md"]  # no temporary file left
+
+
+def test_classifiers_on_a_few_women_are_measured_or_skipped_with_the_reason():
+    """Three women of two images each: kNN asks for no more neighbours than a training fold holds (it
+    asked for 5 of 4 and raised); a fold whose training part holds one class only is a stated skip."""
+    from mammo_retrieval.analysis.evaluate import classifier_metrics
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((6, 8)).astype(np.float32)
+    patients = np.array(["a", "a", "b", "b", "c", "c"], dtype=object)
+    mixed = np.array(["F", "G", "G", "F", "F", "G"], dtype=object)
+    measured = classifier_metrics(features, mixed, patients)
+    assert set(measured) == {"knn", "logistic_regression", "svm", "random_forest", "class_counts"}
+    assert 0.0 <= measured["knn"]["balanced_accuracy"] <= 1.0
+    one_class_left = np.array(["F", "F", "F", "F", "G", "G"], dtype=object)  # training on a, b holds F only
+    assert "one class only" in classifier_metrics(features, one_class_left, patients)["skipped"]
