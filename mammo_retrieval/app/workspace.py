@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from mammo_retrieval.core.config import Config, load_config
-from mammo_retrieval.core.errors import ConfigError, DatabaseError, NotFoundError, WeightsError
+from mammo_retrieval.core.errors import (ConfigError, DatabaseError, MammoRetrievalError, NotFoundError,
+                                         WeightsError)
 from mammo_retrieval.search.query import QueryFilters, QueryImage, QueryResult
 from mammo_retrieval.search.service import SearchService
 from mammo_retrieval.storage.catalog import Database
@@ -531,7 +532,7 @@ class Workspace:
         with self.write_lock():
             stored, sha = store_model_weights(self.config.index_dir, weights)
             new_cfg = dataclasses.replace(base, weights=stored)
-            encoder = self.build_encoder(new_cfg)
+            encoder = self._build_stored(new_cfg, weights)
             identity = encoder.identity
             live, _ = read_live(self.config.index_dir)
             if live is None:  # a first ingest killed before it recorded its model: record it, to roll back to
@@ -570,6 +571,19 @@ class Workspace:
                 "weights": stored, "weights_sha256": sha, "random_weights": identity.random_weights,
                 "gate": gate_result.as_dict() if gate_result else None,
                 "seconds": round(time.perf_counter() - started, 1)}
+
+    def _build_stored(self, cfg: "EncoderConfig", given: str | None) -> "Encoder":
+        """The encoder of weights just copied into the index folder. When they cannot be built, the error
+        names the file the user gave, not the copy, and a copy no model version uses is removed."""
+        from mammo_retrieval.storage.index.versions import weights_in_use
+        try:
+            return self.build_encoder(cfg)
+        except MammoRetrievalError as exc:
+            if cfg.weights and given and cfg.weights != given:
+                exc.message = exc.message.replace(cfg.weights, given)
+                if not weights_in_use(self.config.index_dir, cfg.weights):
+                    _remove_path(Path(cfg.weights))
+            raise
 
     def _other_architecture(self, base: "EncoderConfig", name: str, weights: str | None) -> "EncoderConfig":
         """reindex --encoder: the serving config with another registry entry, checked before any work."""
@@ -729,3 +743,12 @@ class Workspace:
         for cache in self._caches.values():
             cache.close()
         self._db.dispose()
+
+
+def _remove_path(path: Path) -> None:
+    """Delete a stored weights file or model folder (a folder is a Hugging Face model)."""
+    import shutil
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

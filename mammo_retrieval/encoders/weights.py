@@ -125,14 +125,40 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}",
                            hint="set encoder.weights (or $MRETRIEVE_WEIGHTS) to an existing file; nothing is downloaded")
+    hint = "expected a PRIMER checkpoint, a torch state dict (.pt/.pth/.bin) or .safetensors"
+    if path.suffix != ".safetensors" and (head := _not_torch_saved(path)) is not None:
+        raise WeightsError(f"{path}: not a checkpoint: torch saves a zip archive or a pickle, and this file "
+                           f"starts with {head!r}", hint=hint)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             return load_file(str(path), device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"{path}: cannot read weights: {type(exc).__name__}: {exc}",
-                           hint="expected a PRIMER checkpoint, a torch state dict (.pt/.pth/.bin) or .safetensors") from None
+        raise WeightsError(f"{path}: cannot read weights: {_short_reason(exc)}", hint=hint) from None
+
+
+def _not_torch_saved(path: Path) -> bytes | None:
+    """The file's first bytes when it is neither a zip archive (torch.save) nor a pickle (its legacy
+    format, which starts with the PROTO opcode 0x80); None when it may be either."""
+    import zipfile
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return None  # torch.load says why
+    return None if head[:1] == b"\x80" or zipfile.is_zipfile(path) else head
+
+
+def _short_reason(exc: Exception) -> str:
+    """torch's reason without its advice to load with weights_only=False (which can run the file's code)."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = next((line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()), "")
+        return (f"it holds objects other than tensors and plain containers ({detail}); it is not loaded "
+                "with weights_only=False, which could run code from the file")
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def _tensors(checkpoint: Mapping) -> dict:

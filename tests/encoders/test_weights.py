@@ -65,6 +65,9 @@ def test_primer_checkpoint_without_encoder_keys(tmp_path):
 
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "w.pt").write_text("hello")
+    with pytest.raises(WeightsError, match="w.pt: not a checkpoint.*starts with b'hello'"):
+        encoder_with(tmp_path / "w.pt")
+    (tmp_path / "w.pt").write_bytes(b"\x80\x02 truncated pickle")
     with pytest.raises(WeightsError, match="cannot read weights"):
         encoder_with(tmp_path / "w.pt")
 

@@ -293,3 +293,34 @@ def test_a_v2_home_moves_to_the_built_in_v3_and_back(tmp_path, cbis_files):
     back = CliRunner().invoke(cli, ["reindex", "--rollback"], env=env)
     assert back.exit_code == 0 and f"live: {v2_key} (encoder mammo-simclr-v2, weights " in back.output
     assert Workspace(make_config(home)).search.info().model_key == v2_key
+
+
+def test_reindex_with_a_file_that_is_no_checkpoint_names_it_and_leaves_nothing_behind(tmp_path):
+    """``reindex --model labels.csv``: the error names the user's file (not its copy in the index folder)
+    and what it is, without torch's advice to load it with weights_only=False; the refused copy is removed,
+    a stored copy the live model uses is kept, and the live model stays."""
+    from mammo_retrieval.core.errors import WeightsError
+    synthetic_archive(tmp_path / "archive", 4)
+    cfg = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 64})
+    ws = Workspace(cfg)
+    ws.ingest(tmp_path / "archive", workers=0)
+    live = read_live(cfg.index_dir)[0]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("SOPInstanceUID,tissue\n1.2.3,F\n")
+    with pytest.raises(WeightsError) as caught:
+        Workspace(cfg).reindex(str(labels))
+    message = str(caught.value)
+    assert str(labels) in message and "not a checkpoint" in message and "b'SOPInstanceUID,t'" in message
+    assert "weights_only set to False" not in message and str(cfg.index_dir) not in message
+    assert not list((cfg.index_dir / "weights").glob("*.csv"))
+    pickled = tmp_path / "objects.pt"
+    torch.save({"state": torch.nn.Linear(2, 2)}, pickled)  # a pickle of a module, not of tensors
+    with pytest.raises(WeightsError, match="objects other than tensors") as caught:
+        Workspace(cfg).reindex(str(pickled))
+    assert "Please file an issue" not in str(caught.value)
+    assert read_live(cfg.index_dir)[0] == live
+    good = finetuned_weights(ws, tmp_path / "good.pt")
+    Workspace(cfg).reindex(str(good))
+    stored = read_live(cfg.index_dir)[0].weights
+    from mammo_retrieval.storage.index.versions import weights_in_use
+    assert weights_in_use(cfg.index_dir, stored) and not weights_in_use(cfg.index_dir, str(labels))

@@ -46,6 +46,13 @@ def store_model_weights(index_dir: Path, weights: str | None) -> tuple[str | Non
     return str(path), sha
 
 
+def weights_in_use(index_dir: Path, stored: str) -> bool:
+    """Whether the live model or one kept for rollback serves the stored copy ``stored``."""
+    live, previous = read_live(index_dir)
+    target = Path(stored).resolve()
+    return any(m.weights and Path(m.weights).resolve() == target for m in ([live] if live else []) + previous)
+
+
 def verify_model_weights(model: ServingModel) -> None:
     """Raise WeightsError when a stored weights copy is missing or no longer has its recorded hash."""
     if model.weights and model.weights_sha256:
