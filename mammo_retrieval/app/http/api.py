@@ -435,7 +435,13 @@ def create_app(workspace: Workspace, *, token: str | None = None, max_upload: in
                                      "hint": "send `Authorization: Bearer <token>`, or open a page once with "
                                              "?token=<token>", "remedies": []},
                                     status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:
+            # an unexpected error passes this middleware on its way to the 500 handler: count it here,
+            # or the failures most worth an alert would be missing from the request metrics
+            state.metrics.observe_request(_route_of(request), request.method, 500, time.perf_counter() - started)
+            raise
         state.metrics.observe_request(_route_of(request), request.method, response.status_code,
                                       time.perf_counter() - started)
         return response
