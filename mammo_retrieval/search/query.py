@@ -92,9 +92,13 @@ def candidates(db: "Database", index: "VectorIndex", vector: np.ndarray,
                first_fetch: int) -> Iterator[list[tuple[float, repo.ImageRecord]]]:
     """Ever larger neighbour lists with their records, the fetch growing fourfold until the index is exhausted."""
     fetch = min(first_fetch, max(index.ntotal, 1))
+    known: dict[int, repo.ImageRecord] = {}
+    looked_up: set[int] = set()
     while True:
         pairs = nearest(index, vector, fetch)
-        known = records(db, [i for _, i in pairs])
+        new_ids = [i for _, i in pairs if i not in looked_up]  # a wider round reads only the new ones
+        known.update(records(db, new_ids))
+        looked_up.update(new_ids)
         yield [(score, known[vid]) for score, vid in pairs if vid in known]
         if fetch >= index.ntotal:
             return

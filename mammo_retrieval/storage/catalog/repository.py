@@ -59,7 +59,7 @@ def model_version_id_by_key(session: Session, key: str) -> int | None:
 IN_CHUNK = 500  # values per SQL IN (...): well under SQLite's bound-parameter limit
 
 
-def _chunks(values: list[str]) -> Iterator[list[str]]:
+def _chunks(values: list) -> Iterator[list]:
     for start in range(0, len(values), IN_CHUNK):
         yield values[start:start + IN_CHUNK]
 
@@ -265,7 +265,7 @@ def _record_query():
 
 def records_by_vector_ids(session: Session, vector_ids: Sequence[int]) -> dict[int, ImageRecord]:
     ids = [int(v) for v in vector_ids]
-    rows = session.execute(_record_query().where(Embedding.id.in_(ids))).all() if ids else []
+    rows = [row for chunk in _chunks(ids) for row in session.execute(_record_query().where(Embedding.id.in_(chunk)))]
     return {r[1]: ImageRecord(*r) for r in rows}
 
 

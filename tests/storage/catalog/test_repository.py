@@ -82,3 +82,18 @@ def test_crash_records_count_repeats_and_are_found_across_in_list_chunks(databas
         repo.clear_rejections(s, paths)
     with db.session() as s:
         assert repo.rejection_fingerprints(s, paths, "worker_died") == {}
+
+
+def test_records_of_more_vectors_than_one_statement_may_bind(database_url):
+    """A filtered query widens its fetch up to the whole index: 70,000 vector ids are more than a
+    statement may bind on PostgreSQL (65,535) or a stock SQLite (32,766), so they are looked up in chunks."""
+    db = Database(database_url)
+    db.ensure_schema()
+    identity = ModelIdentity("resnet18", "a" * 64, "b" * 16, 4, False, None)
+    with db.session() as s:
+        mv = repo.get_or_create_model_version(s, identity, {}).id
+        ids = repo.write_images(s, [item(str(i), f"S{i}", i) for i in range(3)], mv)
+    asked = list(range(1, 70_001)) + [ids[2]]
+    with db.session() as s:
+        found = repo.records_by_vector_ids(s, asked)
+    assert sorted(found) == sorted(ids) and found[ids[2]].sop_instance_uid == "2"
