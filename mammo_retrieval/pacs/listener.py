@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from mammo_retrieval.core.errors import FATAL_EXCEPTIONS, BusyError, ConfigError
-from mammo_retrieval.core.fileio import write_bytes_atomic
+from mammo_retrieval.core.fileio import sha256_file, write_bytes_atomic
 from mammo_retrieval.core.netaddr import bind, cannot_listen
 from mammo_retrieval.dicom.reader import InMemoryDicom
 from mammo_retrieval.pipeline.prepare import Prepared, Rejected
@@ -72,6 +72,12 @@ def spool_path(spool_dir: Path, prepared: Prepared) -> Path:
     study = study if _UID.match(study or "") else "unknown-study"
     name = sop if _UID.match(sop) else f"sha256-{prepared.sha256}"
     return spool_dir / study / f"{name}.dcm"
+
+
+def _spooled_already(path: Path, data: bytes) -> bool:
+    """Whether ``path`` holds other bytes than ``data`` (the same bytes are simply written again)."""
+    import hashlib
+    return path.is_file() and sha256_file(path) != hashlib.sha256(data).hexdigest()
 
 
 class Batcher:
@@ -184,9 +190,18 @@ class StoreHandler:
             status.ErrorComment = f"{result.code}: {result.reason}"[:64]  # LO: 64 characters at most
             return status
         path = spool_path(self.spool_dir, result)
+        data = event.encoded_dataset(include_meta=True)
         try:
+            if _spooled_already(path, data):
+                # as Orthanc does by default (OverwriteInstances false): the instance stored first stays, so
+                # the catalog's hash and vector keep describing the file on disk
+                logger.warning("C-STORE of %s: this SOPInstanceUID is spooled already (%s) with other bytes; "
+                               "the stored instance is kept", name, path)
+                self._counted(received=1)
+                status.Status = STATUS_SUCCESS
+                return status
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(path, event.encoded_dataset(include_meta=True))
+            write_bytes_atomic(path, data)
         except OSError as exc:
             logger.error("cannot spool %s to %s: %s", name, path, exc)
             status.Status = STATUS_OUT_OF_RESOURCES

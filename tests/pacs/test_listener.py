@@ -129,9 +129,19 @@ def test_listen_echoes_receives_every_syntax_refuses_with_reason_and_indexes(tmp
         assert _wait_indexed(home, len(SYNTAXES)) == (len(SYNTAXES), len(SYNTAXES))
         # resent: acknowledged, not doubled
         assert [s.Status for s in _store(listening.port, sent[:2])] == [0, 0]
+        # the same SOPInstanceUID with other pixels: the instance stored first stays (as Orthanc keeps it),
+        # so the file on disk is still the one the catalog's hash and vector describe
+        first = sent[0]
+        spooled_first = home / "spool" / first.StudyInstanceUID / f"{first.SOPInstanceUID}.dcm"
+        kept = spooled_first.read_bytes()
+        other = _dataset(pixels[::-1].copy(), next(iter(SYNTAXES)), accession="A0", sop_uid=first.SOPInstanceUID,
+                         study_uid=first.StudyInstanceUID)
+        assert [s.Status for s in _store(listening.port, [other])] == [0]
+        assert spooled_first.read_bytes() == kept
         time.sleep(1.5)
     finally:
         out = listening.stop()
+    assert "spooled already" in out and "the stored instance is kept" in out
     assert _indexed(home) == (len(SYNTAXES), len(SYNTAXES)), out
     ws = Workspace(make_config(home, encoder={"name": "resnet18", "input_size": 64, "batch_size": 4}))
     status = ws.status()
@@ -144,7 +154,7 @@ def test_listen_echoes_receives_every_syntax_refuses_with_reason_and_indexes(tmp
     assert sorted(load_embeddings(ws.corpus()).meta.path) == spooled and len(spooled) == len(SYNTAXES)
     hits = ws.query_dicom(spooled[0], len(SYNTAXES)).hits
     assert len(hits) == len(SYNTAXES) - 1 and min(h.score for h in hits) > 0.99  # the query itself is no hit
-    assert "stopped: received 10, refused 1" in out
+    assert "stopped: received 11, refused 1" in out
 
 
 def test_kill_9_after_receiving_and_before_indexing_loses_nothing(tmp_path, cbis_files):
