@@ -58,6 +58,19 @@ def clusters(ctx: click.Context, out_dir: str, k: int | None, labels_csv: str | 
     click.echo(f"wrote {', '.join(written)}")
 
 
+def _weights_of(given: str) -> str:
+    """A checkpoint file as given, or the weights a built-in encoder ships (wherever the package lies)."""
+    if Path(given).expanduser().is_file():
+        return str(Path(given).expanduser())
+    from mammo_retrieval.encoders import DEFAULT_REGISTRY
+    from mammo_retrieval.encoders.model import packaged_weights
+    shipped = {spec.name: spec.weights_file for spec in DEFAULT_REGISTRY if spec.weights_file}
+    if given in shipped:
+        return str(packaged_weights(shipped[given]))
+    raise click.BadParameter(f"'{given}' is neither a file nor a built-in encoder ({', '.join(sorted(shipped))})",
+                             param_hint="--heldout-from")
+
+
 @click.command()
 @click.option("--labels", "labels_csv", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--k", "ks", default="1,5,10", show_default=True, help="Comma list of k for precision@k.")
@@ -65,9 +78,9 @@ def clusters(ctx: click.Context, out_dir: str, k: int | None, labels_csv: str | 
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Also write evaluation.json and evaluation.md here (study_evaluation.* with --level study); "
                    "the Markdown is printed either way.")
-@click.option("--heldout-from", "heldout_ckpt", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Only the women these weights never trained on: a `mretrieve train` checkpoint, or a "
-                   "built-in's .safetensors (mammo_retrieval/weights/).")
+@click.option("--heldout-from", "heldout_ckpt", default=None, metavar="CKPT|BUILT-IN",
+              help="Only the women these weights never trained on: a `mretrieve train` checkpoint, a "
+                   "built-in's .safetensors, or a built-in encoder's name (mammo-simclr-v3, -v2 or mammo-simclr).")
 @click.option("--level", type=click.Choice(["image", "study"]), default="image", show_default=True,
               help="study: study labels by study-level search (every fusion rule), beside the per-image baseline.")
 @click.option("--all-versions", is_flag=True,
@@ -86,7 +99,7 @@ def evaluate(ctx: click.Context, labels_csv: str, ks: str, columns: tuple[str, .
         raise click.UsageError(f"--k values must be at least 1, not '{ks}'")
     if level == "study" and all_versions:
         raise click.UsageError("--all-versions applies to --level image only")
-    patients = heldout_patients(heldout_ckpt) if heldout_ckpt else None
+    patients = heldout_patients(_weights_of(heldout_ckpt)) if heldout_ckpt else None
     if level == "study":
         from mammo_retrieval.analysis.study_eval import evaluate_studies, to_markdown as study_markdown
         report = evaluate_studies(workspace(ctx).corpus(), labels_csv, columns=list(columns) or None, ks=k_values,

@@ -28,6 +28,10 @@ def test_qc_report_evaluate_export(mias_workspace, mias_dir, tmp_path):
     out = invoke(mias_workspace, tmp_path, "evaluate", "--labels", mias_dir / "labels.csv", "--label-column",
                  "tissue", "--k", "5,10", "--out", tmp_path / "ev")
     assert "| raw_pixels_32x32 |" in out and (tmp_path / "ev" / "evaluation.json").exists()
+    # a built-in's name stands for its shipped weights (whose path depends on where the package lies)
+    invoke(mias_workspace, tmp_path, "evaluate", "--labels", mias_dir / "labels.csv", "--label-column",
+           "tissue", "--k", "5", "--heldout-from", "mammo-simclr-v3", "--out", tmp_path / "held")
+    assert json.loads((tmp_path / "held" / "evaluation.json").read_text())["images"] == 58
     out = invoke(mias_workspace, tmp_path, "export", "--out", tmp_path / "ex")
     assert json.loads(out)["rows"] == 204
 
@@ -40,6 +44,9 @@ def test_too_many_clusters_is_a_usage_error(mias_workspace, tmp_path):
     assert result.exit_code == 2, result.output
     assert "k=500 clusters of 204 images" in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "cl").exists()
+    result = CliRunner(env=env).invoke(cli, ["evaluate", "--labels", str(config), "--heldout-from", "mammo-v9"])
+    assert result.exit_code == 2 and "'mammo-v9' is neither a file nor a built-in encoder" in result.stderr
+    assert "mammo-simclr-v3" in result.stderr
 
 
 # --- on a small synthetic archive: formulas in headers, usage errors, progress ---
