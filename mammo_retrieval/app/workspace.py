@@ -102,6 +102,14 @@ class Workspace:
         faster; the same model version either way), exported once into ``<index_dir>/onnx/``."""
         from mammo_retrieval.encoders import DEFAULT_REGISTRY, build_encoder
         from mammo_retrieval.encoders.onnx_runtime import with_runtime
+        configured = self.config.encoder.name
+        if encoder_cfg.name != configured:  # the live model serves: a typo in the config would go unnoticed
+            try:
+                (self._registry or DEFAULT_REGISTRY).get(configured)
+            except ConfigError as exc:
+                raise ConfigError(f"encoder.name in the config: {exc.message} (the live model "
+                                  f"{encoder_cfg.name} serves this home, but the config must still be valid)",
+                                  hint=exc.hint) from None
         build = functools.partial(build_encoder, encoder_cfg, self.config.preprocess,
                                   self._registry or DEFAULT_REGISTRY)
         return with_runtime(build, encoder_cfg, self.config.index_dir / "onnx")

@@ -324,3 +324,19 @@ def test_reindex_with_a_file_that_is_no_checkpoint_names_it_and_leaves_nothing_b
     stored = read_live(cfg.index_dir)[0].weights
     from mammo_retrieval.storage.index.versions import weights_in_use
     assert weights_in_use(cfg.index_dir, stored) and not weights_in_use(cfg.index_dir, str(labels))
+
+
+def test_a_typo_in_the_configured_encoder_is_refused_even_where_the_live_model_serves(tmp_path):
+    """In a home with a live model the configured encoder.name does not choose the model, but an unknown
+    name is a mistake to say (it was silently ignored); another valid name is accepted as before."""
+    import dataclasses
+    from mammo_retrieval.core.errors import ConfigError
+    files = synthetic_archive(tmp_path / "archive", 4)
+    cfg = make_config(tmp_path / "state", encoder={"name": "resnet18", "input_size": 64})
+    Workspace(cfg).ingest(tmp_path / "archive", workers=0)
+    typo = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, name="resnet-18"))
+    with pytest.raises(ConfigError, match="encoder.name in the config: unknown encoder 'resnet-18'") as caught:
+        Workspace(typo).query_dicom(files[0], k=2)
+    assert "resnet18" in caught.value.hint
+    other = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, name="mammo-simclr-v2"))
+    assert Workspace(other).query_dicom(files[0], k=2).hits
