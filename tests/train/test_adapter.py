@@ -87,6 +87,11 @@ def test_adapt_cli_refuses_too_few_women_and_names_the_split(tmp_path, cbis_file
                                  str(tmp_path / "a.safetensors"), "--heldout-fraction", "0.05"],
                            env={"MRETRIEVE_HOME": str(tmp_path / "state")})
     assert result.exit_code == 2 and "too few to train and measure an adapter" in result.output  # a LabelsError
+    result = runner.invoke(cli, ["adapt", "--labels", str(labels), "--label-column", "pathology", "--out",
+                                 str(tmp_path / "a.safetensors"), "--epochs", "2", "--heldout-fraction", "0.4"],
+                           env={"MRETRIEVE_HOME": str(tmp_path / "state")})
+    assert result.exit_code == 0, result.output
+    assert "note: measured on 3 held-out women only, so these figures say little" in result.output
 
 
 def test_a_tissue_adapter_improves_held_out_women_on_mias(mias_dir, tmp_path):

@@ -4,6 +4,8 @@ import click
 
 from mammo_retrieval.app.cli._common import dumps, workspace
 
+FEW_HELDOUT_WOMEN = 10  # below this, held-out precision@10 ranks a handful of other women's images
+
 
 @click.command()
 @click.option("--labels", "labels_csv", required=True, type=click.Path(exists=True, dir_okay=False),
@@ -43,4 +45,7 @@ def adapt(ctx: click.Context, labels_csv: str, columns: tuple[str, ...], out_pat
         b, a = report["before"][column], report["after"][column]
         click.echo(f"  {column}: precision@10 {b['precision@10']:.3f} -> {a['precision@10']:.3f}, "
                    f"mAP {b['mAP']:.3f} -> {a['mAP']:.3f} ({a['queries']} held-out queries)")
+    if (held := len(report["heldout_patients"])) < FEW_HELDOUT_WOMEN:
+        click.echo(f"  note: measured on {held} held-out women only, so these figures say little (label more "
+                   "women, or raise --heldout-fraction)")
     click.echo(f"written: {report['adapter']}; serve it with `mretrieve reindex --model {report['adapter']}`")
