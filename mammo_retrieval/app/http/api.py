@@ -20,6 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import BeforeValidator
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
@@ -49,6 +50,7 @@ WARM_UP_RETRY_S = 5.0  # after a failed warm-up, /healthz tries again at most th
 DEFAULT_MAX_UPLOAD = 512 * 1024 * 1024  # a full-field DBT frame set is far below this; a typo'd upload is not
 DICOM_TYPES = ("application/dicom", "application/octet-stream")
 CACHE_CONTROL = "private, max-age=86400"  # patient data: browsers may keep it, shared caches may not
+DOCS_STATIC = "/static-docs"  # Swagger UI's files (fastapi-offline), beside our own /static
 
 # Path parameters are checked here, at the edge, so that no malformed value reaches the catalog (PostgreSQL
 # refuses a NUL in a text parameter with an error of its own); a bad one is 422 invalid_request naming it.
@@ -379,8 +381,10 @@ def create_app(workspace: Workspace, *, token: str | None = None, max_upload: in
             threading.Thread(target=state.warm_up, name="warm-up", daemon=True).start()
         yield
 
-    app = FastAPI(title="mammo_retrieval", version=__version__, lifespan=lifespan,
-                  description="Similarity search over an archive of mammograms.")
+    # FastAPI's own /docs loads Swagger UI from a CDN; fastapi-offline serves the same pages from its wheel
+    app = FastAPIOffline(title="mammo_retrieval", version=__version__, lifespan=lifespan,
+                         description="Similarity search over an archive of mammograms.",
+                         static_url=DOCS_STATIC, redoc_url=None)  # ReDoc's page asks a CDN for a logo
     app.state.server = state
 
     @app.exception_handler(MammoRetrievalError)

@@ -170,3 +170,20 @@ def test_study_page_shows_the_query_views_and_each_hit_studys_views(mias_home, b
         assert study_key not in keys
         assert all(page.locator(f'#studies li[data-study-key="{k}"] figure').count() >= 1 for k in keys)
         page.close()
+
+
+def test_the_api_docs_render_offline_from_files_the_server_holds(mias_home, browser):
+    """/docs (Swagger UI) renders every route with no request leaving the machine: FastAPI's default loads
+    it from a CDN, which a hospital network (and this test machine) cannot reach. (ReDoc is not served: its
+    page asks a CDN for a logo.)"""
+    root, _, _, _ = mias_home
+    with running_server(root) as (_, url):
+        page = browser.new_page()
+        asked = []
+        page.on("request", lambda request: asked.append(request.url))
+        page.goto(url + "docs")
+        page.wait_for_selector(".opblock-summary-path", timeout=60_000)
+        paths = page.eval_on_selector_all(".opblock-summary-path", "els => els.map(e => e.dataset.path)")
+        assert "/api/v1/query" in paths and "/api/v1/images/{sop_instance_uid}/similar" in paths
+        page.close()
+    assert asked and all(a.startswith(url) for a in asked), [a for a in asked if not a.startswith(url)]
