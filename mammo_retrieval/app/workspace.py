@@ -427,7 +427,8 @@ class Workspace:
     def stow(self, url: str, documents: list["pydicom.Dataset"]) -> None:
         """Send documents to a PACS by STOW-RS (credentials as for a DICOMweb ingest)."""
         from mammo_retrieval.pacs.dicomweb import DicomWebClient
-        DicomWebClient(url, self.config.pacs).store(documents)
+        with DicomWebClient(url, self.config.pacs) as client:
+            client.store(documents)
 
     # --- the C-STORE listener ---------------------------------------------------------------------------
     def listener(self, *, host: str = "127.0.0.1", port: int = 11112, ae_title: str | None = None,

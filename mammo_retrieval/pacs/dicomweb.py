@@ -176,8 +176,19 @@ class DicomWebClient:
                                                     "_TOKEN (or pacs.* in the config)")
         self.base_url = base_url.rstrip("/")
         self.cfg = cfg
-        self._client = DICOMwebClient(self.base_url, session=_session(cfg), timeout=cfg.timeout_s)
+        self._session = _session(cfg)
+        self._client = DICOMwebClient(self.base_url, session=self._session, timeout=cfg.timeout_s)
         self._client.set_http_retry_params(retry=False)  # one retry policy, ours, for statuses and exceptions
+
+    def close(self) -> None:
+        """Close the pooled connections (a server reads instances back for years: none may leak)."""
+        self._session.close()
+
+    def __enter__(self) -> "DicomWebClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _retrying(self, call: Callable[[], T], what: str, *, refusal_is_fatal: bool = True) -> T:
         return with_retries(call, what, retries=self.cfg.retries, backoff_s=self.cfg.backoff_s,
@@ -294,8 +305,8 @@ def retrieve_url(url: str, cfg: "PacsConfig", *, header_only: bool = False) -> "
     """The instance at a stored WADO-RS URL (a cache rebuild, a reindex), or only its header (a KOS)."""
     instance = parse_instance_url(url)
     try:
-        client = DicomWebClient(instance.base_url, cfg)
-        return client.retrieve_header(instance) if header_only else client.retrieve(instance)
+        with DicomWebClient(instance.base_url, cfg) as client:
+            return client.retrieve_header(instance) if header_only else client.retrieve(instance)
     except TransferFailed as exc:
         raise _retrieval_error(url, exc) from None
 

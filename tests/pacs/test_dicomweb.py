@@ -56,7 +56,7 @@ def _paths(ws) -> dict[str, str]:
     return dict(zip(table.meta.sop_instance_uid, table.meta.path))
 
 
-def test_a_pull_equals_a_folder_ingest_and_a_repull_fetches_nothing(loaded, tmp_path):
+def test_a_pull_equals_a_folder_ingest_and_a_repull_fetches_nothing(loaded, tmp_path, monkeypatch):
     orthanc, folder, files = loaded
     local = Workspace(make_config(tmp_path / "local", encoder=TINY))
     assert local.ingest(folder, workers=1).ingested == len(files)
@@ -82,7 +82,19 @@ def test_a_pull_equals_a_folder_ingest_and_a_repull_fetches_nothing(loaded, tmp_
         assert sum(n for key, n in proxy.requests.items() if "/series/" in key and "/instances/" in key) == \
             instance_gets, "a re-pull must not retrieve a single instance"
 
-        # a lost cache entry is rebuilt from the stored WADO-RS URL
+        # a lost cache entry is rebuilt from the stored WADO-RS URL (each read-back closes its connections:
+        # a server does this for years)
+        import mammo_retrieval.pacs.dicomweb as dicomweb
+        opened, real_session = [], dicomweb._session
+
+        def recorded_session(cfg):
+            session = real_session(cfg)
+            session.closed, real_close = False, session.close
+            session.close = lambda: (setattr(session, "closed", True), real_close())
+            opened.append(session)
+            return session
+
+        monkeypatch.setattr(dicomweb, "_session", recorded_session)
         sop = next(iter(b))
         shutil.rmtree(ws.config.cache_dir)
         ws._caches.clear()
@@ -95,6 +107,7 @@ def test_a_pull_equals_a_folder_ingest_and_a_repull_fetches_nothing(loaded, tmp_
         assert document.StudyInstanceUID == parse_instance_url(_paths(ws)[sop]).study_uid
         assert proxy.count("GET /dicom-web/studies/") and \
             sum(n for key, n in proxy.requests.items() if key.endswith(f"/instances/{sop}/metadata")) >= 1
+        assert len(opened) >= 2 and all(session.closed for session in opened)
         run_qc(ws.corpus(), method="knn", k=3, header_checks=False, min_pixel_correlation=None)
         documents = ws.qc_kos(top=3)
         assert documents and sum(len(referenced_sops(d)) for d in documents) >= 3
