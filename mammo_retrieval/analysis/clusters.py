@@ -56,8 +56,10 @@ class ClusterReport:
 
 def kmeans_assignments(vectors: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     check_k(k, len(vectors))
+    # min_points_per_centroid 1: faiss would print a warning to stderr (past --no-progress) for any archive
+    # under 39 images a cluster; a report on a small archive is still what was asked (check_k bounds k)
     km = faiss.Kmeans(vectors.shape[1], k, niter=20, seed=seed, spherical=False, verbose=False,
-                      max_points_per_centroid=512)
+                      max_points_per_centroid=512, min_points_per_centroid=1)
     km.train(np.ascontiguousarray(vectors, dtype=np.float32))
     _, assignment = km.index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
     return assignment.ravel()

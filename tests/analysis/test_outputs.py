@@ -219,3 +219,12 @@ def test_qc_and_cluster_outputs_are_written_whole(hostile, tmp_path, monkeypatch
     assert all(not p.name.startswith(".") for p in clusters.iterdir())
     assert len(json.loads((clusters / "clustering_metrics.json").read_text())["cluster_names"]) == 2
     assert (clusters / "pca_2d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_clusters_of_a_small_archive_print_nothing_to_stderr(capfd):
+    """faiss warned on stderr ("please provide at least 117 training points") past --no-progress."""
+    from mammo_retrieval.analysis.clusters import kmeans_assignments
+    x = np.random.default_rng(0).standard_normal((28, 8)).astype(np.float32)
+    assignments = kmeans_assignments(x, 3)
+    assert sorted(set(assignments.tolist())) == [0, 1, 2]
+    assert "WARNING" not in capfd.readouterr().err
