@@ -152,9 +152,11 @@ def plot_projections(coords: dict[str, tuple[np.ndarray, np.ndarray]], assignmen
         ax.set_xticks([])
         ax.set_yticks([])
         path = out / f"{method}_2d.png"
-        fig.tight_layout()
-        write_atomic(path, lambda fh, f=fig: f.savefig(fh, format="png"))
-        plt.close(fig)
+        try:
+            fig.tight_layout()
+            write_atomic(path, lambda fh, f=fig: f.savefig(fh, format="png"))
+        finally:
+            plt.close(fig)
         written.append(path)
     return written
 

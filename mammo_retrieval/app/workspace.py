@@ -318,16 +318,21 @@ class Workspace:
 
     def _ingest_dicomweb(self, url: str, *, workers, executor, studies, since, modality,
                          on_progress) -> "IngestReport":
-        from mammo_retrieval.pacs.dicomweb import DicomWebClient, redact
+        from mammo_retrieval.pacs.dicomweb import DicomWebClient
+        if executor != "local":
+            raise ConfigError("a DICOMweb pull runs with the local executor",
+                              hint="leave out --executor (the PACS, not the decoding, is the limit)")
+        with DicomWebClient(url, self.config.pacs) as client:
+            return self._pull_from(client, workers=workers, studies=studies, since=since, modality=modality,
+                                   on_progress=on_progress)
+
+    def _pull_from(self, client, *, workers, studies, since, modality, on_progress) -> "IngestReport":
+        from mammo_retrieval.pacs.dicomweb import redact
         from mammo_retrieval.pacs.pull import pull
         from mammo_retrieval.pipeline.executors import local_executor
         from mammo_retrieval.pipeline.runner import IngestReport
         from mammo_retrieval.pipeline.threads import EncoderThreads
-        if executor != "local":
-            raise ConfigError("a DICOMweb pull runs with the local executor",
-                              hint="leave out --executor (the PACS, not the decoding, is the limit)")
         cfg = self.config
-        client = DicomWebClient(url, cfg.pacs)
         found = client.search_studies(studies=studies, since=since, modality=modality)
         report = IngestReport(root=redact(client.base_url))
         from mammo_retrieval.core.errors import RejectionCode
@@ -415,8 +420,7 @@ class Workspace:
             result, header = self.search.similar(sop_instance_uid, k, filters), self.header_of(sop_instance_uid)
         else:
             result, header = self.query_dicom(source, k, filters), self._header(source)
-        model_key = self.search.info().model_key
-        return result, similar_cases_document(self.db, header, result, model_key, self.header_of)
+        return result, similar_cases_document(self.db, header, result, result.model_key, self.header_of)
 
     def qc_kos(self, top: int = 50, study: str | None = None) -> list["pydicom.Dataset"]:
         """The latest QC sweep's flagged images as Key Object Selection documents, one per study (or only

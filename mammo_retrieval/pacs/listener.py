@@ -74,10 +74,12 @@ def spool_path(spool_dir: Path, prepared: Prepared) -> Path:
     return spool_dir / study / f"{name}.dcm"
 
 
-def _spooled_already(path: Path, data: bytes) -> bool:
-    """Whether ``path`` holds other bytes than ``data`` (the same bytes are simply written again)."""
+def _spooled(path: Path, data: bytes) -> str | None:
+    """None when ``path`` holds nothing yet; else "same bytes" or "other bytes" than ``data``."""
     import hashlib
-    return path.is_file() and sha256_file(path) != hashlib.sha256(data).hexdigest()
+    if not path.is_file():
+        return None
+    return "same bytes" if sha256_file(path) == hashlib.sha256(data).hexdigest() else "other bytes"
 
 
 class Batcher:
@@ -192,11 +194,13 @@ class StoreHandler:
         path = spool_path(self.spool_dir, result)
         data = event.encoded_dataset(include_meta=True)
         try:
-            if _spooled_already(path, data):
+            spooled = _spooled(path, data)
+            if spooled is not None:
                 # as Orthanc does by default (OverwriteInstances false): the instance stored first stays, so
-                # the catalog's hash and vector keep describing the file on disk
-                logger.warning("C-STORE of %s: this SOPInstanceUID is spooled already (%s) with other bytes; "
-                               "the stored instance is kept", name, path)
+                # the catalog's hash and vector keep describing the file on disk; it is queued already
+                if spooled == "other bytes":
+                    logger.warning("C-STORE of %s: this SOPInstanceUID is spooled already (%s) with other bytes; "
+                                   "the stored instance is kept", name, path)
                 self._counted(received=1)
                 status.Status = STATUS_SUCCESS
                 return status

@@ -58,6 +58,7 @@ class QueryResult:
     query: QueryImage
     hits: list[Hit] = field(default_factory=list)
     picture: np.ndarray | None = field(default=None, repr=False, compare=False)  # the query's model input
+    model_key: str | None = field(default=None, compare=False)  # the model that ranked it (a KOS names it)
 
     def as_dict(self) -> dict:
         return {"query": asdict(self.query), "hits": [asdict(h) for h in self.hits]}

@@ -158,10 +158,10 @@ class SearchService:
         return index, signature
 
     def info(self) -> ServingInfo:
-        index = self.index()
-        identity = self.encoder.identity
-        return ServingInfo(identity.key, identity.encoder, identity.random_weights, index.manifest.index_type,
-                           index.ntotal, getattr(self.encoder, "runtime", "torch"))
+        serving = self._warm(Stopwatch())  # one model's identity beside its own index
+        identity = serving.encoder.identity
+        return ServingInfo(identity.key, identity.encoder, identity.random_weights, serving.index.manifest.index_type,
+                           serving.index.ntotal, getattr(serving.encoder, "runtime", "torch"))
 
     # --- embedding -----------------------------------------------------------------------------------
     def embed_file(self, source: Source, watch: Stopwatch | None = None) -> tuple[QueryImage, np.ndarray]:
@@ -197,6 +197,7 @@ class SearchService:
         query, vector, picture = self._embed(source, serving.encoder, watch)
         with watch.stage("search"):
             result = search(self.db, serving.index, vector, query, k, filters)
+        result.model_key = serving.encoder.identity.key
         if keep_picture:
             result.picture = picture
         return result
@@ -234,7 +235,9 @@ class SearchService:
         with self.db.session() as s:
             vector = repo.vector_of(s, record.vector_id, serving.index.manifest.dim)
         with watch.stage("search"):
-            return search(self.db, serving.index, vector, _as_query(record), k, filters)
+            result = search(self.db, serving.index, vector, _as_query(record), k, filters)
+        result.model_key = serving.encoder.identity.key
+        return result
 
     def query_study(self, accession: str, k: int = 10, filters: QueryFilters = QueryFilters(),
                     watch: Stopwatch | None = None) -> list[QueryResult]:

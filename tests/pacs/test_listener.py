@@ -127,8 +127,11 @@ def test_listen_echoes_receives_every_syntax_refuses_with_reason_and_indexes(tmp
         assert refused.Status == 0xC000 and refused.ErrorComment.startswith("wrong_modality")
         assert _store(listening.port, sent[:1], calling="STRANGER") is None, "an AE not allowed is refused"
         assert _wait_indexed(home, len(SYNTAXES)) == (len(SYNTAXES), len(SYNTAXES))
-        # resent: acknowledged, not doubled
+        # resent: acknowledged, not doubled, the spooled file left as it is
+        first_spooled = home / "spool" / sent[0].StudyInstanceUID / f"{sent[0].SOPInstanceUID}.dcm"
+        inode = first_spooled.stat().st_ino
         assert [s.Status for s in _store(listening.port, sent[:2])] == [0, 0]
+        assert first_spooled.stat().st_ino == inode
         # the same SOPInstanceUID with other pixels: the instance stored first stays (as Orthanc keeps it),
         # so the file on disk is still the one the catalog's hash and vector describe
         first = sent[0]

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -322,8 +323,10 @@ def test_reindex_with_a_file_that_is_no_checkpoint_names_it_and_leaves_nothing_b
     good = finetuned_weights(ws, tmp_path / "good.pt")
     Workspace(cfg).reindex(str(good))
     stored = read_live(cfg.index_dir)[0].weights
-    from mammo_retrieval.storage.index.versions import weights_in_use
-    assert weights_in_use(cfg.index_dir, stored) and not weights_in_use(cfg.index_dir, str(labels))
+    # the same weights refused for another architecture: their stored copy serves the live model, so it stays
+    with pytest.raises(WeightsError):
+        Workspace(cfg).reindex(str(good), encoder_name="resnet50")
+    assert Path(stored).is_file() and read_live(cfg.index_dir)[0].weights == stored
 
 
 def test_a_typo_in_the_configured_encoder_is_refused_even_where_the_live_model_serves(tmp_path):

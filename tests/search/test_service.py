@@ -130,3 +130,14 @@ def test_a_model_switch_picked_up_mid_query_does_not_mix_models(served, monkeypa
                         lambda encoder, pictures: used.append(encoder) or real_embed(encoder, pictures))
     search_service.query_study_files([files[0], files[0]], k=2)
     assert used == [warm_encoder, warm_encoder]
+
+
+def test_a_result_names_the_model_that_ranked_it(served):
+    """A KOS document records the model of its results: taken from the query's own snapshot, not read
+    again afterwards (a switch in between would name another model)."""
+    ws, files = served
+    key = ws.search.encoder.identity.key
+    by_file = ws.search.query_file(files[0], k=2)
+    assert by_file.model_key == key
+    assert ws.search.similar(by_file.query.sop_instance_uid, k=2).model_key == key
+    assert ws.search.info().model_key == key

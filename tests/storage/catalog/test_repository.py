@@ -86,7 +86,8 @@ def test_crash_records_count_repeats_and_are_found_across_in_list_chunks(databas
 
 def test_records_of_more_vectors_than_one_statement_may_bind(database_url):
     """A filtered query widens its fetch up to the whole index: 70,000 vector ids are more than a
-    statement may bind on PostgreSQL (65,535) or a stock SQLite (32,766), so they are looked up in chunks."""
+    statement may bind on PostgreSQL (65,535) or an SQLite built with the default limit (32,766; Debian's
+    allows 250,000), so they are looked up in chunks."""
     db = Database(database_url)
     db.ensure_schema()
     identity = ModelIdentity("resnet18", "a" * 64, "b" * 16, 4, False, None)
