@@ -74,12 +74,12 @@ def spool_path(spool_dir: Path, prepared: Prepared) -> Path:
     return spool_dir / study / f"{name}.dcm"
 
 
-def _spooled(path: Path, data: bytes) -> str | None:
-    """None when ``path`` holds nothing yet; else "same bytes" or "other bytes" than ``data``."""
-    import hashlib
+def _spooled(path: Path, sha256: str) -> str | None:
+    """None when ``path`` holds nothing yet; else "same bytes" or "other bytes" than those whose SHA-256
+    is ``sha256`` (the received instance's, computed when it was prepared)."""
     if not path.is_file():
         return None
-    return "same bytes" if sha256_file(path) == hashlib.sha256(data).hexdigest() else "other bytes"
+    return "same bytes" if sha256_file(path) == sha256 else "other bytes"
 
 
 class Batcher:
@@ -183,7 +183,8 @@ class StoreHandler:
             status.Status = STATUS_OUT_OF_RESOURCES
             status.ErrorComment = f"busy: {waiting} images wait for the index; retry"[:64]
             return status
-        result = self.prepare(InMemoryDicom(name, event.encoded_dataset(include_meta=True)))
+        data = event.encoded_dataset(include_meta=True)  # encoded once: prepared, hashed and spooled as is
+        result = self.prepare(InMemoryDicom(name, data))
         if isinstance(result, Rejected):
             self.record_rejection(result)
             self._counted(refused=1)
@@ -192,9 +193,8 @@ class StoreHandler:
             status.ErrorComment = f"{result.code}: {result.reason}"[:64]  # LO: 64 characters at most
             return status
         path = spool_path(self.spool_dir, result)
-        data = event.encoded_dataset(include_meta=True)
         try:
-            spooled = _spooled(path, data)
+            spooled = _spooled(path, result.sha256)
             if spooled is not None:
                 # as Orthanc does by default (OverwriteInstances false): the instance stored first stays, so
                 # the catalog's hash and vector keep describing the file on disk; it is queued already
