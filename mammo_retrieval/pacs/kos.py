@@ -14,6 +14,7 @@ highdicom's own ``collect_evidence``.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,6 +26,9 @@ MAX_TEXT = 10240  # the description (a UT text item) stays readable in a viewer
 PATIENT_STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
                           "StudyID", "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName",
                           "SpecificCharacterSet")
+UTF8 = "ISO_IR 192"  # the document's character set where its source names none that DICOM defines
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,16 +43,56 @@ class Reference:
     columns: int = 0
 
 
+def _copyable(keyword: str, value):
+    """``value`` as the document can carry it (the first of several, where the attribute takes one), or None
+    where highdicom would refuse it: ingest keeps images whose birth date, study date or time, sex or
+    character set is malformed. Over-long names and identifiers are copied as they are: they file the
+    document with its patient."""
+    from highdicom.enum import PatientSexValues, SpecificCharacterSetValues
+    from pydicom import config
+    from pydicom.datadict import dictionary_VR
+    from pydicom.multival import MultiValue
+    from pydicom.valuerep import validate_value
+    if keyword == "SpecificCharacterSet":
+        names = list(value) if isinstance(value, MultiValue) else [value]
+        known = {v.value for v in SpecificCharacterSetValues}
+        return value if all(str(n) in known for n in names) else None
+    if isinstance(value, MultiValue):
+        value = value[0] if len(value) else None
+    if keyword == "PatientSex":
+        return value if value in {v.value for v in PatientSexValues} else None
+    if dictionary_VR(keyword) in ("DA", "TM"):
+        try:
+            validate_value(dictionary_VR(keyword), str(value), config.RAISE)
+        except ValueError:
+            return None
+    return value
+
+
 def _evidence(ref: Reference, header: "Dataset | None" = None) -> "Dataset":
     from pydicom import Dataset
     ds = Dataset()
     if header is not None:  # the document's own study: its patient and study module
-        for keyword in PATIENT_STUDY_KEYWORDS:
-            value = header.get(keyword, None)
-            if value not in (None, ""):
-                setattr(ds, keyword, value)
-            elif keyword != "SpecificCharacterSet":
-                setattr(ds, keyword, None)  # present and empty (type 2), as highdicom reads them
+        refused = []
+        with warnings.catch_warnings():  # pydicom's note on a malformed value quotes it: patient data
+            warnings.simplefilter("ignore")
+            values = {keyword: header.get(keyword, None) for keyword in PATIENT_STUDY_KEYWORDS}
+        for keyword, value in values.items():
+            copied = None if value in (None, "") else _copyable(keyword, value)
+            if value not in (None, "") and copied is None:
+                refused.append(keyword)
+            if keyword == "SpecificCharacterSet":
+                if value not in (None, ""):
+                    ds.SpecificCharacterSet = copied or UTF8  # values arrive decoded: UTF-8 holds any of them
+            else:
+                setattr(ds, keyword, copied)  # None: present and empty (type 2), as highdicom reads them
+        empty = [k for k in refused if k != "SpecificCharacterSet"]
+        if empty:  # the fields' names only: their values are patient data
+            logger.warning("image %s: %s not valid DICOM in its header: left empty in the document",
+                           ref.sop_instance_uid, ", ".join(empty))
+        if "SpecificCharacterSet" in refused:
+            logger.warning("image %s: its SpecificCharacterSet names no DICOM character set: the document is "
+                           "written in UTF-8", ref.sop_instance_uid)
     ds.SOPClassUID, ds.SOPInstanceUID = ref.sop_class_uid, ref.sop_instance_uid
     ds.SeriesInstanceUID, ds.StudyInstanceUID = ref.series_instance_uid, ref.study_instance_uid
     if ref.rows and ref.columns:

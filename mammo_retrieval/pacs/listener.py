@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 from mammo_retrieval.core.errors import FATAL_EXCEPTIONS, BusyError, ConfigError
 from mammo_retrieval.core.fileio import sha256_file, write_bytes_atomic
 from mammo_retrieval.core.netaddr import bind, cannot_listen
+from mammo_retrieval.dicom.header import plain_uid
 from mammo_retrieval.dicom.reader import InMemoryDicom
 from mammo_retrieval.pipeline.prepare import Prepared, Rejected
 
@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700   # Storage: refused, out of resources (spool write failed, or index busy)
 STATUS_CANNOT_UNDERSTAND = 0xC000  # Storage: error, cannot understand (the file would be rejected by ingest)
-_UID = re.compile(r"^[0-9.]{1,64}$")
 
 # What the listener accepts: every storage SOP class, in the transfer syntaxes the reader decodes.
 TRANSFER_SYNTAXES = (
@@ -69,8 +68,8 @@ def spool_path(spool_dir: Path, prepared: Prepared) -> Path:
     """Where a received instance is kept: ``spool/<StudyInstanceUID>/<SOPInstanceUID>.dcm``; a UID that is
     not a plain UID (a hand-made file) never becomes a path component."""
     study, sop = prepared.header.study_instance_uid, prepared.header.sop_instance_uid
-    study = study if _UID.match(study or "") else "unknown-study"
-    name = sop if _UID.match(sop) else f"sha256-{prepared.sha256}"
+    study = study if plain_uid(study) else "unknown-study"
+    name = sop if plain_uid(sop) else f"sha256-{prepared.sha256}"
     return spool_dir / study / f"{name}.dcm"
 
 

@@ -1,7 +1,8 @@
 import pytest
 from pydicom.dataset import Dataset
 
-from mammo_retrieval.dicom.header import laterality_from_text, read_header_fields, read_laterality, read_view
+from mammo_retrieval.dicom.header import (laterality_from_text, plain_uid, read_header_fields, read_laterality,
+                                          read_view)
 
 
 def ds(**kw) -> Dataset:
@@ -53,3 +54,13 @@ def test_missing_identity_is_named():
         read_header_fields(ds(StudyInstanceUID="1"))
     with pytest.raises(KeyError, match="AccessionNumber and StudyInstanceUID"):
         read_header_fields(ds(SOPInstanceUID="1"))
+
+
+@pytest.mark.parametrize("uid, plain", [
+    ("1.2.840.10008.5.1.4.1.1.1.2", True), ("0", True), ("1." * 31 + "12", True),
+    ("1." * 32 + "1", False),  # 65 characters
+    ("..", False), (".", False), ("1..2", False), ("1.2.", False), (".1.2", False), ("1.2/../x", False),
+    ("<script>alert(4)</script>", False), ("1.2 ", False), ("", False), (None, False),
+])
+def test_only_a_plain_uid_may_name_a_file(uid, plain):
+    assert plain_uid(uid) is plain

@@ -122,3 +122,56 @@ def test_the_service_serves_the_same_documents(archive):
         one = client.get(first["url"])
         assert one.status_code == 200
         assert len(referenced_sops(pydicom.dcmread(io.BytesIO(one.content)))) == first["images"]
+
+
+def test_a_header_with_values_highdicom_refuses_still_gets_its_document(cbis_files, caplog):
+    """Ingest keeps an image whose birth date, study date, sex or character set is malformed, or whose
+    name has two values; its document leaves those fields empty (UTF-8 for the character set), keeps the
+    patient's identity, and the warning names the fields, never their values."""
+    import warnings
+
+    from pydicom.multival import MultiValue
+    from pydicom.valuerep import PersonName
+
+    from mammo_retrieval.pacs.kos import Reference, key_object_selection
+    header = pydicom.dcmread(cbis_files[0], stop_before_pixels=True)
+    header.PatientBirthDate, header.StudyDate, header.StudyTime = "19xx0101", "notadate<script>", "99:99"
+    header.PatientSex, header.SpecificCharacterSet = "<script>", "ISO_IR 999"
+    header.PatientName = MultiValue(PersonName, ["ZQNAME^First", "ZQNAME^Second"])
+    header.PatientID = "ZQPID-" + "7" * 70  # over-long: copied, it files the document with its patient
+    ref = Reference(header.SOPClassUID, header.SOPInstanceUID, header.SeriesInstanceUID, header.StudyInstanceUID)
+    caplog.clear()  # pydicom's own warnings on setting those values above quote them: not ours
+    with caplog.at_level("WARNING"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        document = key_object_selection(header, [ref], "similar cases")
+    buffer = io.BytesIO()
+    document.save_as(buffer, enforce_file_format=True)
+    back = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    assert (back.PatientBirthDate, back.StudyDate, back.StudyTime, back.PatientSex) == ("", "", "", "")
+    assert back.SpecificCharacterSet == "ISO_IR 192"
+    assert str(back.PatientName) == "ZQNAME^First" and back.PatientID == header.PatientID
+    assert back.StudyInstanceUID == header.StudyInstanceUID and referenced_sops(back) == [header.SOPInstanceUID]
+    logged = caplog.text + "\n".join(str(w.message) for w in caught)  # pydicom's warnings quote values
+    for field in ("PatientBirthDate", "StudyDate", "StudyTime", "PatientSex", "SpecificCharacterSet"):
+        assert field in logged
+    for value in ("19xx", "notadate", "99:99", "<script>", "ISO_IR 999", "ZQNAME", "ZQPID"):
+        assert value not in logged
+
+
+def test_a_study_uid_that_is_not_plain_names_no_path_in_a_kos_folder(cbis_files, tmp_path):
+    """`qc --kos DIR` names each document by its study; ingest keeps a hand-made "<script>.../x" UID."""
+    from mammo_retrieval.app.cli._common import write_or_send_kos
+    from mammo_retrieval.pacs.kos import Reference, key_object_selection
+    documents = []
+    for path, study in zip(cbis_files, ("1.2/../../escaped", "<script>alert(4)</script>", "1.2.3.4")):
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        header.StudyInstanceUID = study
+        ref = Reference(header.SOPClassUID, header.SOPInstanceUID, header.SeriesInstanceUID, study)
+        documents.append(key_object_selection(header, [ref], "flagged"))
+    out = tmp_path / "kos"
+    write_or_send_kos(documents, str(out), None, None, folder=True)
+    written = sorted(p.name for p in tmp_path.rglob("*.dcm"))
+    assert len(written) == 3 and all((out / name).is_file() for name in written)
+    assert "kos-1.2.3.4.dcm" in written
+    assert {pydicom.dcmread(out / n).StudyInstanceUID for n in written} == {
+        "1.2/../../escaped", "<script>alert(4)</script>", "1.2.3.4"}

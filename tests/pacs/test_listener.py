@@ -234,3 +234,17 @@ def test_listen_checks_its_options_and_port_before_recovering_the_spool(tmp_path
     for result in (busy, long_title):
         assert "spool:" not in result.output
     assert Workspace(make_config(home)).status()["counts"]["images"] == 0  # nothing was ingested first
+
+
+def test_a_received_uid_that_is_not_plain_never_leaves_the_spool_folder(tmp_path):
+    """".." matches digits-and-dots but is no UID: the study folder would be the spool's parent."""
+    from types import SimpleNamespace
+
+    from mammo_retrieval.pacs.listener import spool_path
+    spool = tmp_path / "spool"
+    for study, sop in (("..", "1.2.3"), ("1.2.3", ".."), ("1.2/../..", "../../x"), ("1.2.3", "4.5.6")):
+        received = SimpleNamespace(header=SimpleNamespace(study_instance_uid=study, sop_instance_uid=sop),
+                                   sha256="ab" * 32)
+        path = spool_path(spool, received)
+        assert path.resolve().parent.parent == spool.resolve(), (study, sop, path)
+    assert spool_path(spool, received) == spool / "1.2.3" / "4.5.6.dcm"

@@ -123,9 +123,19 @@ def render_error(exc) -> str:
     return "\n".join(lines)
 
 
+def kos_file_name(study_instance_uid: str) -> str:
+    """``kos-<StudyInstanceUID>.dcm``; a UID that is not a plain one (ingest keeps "1.2/../x") is named by its
+    SHA-256 instead, so that it never becomes a path."""
+    import hashlib
+
+    from mammo_retrieval.dicom.header import plain_uid
+    if plain_uid(study_instance_uid):
+        return f"kos-{study_instance_uid}.dcm"
+    return f"kos-uid-sha256-{hashlib.sha256(study_instance_uid.encode()).hexdigest()[:32]}.dcm"
+
+
 def write_or_send_kos(documents, path: str | None, stow_url: str | None, ws, *, folder: bool) -> None:
-    """Write Key Object Selection documents (one to a file, or each to ``kos-<StudyInstanceUID>.dcm`` in a
-    folder) and/or STOW them; says where on stderr, so that --format json stays clean."""
+    """Write Key Object Selection documents (one to a file, or each to ``kos_file_name`` in a folder) and/or STOW them; says where on stderr, so that --format json stays clean."""
     from pathlib import Path
 
     from mammo_retrieval.core.fileio import write_atomic
@@ -134,7 +144,7 @@ def write_or_send_kos(documents, path: str | None, stow_url: str | None, ws, *, 
         if folder:
             target.mkdir(parents=True, exist_ok=True)
         for document in documents[:1] if not folder else documents:
-            out = target / f"kos-{document.StudyInstanceUID}.dcm" if folder else target
+            out = target / kos_file_name(document.StudyInstanceUID) if folder else target
             write_atomic(out, lambda fh, d=document: d.save_as(fh, enforce_file_format=True))
             click.echo(f"kos: {out}", err=True)
     if stow_url:

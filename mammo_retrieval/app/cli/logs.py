@@ -8,6 +8,7 @@ import sys
 from datetime import datetime, timezone
 
 LEVELS = {0: logging.WARNING, 1: logging.INFO}  # -v: INFO, -vv and more: DEBUG
+OTHER_LOGGERS = ("py.warnings", "uvicorn")  # Python warnings (logging.captureWarnings) and the HTTP server
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,7 +25,9 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(verbosity: int, fmt: str = "text") -> None:
     """Our loggers to stderr at WARNING (INFO with -v, DEBUG with -vv). Only the package's own logger gets
     the handler: third-party libraries (pydicom logs every decoder failure it then raises) stay quiet,
-    since each failure already reaches the user once, as a rejection with its reason."""
+    since each failure already reaches the user once, as a rejection with its reason. Python warnings and
+    the server's own errors (uvicorn's loggers) go through the same handler at WARNING, so that
+    ``--log-format json`` stays one object a line."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -32,3 +35,9 @@ def configure_logging(verbosity: int, fmt: str = "text") -> None:
     ours.handlers[:] = [handler]
     ours.propagate = False
     ours.setLevel(LEVELS.get(verbosity, logging.DEBUG))
+    logging.captureWarnings(True)
+    for name in OTHER_LOGGERS:
+        other = logging.getLogger(name)
+        other.handlers[:] = [handler]
+        other.propagate = False
+        other.setLevel(logging.WARNING)

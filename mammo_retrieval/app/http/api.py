@@ -15,6 +15,7 @@ from http import HTTPStatus
 from importlib import resources
 from pathlib import PurePath
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,6 +28,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from mammo_retrieval import __version__
@@ -205,6 +207,10 @@ class InMemoryMultiPartParser(MultiPartParser):
         self.spool_max_size = limit
 
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request its client abandoned: nobody reads the response,
+# but the request metrics and the log line say what happened
+
+
 def _too_large(message: str) -> UploadError:
     return UploadError(message, 413, hint="send a smaller file, or raise the server's --max-upload-mb")
 
@@ -216,11 +222,15 @@ async def capped_body(request: Request, limit: int) -> AsyncGenerator[bytes, Non
     if declared and declared.isdigit() and int(declared) > limit:
         raise _too_large(f"upload of {declared} bytes exceeds the limit of {limit} bytes")
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(f"upload exceeds the limit of {limit} bytes")
-        yield chunk
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(f"upload exceeds the limit of {limit} bytes")
+            yield chunk
+    except ClientDisconnect:  # the caller's doing, not a server error: no traceback, not counted as a 500
+        raise UploadError(f"the client closed the connection after {size} bytes of its upload",
+                          CLIENT_CLOSED_REQUEST) from None
 
 
 async def read_upload(request: Request, limit: int) -> InMemoryDicom:
@@ -270,7 +280,7 @@ def api_router() -> APIRouter:
         state.metrics.observe_stages(watch.stages)
         return _result_body(result, watch, picture=thumbnail)
 
-    @router.get("/images/{sop_instance_uid}/similar", summary="Neighbours of an indexed image (nothing decoded)")
+    @router.get("/images/{sop_instance_uid:any_text}/similar", summary="Neighbours of an indexed image (nothing decoded)")
     def similar(sop_instance_uid: SopInstanceUid, k: int = K, filters: QueryFilters = Depends(query_filters),
                 state: ServerState = Depends(get_state)) -> dict:
         watch = Stopwatch()
@@ -285,14 +295,7 @@ def api_router() -> APIRouter:
         return state.workspace.search.similar_studies(study_key, k, rule=rule,
                                                       exclude_same_patient=exclude_same_patient).as_dict()
 
-    @router.get("/images/{sop_instance_uid}", summary="An indexed image's metadata")
-    def image(sop_instance_uid: SopInstanceUid, state: ServerState = Depends(get_state)) -> dict:
-        record = state.workspace.search.record(sop_instance_uid)
-        body = {k: v for k, v in asdict(record).items() if k not in ("image_id", "vector_id")}
-        body["thumbnail"] = f"/api/v1/images/{sop_instance_uid}/thumbnail.png"
-        return body
-
-    @router.get("/images/{sop_instance_uid}/thumbnail.png", summary="PNG from the preprocessed cache",
+    @router.get("/images/{sop_instance_uid:any_text}/thumbnail.png", summary="PNG from the preprocessed cache",
                 response_class=Response, responses={200: {"content": {"image/png": {}}}})
     def thumbnail(request: Request, sop_instance_uid: SopInstanceUid, size: int = Query(256, ge=32, le=1024),
                   state: ServerState = Depends(get_state)) -> Response:
@@ -313,7 +316,7 @@ def api_router() -> APIRouter:
     def status(state: ServerState = Depends(get_state)) -> dict:
         return state.workspace.status()
 
-    @router.get("/images/{sop_instance_uid}/similar.kos", response_class=Response,
+    @router.get("/images/{sop_instance_uid:any_text}/similar.kos", response_class=Response,
                 summary="Neighbours of an indexed image as a DICOM Key Object Selection document",
                 responses={200: {"content": {"application/dicom": {}}}})
     def similar_kos(sop_instance_uid: SopInstanceUid, k: int = K, filters: QueryFilters = Depends(query_filters),
@@ -321,13 +324,21 @@ def api_router() -> APIRouter:
         _, document = state.workspace.similar_kos(k=k, sop_instance_uid=sop_instance_uid, filters=filters)
         return _dicom(document, f"similar-{sop_instance_uid}.dcm")
 
+    @router.get("/images/{sop_instance_uid:any_text}", summary="An indexed image's metadata")
+    def image(sop_instance_uid: SopInstanceUid, state: ServerState = Depends(get_state)) -> dict:
+        record = state.workspace.search.record(sop_instance_uid)
+        body = {k: v for k, v in asdict(record).items() if k not in ("image_id", "vector_id")}
+        body["thumbnail"] = f"/api/v1/images/{quote(sop_instance_uid, safe='')}/thumbnail.png"
+        return body
+
     @router.get("/qc/kos", summary="Studies with flagged images in the latest QC sweep, each with its KOS link")
     def qc_kos_list(top: int = Query(50, ge=1, le=10000), state: ServerState = Depends(get_state)) -> dict:
         documents = state.workspace.qc_kos(top)
         return {"documents": [{"study_instance_uid": d.StudyInstanceUID, "images": len(referenced_sops(d)),
-                               "url": f"/api/v1/qc/kos/{d.StudyInstanceUID}?top={top}"} for d in documents]}
+                               "url": f"/api/v1/qc/kos/{quote(d.StudyInstanceUID, safe='')}?top={top}"}
+                              for d in documents]}
 
-    @router.get("/qc/kos/{study_instance_uid}", response_class=Response,
+    @router.get("/qc/kos/{study_instance_uid:any_text}", response_class=Response,
                 summary="One study's flagged images of the latest QC sweep as a Key Object Selection document",
                 responses={200: {"content": {"application/dicom": {}}}})
     def qc_kos(study_instance_uid: StudyInstanceUid, top: int = Query(50, ge=1, le=10000),

@@ -43,3 +43,27 @@ def test_cli_accepts_the_options(tmp_path):
     assert result.exit_code == 0, result.output
     assert isinstance(JsonFormatter().format(logging.makeLogRecord({"msg": "x"})), str)
     logging.getLogger("mammo_retrieval").handlers.clear()
+
+
+def test_warnings_and_the_http_servers_errors_are_json_lines(capsys):
+    """`--log-format json` holds for Python warnings and uvicorn's "Exception in ASGI application" too."""
+    import warnings
+    logging.captureWarnings(False)  # an earlier test's CLI run left it on, pointing at that test's warnings
+    try:
+        configure_logging(0, "json")
+        warnings.warn("a library's own warning")
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+        logging.getLogger("uvicorn.error").info("Started server process")  # below WARNING: not shown
+        lines = capsys.readouterr().err.strip().splitlines()
+        entries = [json.loads(line) for line in lines]  # every line is one JSON object
+        assert [e["logger"] for e in entries] == ["py.warnings", "uvicorn.error"]
+        assert "a library's own warning" in entries[0]["message"]
+        assert "RuntimeError: boom" in entries[1]["exception"]
+    finally:
+        logging.captureWarnings(False)
+        for name in ("mammo_retrieval", "py.warnings", "uvicorn"):
+            logging.getLogger(name).handlers.clear()
+            logging.getLogger(name).propagate = True

@@ -587,3 +587,39 @@ def test_a_study_key_with_a_slash_is_served_and_every_refusal_has_the_error_shap
             assert "2023" not in body["message"] and body["error"] in ("not_found", "method_not_allowed")
         assert client.request("POST", "/api/v1/info").headers["allow"] == "GET"
     ws.close()
+
+
+def test_an_image_or_study_whose_uid_is_not_plain_is_reachable_by_every_route(tmp_path):
+    """Ingest keeps hand-made UIDs ("1.2/../../etc/passwd", "?", "#", "&"); each route reaches them when the
+    caller percent-encodes them, and every link the API hands out is encoded. (A UID ending in "/similar"
+    stays ambiguous: a server reads the path decoded.)"""
+    from urllib.parse import quote
+
+    from tests.app.http.conftest import TINY
+    from tests.conftest import make_config
+    uids = ["1.2/../../etc/passwd", "1.2.3?x=1#y", "1.2.3&x;y/z", "1.2.840.5"]
+    studies = ["<script>alert(4)</script>", "9.8/7", "9.8/7", "9.8.7.6"]
+    for i, (sop, study) in enumerate(zip(uids, studies)):
+        make_file(tmp_path / "archive" / f"img{i}.dcm", breast_phantom(128, 96, side="LR"[i % 2], seed=i),
+                  sop_uid=sop, study_uid=study, accession=f"ACC{i}", patient_id=f"P{i}", laterality="LR"[i % 2])
+    ws = Workspace(make_config(tmp_path / "state", encoder=TINY))
+    assert ws.ingest(tmp_path / "archive", workers=0).ingested == 4
+    with TestClient(create_app(ws, warm_up=False)) as client:
+        for sop in uids:
+            path = f"/api/v1/images/{quote(sop, safe='')}"
+            record = client.get(path)
+            assert record.status_code == 200 and record.json()["sop_instance_uid"] == sop, record.text
+            thumbnail = client.get(record.json()["thumbnail"])
+            assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/png"
+            similar = client.get(f"{path}/similar", params={"k": 3})
+            assert similar.status_code == 200 and similar.json()["query"]["sop_instance_uid"] == sop
+            assert set(h["sop_instance_uid"] for h in similar.json()["hits"]) == set(uids) - {sop}
+            assert client.get(f"{path}/similar.kos", params={"k": 2}).status_code == 200
+        run_qc(ws.corpus(), method="knn", k=2, header_checks=False, min_pixel_correlation=None)
+        listing = client.get("/api/v1/qc/kos", params={"top": 4})
+        assert listing.status_code == 200
+        documents = listing.json()["documents"]
+        assert {d["study_instance_uid"] for d in documents} == set(studies)
+        for d in documents:
+            assert client.get(d["url"]).status_code == 200, d
+    ws.close()

@@ -156,3 +156,25 @@ def test_the_server_starts_on_an_empty_home_and_says_why_it_cannot_answer(tmp_pa
         assert health["status"] == "error" and "database" in health["message"]
         response = httpx.get(url + "api/v1/info", timeout=30)
         assert response.status_code == 503 and response.json()["error"] == "no_database"
+
+
+def test_a_client_that_hangs_up_mid_upload_is_no_server_error(home):
+    """A caller that declares more bytes than it sends, then closes, is counted as 499 (its own doing),
+    with no traceback in the log."""
+    root, config = home
+    with running_server(root, config=config) as (proc, url):
+        host, port = url.split("//")[1].rstrip("/").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(b"POST /api/v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\n"
+                         b"Content-Length: 100000\r\n\r\n" + b"\0" * 1000)
+            time.sleep(0.5)
+        metrics = ""
+        for _ in range(50):  # the server notices the closed connection on its next read
+            metrics = httpx.get(url + "metrics", timeout=30).text
+            if 'route="/api/v1/query",status="499"' in metrics:
+                break
+            time.sleep(0.2)
+        assert 'route="/api/v1/query",status="499"' in metrics
+        assert 'status="500"' not in metrics
+    log = "".join(proc.log_lines)
+    assert "Traceback" not in log and "ClientDisconnect" not in log and "ERROR" not in log, log[-3000:]
