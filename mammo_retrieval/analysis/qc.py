@@ -128,7 +128,11 @@ def run_qc(corpus: Corpus, *, method: str = "knn", k: int = 10, dup_threshold: f
                       params={"k": k, "dup_threshold": dup_threshold, "min_pixel_correlation": min_pixel_correlation,
                               "neighbours": neighbours.method})
     if record:
-        _record(corpus, result)
+        record_sweep(corpus, result)
+    else:
+        with corpus.db.session() as s:
+            result.previous_run_id, previous_ranks = repo.previous_qc_ranks(s, corpus.model_version_id, method)
+        _set_previous_ranks(result, previous_ranks)
     return result
 
 
@@ -143,13 +147,18 @@ def _header_flags(picture: Picture, table: EmbeddingTable, progress: Progress = 
             for img, lat, view in zip(images, table.meta.laterality, table.meta.view)]
 
 
-def _record(corpus: Corpus, result: QcResult) -> None:
-    """Store this run's scores; mark images that rank in the top of this run but were not in the last one's."""
+def record_sweep(corpus: Corpus, result: QcResult) -> None:
+    """Store this run's scores (the next sweep compares itself with them), and each image's rank in the
+    sweep stored before it."""
     with corpus.db.session() as s:
         result.run_id, result.previous_run_id, previous_ranks = repo.record_qc_run(
             s, corpus.model_version_id, result.method, json.dumps(result.params),
             ((int(r.image_id), float(r.score), int(r.rank), r.flags or None) for r in result.scores.itertuples()),
             _duplicate_ids(result))
+    _set_previous_ranks(result, previous_ranks)
+
+
+def _set_previous_ranks(result: QcResult, previous_ranks: dict[int, int]) -> None:
     # integers, empty where the image was not in the previous run (a list with None would become floats)
     result.scores["previous_rank"] = pd.array([previous_ranks.get(int(i)) for i in result.scores.image_id],
                                               dtype="Int64")
@@ -163,7 +172,11 @@ def _duplicate_ids(result: QcResult) -> list[tuple[int, int, float, float | None
 
 
 def write_outputs(picture: Picture, result: QcResult, out: Path, top: int,
-                  on_progress: Progress | None = None) -> dict[str, Path]:
+                  on_progress: Progress | None = None, record_in: Corpus | None = None) -> dict[str, Path]:
+    """scores.csv, duplicates.csv, report.html, then qc_summary.json. With ``record_in``, the sweep (run
+    with ``record=False``) is stored once its report is written and before its summary: a run killed
+    before then stores nothing, so its rerun compares itself with the sweep before, not with one that
+    nobody saw."""
     from mammo_retrieval.analysis.qc_report import write_html
     progress = on_progress or _quiet
     progress("writing the outputs and report thumbnails", 0, 1)
@@ -178,6 +191,8 @@ def write_outputs(picture: Picture, result: QcResult, out: Path, top: int,
                                                   "sop_instance_uid_b": "SOPInstanceUID_b"}),
                 out / "duplicates.csv")
     write_html(picture, result, out / "report.html", top)
+    if record_in is not None and result.run_id is None:
+        record_sweep(record_in, result)
     summary = {"created_at": datetime.now(timezone.utc).isoformat(), "method": result.method, **result.params,
                "images": len(result.scores), "duplicate_pairs": len(result.duplicates), "run_id": result.run_id,
                "previous_run_id": result.previous_run_id,

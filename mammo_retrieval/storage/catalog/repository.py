@@ -354,18 +354,25 @@ def images_with_patients(session: Session) -> list[tuple[int, str, str | None]]:
         select(Image.id, Image.sop_instance_uid, Image.patient_id).order_by(Image.id)).all()]
 
 
+def previous_qc_ranks(session: Session, model_version_id: int | None, method: str
+                      ) -> tuple[int | None, dict[int, int]]:
+    """The newest stored sweep of this model and method: (its run id, its rank of each image id), or
+    (None, {})."""
+    previous = session.scalar(select(QcRun).where(QcRun.model_version_id == model_version_id,
+                                                  QcRun.method == method).order_by(QcRun.id.desc()).limit(1))
+    if previous is None:
+        return None, {}
+    return previous.id, dict(session.execute(select(QcScore.image_id, QcScore.rank)
+                                             .where(QcScore.run_id == previous.id)).all())
+
+
 def record_qc_run(session: Session, model_version_id: int | None, method: str, params_json: str,
                   scores: Iterable[tuple[int, float, int, str | None]],
                   duplicates: Iterable[tuple[int, int, float, float | None]] = ()
                   ) -> tuple[int, int | None, dict[int, int]]:
     """Store a sweep's (image id, score, rank, flags) and its near-duplicate pairs (image id a, image id b,
     cosine, pixel correlation); returns (run id, previous run id, previous ranks)."""
-    previous = session.scalar(select(QcRun).where(QcRun.model_version_id == model_version_id,
-                                                  QcRun.method == method).order_by(QcRun.id.desc()).limit(1))
-    previous_ranks: dict[int, int] = {}
-    if previous is not None:
-        previous_ranks = dict(session.execute(select(QcScore.image_id, QcScore.rank)
-                                              .where(QcScore.run_id == previous.id)).all())
+    previous_id, previous_ranks = previous_qc_ranks(session, model_version_id, method)
     rows = list(scores)
     run = QcRun(model_version_id=model_version_id, method=method, params_json=params_json, n_images=len(rows))
     session.add(run)
@@ -376,7 +383,7 @@ def record_qc_run(session: Session, model_version_id: int | None, method: str, p
     if pairs:
         session.execute(insert(QcDuplicate), [{"run_id": run.id, "image_a_id": a, "image_b_id": b, "similarity": sim,
                                                "pixel_correlation": corr} for (a, b), (sim, corr) in pairs.items()])
-    return run.id, previous.id if previous is not None else None, previous_ranks
+    return run.id, previous_id, previous_ranks
 
 
 @dataclass(frozen=True)

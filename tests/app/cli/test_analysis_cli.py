@@ -122,3 +122,29 @@ def test_progress_on_stderr_and_csv_formulas(small, tmp_path):
     out = run_cli(env, "query", "--dicom", path, "-k", "7", "--format", "csv").stdout
     assert "'" + FORMULA in {c for row in csv.reader(out.splitlines()) for c in row}, out
     assert not any(c.startswith("=") for row in csv.reader(out.splitlines()) for c in row), out
+
+
+def test_a_qc_run_that_dies_before_its_report_is_whole_stores_no_sweep(small, tmp_path, monkeypatch):
+    """The sweep is stored once its report is written: the rerun of a `qc` killed while writing compares
+    itself with the sweep before it, not with one that nobody saw (which would hide what is new)."""
+    from sqlalchemy import func, select
+
+    from mammo_retrieval.analysis import qc_report
+    from mammo_retrieval.storage.catalog.models import QcRun
+    ws, env, _ = small
+    run_cli(env, "qc", "--out", tmp_path / "first", "-k", "3", "--no-progress")
+    first = json.loads((tmp_path / "first" / "qc_summary.json").read_text())["run_id"]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as patch:
+        patch.setattr(qc_report, "write_html", disk_full)
+        died = CliRunner(env=env).invoke(cli, ["qc", "--out", str(tmp_path / "died"), "-k", "3", "--no-progress"])
+    assert died.exit_code != 0 and not (tmp_path / "died" / "qc_summary.json").exists()
+    with ws.db.session() as s:
+        assert s.scalar(select(func.max(QcRun.id))) == first  # nothing stored
+    run_cli(env, "qc", "--out", tmp_path / "rerun", "-k", "3", "--no-progress")
+    summary = json.loads((tmp_path / "rerun" / "qc_summary.json").read_text())
+    assert summary["previous_run_id"] == first and summary["run_id"] > first
+    with ws.db.session() as s:
+        assert s.scalar(select(func.max(QcRun.id))) == summary["run_id"]
