@@ -688,14 +688,29 @@ class Workspace:
         return gate(Corpus(self.db, live, live_mv, self.cached_image),
                     Corpus(self.db, identity, mv_id, self.cached_image), labels_csv, metric, tolerance)
 
-    def rollback(self, on_progress: Callable[[int, int], None] | None = None) -> dict:
+    def rollback(self, on_progress: Callable[[int, int], None] | None = None, reported: bool = True) -> dict:
         """Make the previous version live again. Images ingested since it was live are embedded with it
         first (only those: the others kept their vectors), so none drops out of search; one that cannot be
         embedded any more (its file gone) is listed in ``failed``, and the switch happens anyway: a
-        rollback is what one reaches for when the live model is wrong."""
+        rollback is what one reaches for when the live model is wrong.
+
+        A caller that reports the result (the CLI) passes ``reported=False`` and calls
+        ``rollback_reported`` once it has: a rollback killed between its switch and that report is then
+        found done by the rerun (``unchanged``), instead of switching back to the model it left."""
         from mammo_retrieval.storage.index import VectorIndex
-        from mammo_retrieval.storage.index.versions import model_encoder_config, rollback, rollback_target
+        from mammo_retrieval.storage.index.versions import (model_encoder_config, rollback, rollback_reported,
+                                                            rollback_target, unreported_rollback)
         with self.write_lock():
+            done = unreported_rollback(self.config.index_dir)
+            if done is not None:
+                encoder = self.build_encoder(model_encoder_config(self.config.encoder, done))
+                index = VectorIndex.open_or_create(self.config.index_dir / done.key, encoder.identity,
+                                                   self.config.index)
+                rollback_reported(self.config.index_dir)
+                return {"live": done.key, "encoder": done.encoder, "weights": encoder.identity.weights_path,
+                        "weights_sha256": done.weights_sha256, "random_weights": encoder.identity.random_weights,
+                        "embedded": 0, "failed": [], "ntotal": index.ntotal, "unchanged": True,
+                        "rolled_back_from": done.rolled_back_from}
             target = rollback_target(self.config.index_dir)
             encoder = self.build_encoder(model_encoder_config(self.config.encoder, target))
             if encoder.identity.key != target.key:
@@ -707,11 +722,17 @@ class Workspace:
                                                self.config.index)
             self.lifecycle.sync(index, mv_id)
             index.save()
-            rollback(self.config.index_dir)
+            replaced = rollback(self.config.index_dir, reported=reported).rolled_back_from
         self.search.forget_model()
         return {"live": target.key, "encoder": target.encoder, "weights": encoder.identity.weights_path,
                 "weights_sha256": target.weights_sha256, "random_weights": encoder.identity.random_weights,
-                "embedded": result.embedded, "failed": result.failures, "ntotal": index.ntotal}
+                "embedded": result.embedded, "failed": result.failures, "ntotal": index.ntotal,
+                "unchanged": False, "rolled_back_from": replaced}
+
+    def rollback_reported(self) -> None:
+        """The caller of ``rollback(reported=False)`` has told its user: the next rollback switches back."""
+        from mammo_retrieval.storage.index.versions import rollback_reported
+        rollback_reported(self.config.index_dir)
 
     def embed_file(self, path: "str | os.PathLike | InMemoryDicom",
                    watch: "Stopwatch | None" = None) -> tuple[QueryImage, "np.ndarray"]:

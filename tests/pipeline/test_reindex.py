@@ -343,3 +343,39 @@ def test_a_typo_in_the_configured_encoder_is_refused_even_where_the_live_model_s
     assert "resnet18" in caught.value.hint
     other = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, name="mammo-simclr-v2"))
     assert Workspace(other).query_dicom(files[0], k=2).hits
+
+
+def test_a_rerun_of_a_rollback_killed_after_its_switch_does_not_switch_back(tmp_path, monkeypatch):
+    """`reindex --rollback` killed between its switch and its report (the state a kill there leaves: the
+    switch made and not reported) then rerun, as a user who saw no result would: the rerun finds it done
+    and says so; a rollback after a reported one still switches back."""
+    import yaml
+    from click.testing import CliRunner
+
+    from mammo_retrieval.app.cli import cli
+    synthetic_archive(tmp_path / "archive", 4)
+    encoder = {"name": "resnet18", "input_size": 96}
+    cfg = make_config(tmp_path / "state", encoder=encoder)
+    ws = Workspace(cfg)
+    ws.ingest(tmp_path / "archive", workers=0)
+    old_key = ws.encoder.identity.key
+    new_key = Workspace(cfg).reindex(str(finetuned_weights(ws, tmp_path / "new.pt")))["live"]
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"encoder": encoder}))
+    env = {"MRETRIEVE_HOME": str(tmp_path / "state"), "MRETRIEVE_CONFIG": str(config)}
+
+    def rollback(*args):
+        result = CliRunner(env=env).invoke(cli, ["reindex", "--rollback", "--no-progress", *args])
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    Workspace(cfg).rollback(reported=False)  # killed here: switched, nothing said
+    assert read_live(cfg.index_dir)[0].key == old_key
+    out = rollback()
+    assert f"live: {old_key}" in out and f"unchanged: a rollback from {new_key} had already switched" in out
+    assert read_live(cfg.index_dir)[0].key == old_key
+    out = json.loads(rollback("--format", "json"))  # reported now: a rollback is a new one
+    assert out["live"] == new_key and out["unchanged"] is False and out["rolled_back_from"] == old_key
+    live, previous = read_live(cfg.index_dir)
+    assert live.key == new_key and live.reported and [m.key for m in previous] == [old_key]
+    assert all(m.rolled_back_from is None for m in previous)

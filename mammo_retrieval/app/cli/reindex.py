@@ -43,8 +43,9 @@ def reindex(ctx: click.Context, model_path: str | None, encoder_name: str | None
     ws = workspace(ctx)
     if rollback:
         with progress_bar("image", disable=no_progress, desc="rollback") as progress:
-            result = ws.rollback(on_progress=progress)
+            result = ws.rollback(on_progress=progress, reported=False)
         click.echo(dumps(result) if fmt == "json" else format_rollback(result))
+        ws.rollback_reported()  # only now: a rerun of a rollback killed before this line finds it done
         return
     with progress_bar("image", disable=no_progress, desc="reindex") as progress:
         result = ws.reindex(model_path, encoder_name=encoder_name, allow_missing=allow_missing,
@@ -62,8 +63,13 @@ def reindex(ctx: click.Context, model_path: str | None, encoder_name: str | None
 def format_rollback(result: dict) -> str:
     """The rollback result for a person: what is live, and the images it had to catch up with."""
     weights = "seeded random" if result["random_weights"] else (result["weights"] or "the encoder's own")
-    lines = [f"live: {result['live']} (encoder {result['encoder']}, weights {weights})",
-             f"embedded {result['embedded']} images ingested since it was live; index of {result['ntotal']} vectors"]
+    lines = [f"live: {result['live']} (encoder {result['encoder']}, weights {weights})"]
+    if result.get("unchanged"):
+        lines += [f"unchanged: a rollback from {result['rolled_back_from']} had already switched to it (that run "
+                  f"stopped before saying so); run --rollback again to switch back; index of {result['ntotal']} "
+                  "vectors"]
+        return "\n".join(lines)
+    lines.append(f"embedded {result['embedded']} images ingested since it was live; index of {result['ntotal']} vectors")
     if result["failed"]:
         lines.append("missing from search (their files cannot be read any more):")
         lines += [f"  {f['sop_instance_uid']}  {f['path']}: {f['reason']}" for f in result["failed"]]

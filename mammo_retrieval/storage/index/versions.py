@@ -31,6 +31,8 @@ class ServingModel:
     input_size: int | None
     switched_at: str = ""
     weights_sha256: str | None = None  # set when ``weights`` is a stored, content-addressed copy
+    rolled_back_from: str | None = None  # the live key a rollback replaced with this one
+    reported: bool = True  # False from a rollback's switch until its caller has said so (a rerun's guide)
 
 
 def weights_store(index_dir: Path) -> Path:
@@ -127,7 +129,7 @@ def switch_live(index_dir: Path, new: ServingModel) -> ServingModel | None:
     live, previous = read_live(index_dir)
     new = ServingModel(**{**asdict(new), "switched_at": datetime.now(timezone.utc).isoformat()})
     if live is not None and live.key != new.key:
-        previous = [m for m in previous if m.key not in (live.key, new.key)] + [_adopt(index_dir, live)]
+        previous = [m for m in previous if m.key not in (live.key, new.key)] + [_adopt(index_dir, _settled(live))]
     _write(index_dir, new, previous)
     return live if live is not None and live.key != new.key else None
 
@@ -143,11 +145,32 @@ def rollback_target(index_dir: Path) -> ServingModel:
     return candidates[-1]
 
 
-def rollback(index_dir: Path) -> ServingModel:
-    """Make the newest kept version live again, after checking its stored weights are intact."""
+def rollback(index_dir: Path, reported: bool = True) -> ServingModel:
+    """Make the newest kept version live again, after checking its stored weights are intact. With
+    ``reported=False`` the switch stays marked until ``rollback_reported``: a rerun of a rollback killed
+    between its switch and its report then finds it done (``unreported_rollback``) instead of switching
+    back."""
     live, previous = read_live(index_dir)
     target = rollback_target(index_dir)
-    remaining = [m for m in previous if m.key != target.key] + [live]
-    _write(index_dir, ServingModel(**{**asdict(target), "switched_at": datetime.now(timezone.utc).isoformat()}),
-           remaining)
-    return target
+    remaining = [m for m in previous if m.key != target.key] + [_settled(live)]
+    now_live = ServingModel(**{**asdict(target), "switched_at": datetime.now(timezone.utc).isoformat(),
+                               "rolled_back_from": live.key, "reported": reported})
+    _write(index_dir, now_live, remaining)
+    return now_live
+
+
+def _settled(model: ServingModel) -> ServingModel:
+    return ServingModel(**{**asdict(model), "rolled_back_from": None, "reported": True})
+
+
+def unreported_rollback(index_dir: Path) -> ServingModel | None:
+    """The live version, where a rollback made it live and its caller has not reported it yet."""
+    live, _ = read_live(index_dir)
+    return live if live is not None and live.rolled_back_from and not live.reported else None
+
+
+def rollback_reported(index_dir: Path) -> None:
+    """The rollback's caller has told its user: a later rollback is a new one (it switches back)."""
+    live, previous = read_live(index_dir)
+    if live is not None and not live.reported:
+        _write(index_dir, ServingModel(**{**asdict(live), "reported": True}), previous)
