@@ -181,10 +181,11 @@ def paired_interval(gain: np.ndarray, women: np.ndarray, draws: int = 2000) -> l
 
 
 class Measurements:
-    """Every variant's pooled figures, and its tissue P@10 gain over v3's texture with a paired interval."""
+    """Every variant's pooled figures, and its tissue P@10 gain over the first one measured (v3's texture
+    unless named otherwise) with a paired interval."""
 
-    def __init__(self, folds, labels) -> None:
-        self.folds, self.labels, self.summary = folds, labels, {}
+    def __init__(self, folds, labels, baseline_name: str = "v3's texture") -> None:
+        self.folds, self.labels, self.summary, self.baseline_name = folds, labels, {}, baseline_name
         self.women = np.concatenate([labels.PatientID.to_numpy(object)[held] for _, held in folds])
         self.baseline: np.ndarray | None = None
 
@@ -194,7 +195,7 @@ class Measurements:
             self.baseline = per_query
         else:
             gain = per_query - self.baseline
-            figures["tissue P@10 gain over v3's texture"] = round(float(gain.mean()), 4)
+            figures[f"tissue P@10 gain over {self.baseline_name}"] = round(float(gain.mean()), 4)
             figures["gain, 95% interval (women resampled)"] = paired_interval(gain, self.women)
         self.summary[name] = figures
         print(f"{name}: {figures}", flush=True)

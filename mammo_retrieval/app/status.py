@@ -46,6 +46,12 @@ def collect_status(ws: "Workspace", *, rejected_limit: int | None = None) -> dic
             manifest, entry["index_error"] = None, str(exc)
         if manifest is not None and (problem := _index_file_problem(directory, manifest, cfg.index)):
             entry["index_error"] = problem
+        # what a query would refuse (a version that is not live may lack its index: a reindex that stopped)
+        if manifest is None and n_vectors and (entry["live"] or live is None) and "index_error" not in entry:
+            entry["index_error"] = (f"no index in {directory}, but the database holds {n_vectors} vectors of "
+                                    "this model (an ingest stopped before its first save, or the index was "
+                                    "deleted; one running now saves it soon): re-run the ingest, or "
+                                    "`mretrieve index rebuild`")
         if manifest is not None:
             entry["index"] = {"path": str(directory), "type": manifest.index_type, "metric": manifest.metric,
                               "nlist": manifest.nlist, "nprobe": manifest.nprobe, "ntotal": manifest.ntotal,

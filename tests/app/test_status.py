@@ -81,6 +81,20 @@ def test_a_corrupt_live_pointer_does_not_block_status(home):
     assert "ERROR:" in text.output and "live.json" in text.output
 
 
+def test_status_reports_an_index_an_ingest_never_saved(home):
+    """A first ingest killed after its first commit and before its first index save leaves vectors in the
+    database and no index: `query` refuses, and `status` now says so too (it exited 0, silent)."""
+    [directory] = [d for d in (home / "indexes").iterdir() if d.is_dir() and (d / "manifest.json").exists()]
+    shutil.rmtree(directory)
+    result = invoke("status", "--format", "json")
+    assert result.exit_code == IndexCorruptError.exit_code, result.output
+    [model] = json.loads(result.stdout)["model_versions"]
+    assert f"no index in {directory}, but the database holds 3 vectors" in model["index_error"]
+    assert "index rebuild" in model["index_error"]
+    assert invoke("index", "rebuild").exit_code == 0
+    assert invoke("status").exit_code == 0
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "missing"])
 def test_status_reports_a_damaged_index_file(home, damage):
     [directory] = [d for d in (home / "indexes").iterdir() if d.is_dir() and (d / "manifest.json").exists()]
