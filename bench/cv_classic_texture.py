@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cv_builtin import add_recipe_arguments, folds_by_woman, training_data  # noqa: E402
 from cv_texture import standardised  # noqa: E402
-from cv_texture_variants import Measurements, scored, texture  # noqa: E402
+from cv_texture_variants import Measurements, texture  # noqa: E402
 
 from mammo_retrieval.encoders.texture import breast_pixels  # noqa: E402
 
