@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cv_builtin import add_recipe_arguments, folds_by_woman, training_data  # noqa: E402
+from cv_builtin import add_recipe_arguments  # noqa: E402
 from cv_texture import standardised  # noqa: E402
-from cv_texture_variants import Measurements, texture  # noqa: E402
+from cv_texture_variants import Measurements, texture, training_pictures  # noqa: E402
 
 from mammo_retrieval.encoders.texture import breast_pixels  # noqa: E402
 
@@ -136,10 +136,7 @@ def main() -> None:
     add_recipe_arguments(parser)
     args = parser.parse_args()
     started = time.time()
-    labels, _, rows, _, grey, counts = training_data(args.mias)
-    folds = folds_by_woman(labels, rows)
-    pictures = (grey[:, 0].numpy() * 255.0 + 0.5).astype(np.uint8)
-    levels = torch.from_numpy(pictures).float()
+    labels, folds, pictures, levels, grey, counts = training_pictures(args.mias)
     breast = breast_pixels(levels).numpy()
     base = texture(levels)
     laws = np.stack([laws_energy(p, m) for p, m in zip(pictures, breast)])

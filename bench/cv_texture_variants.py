@@ -36,6 +36,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -53,6 +54,23 @@ from mammo_retrieval.encoders.texture import (LBP_RADII, STD_WINDOWS, breast_pix
 BLUR_SIGMA = 4.0
 DENSITY_WEIGHTS = (0.3, 0.5, 1.0)
 EXPANSIONS = ((1, 1.0), (3, 1.0), (3, 3.0), (5, 3.0), (8, 3.0))  # (k nearest, alpha)
+
+
+class Pictures(NamedTuple):
+    labels: object            # the labels table of the 200 images
+    folds: list               # (training rows, held rows) of the 4 folds by woman
+    pictures: np.ndarray      # (N, 128, 128) uint8, as v3's texture reads them
+    levels: torch.Tensor      # the same as float
+    grey: torch.Tensor        # the model inputs, 0..1
+    counts: np.ndarray        # the 64-bin histograms
+
+
+def training_pictures(mias: Path) -> Pictures:
+    """The training women's folds and their pictures as v3's texture reads them."""
+    labels, _, rows, _, grey, counts = training_data(mias)
+    pictures = (grey[:, 0].numpy() * 255.0 + 0.5).astype(np.uint8)
+    return Pictures(labels, folds_by_woman(labels, rows), pictures, torch.from_numpy(pictures).float(), grey,
+                    counts)
 
 
 def texture(levels: torch.Tensor, breast: torch.Tensor | None = None, radii=LBP_RADII, windows=STD_WINDOWS) -> np.ndarray:
@@ -209,10 +227,7 @@ def main() -> None:
     add_recipe_arguments(parser)
     args = parser.parse_args()
     started = time.time()
-    labels, _, rows, _, grey, _ = training_data(args.mias)
-    folds = folds_by_woman(labels, rows)
-    pictures = (grey[:, 0].numpy() * 255.0 + 0.5).astype(np.uint8)
-    levels = torch.from_numpy(pictures).float()
+    labels, folds, pictures, levels, _, _ = training_pictures(args.mias)
     base = texture(levels)
     runs = Measurements(folds, labels)
     runs.measure("v3's texture (128 px)", lambda fit: standardised(base, fit))
