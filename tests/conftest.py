@@ -28,6 +28,18 @@ def torch_model(encoder):
     return (encoder.source if isinstance(encoder, OnnxEncoder) else encoder).model
 
 
+@pytest.fixture(autouse=True)
+def _cli_logging_undone():
+    """A CLI run in a test (CliRunner) routes Python warnings and uvicorn's loggers to that run's stderr;
+    undo it after each test, so that the next one's warnings reach pytest again."""
+    import logging
+    yield
+    logging.captureWarnings(False)
+    for name in ("py.warnings", "uvicorn"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+
+
 @pytest.fixture
 def config(tmp_path):
     return make_config(tmp_path / "state", encoder={"name": "resnet18", "batch_size": 8})

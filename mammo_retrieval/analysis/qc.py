@@ -149,13 +149,15 @@ def _header_flags(picture: Picture, table: EmbeddingTable, progress: Progress = 
 
 def record_sweep(corpus: Corpus, result: QcResult) -> None:
     """Store this run's scores (the next sweep compares itself with them), and each image's rank in the
-    sweep stored before it."""
+    sweep stored before it, unless a run with ``record=False`` read them already (its report shows those)."""
     with corpus.db.session() as s:
-        result.run_id, result.previous_run_id, previous_ranks = repo.record_qc_run(
+        result.run_id, previous_run_id, previous_ranks = repo.record_qc_run(
             s, corpus.model_version_id, result.method, json.dumps(result.params),
             ((int(r.image_id), float(r.score), int(r.rank), r.flags or None) for r in result.scores.itertuples()),
             _duplicate_ids(result))
-    _set_previous_ranks(result, previous_ranks)
+    if "previous_rank" not in result.scores:
+        result.previous_run_id = previous_run_id
+        _set_previous_ranks(result, previous_ranks)
 
 
 def _set_previous_ranks(result: QcResult, previous_ranks: dict[int, int]) -> None:

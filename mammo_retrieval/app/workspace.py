@@ -706,7 +706,8 @@ class Workspace:
                 encoder = self.build_encoder(model_encoder_config(self.config.encoder, done))
                 index = VectorIndex.open_or_create(self.config.index_dir / done.key, encoder.identity,
                                                    self.config.index)
-                rollback_reported(self.config.index_dir)
+                if reported:
+                    rollback_reported(self.config.index_dir, done.key)
                 return {"live": done.key, "encoder": done.encoder, "weights": encoder.identity.weights_path,
                         "weights_sha256": done.weights_sha256, "random_weights": encoder.identity.random_weights,
                         "embedded": 0, "failed": [], "ntotal": index.ntotal, "unchanged": True,
@@ -729,10 +730,12 @@ class Workspace:
                 "embedded": result.embedded, "failed": result.failures, "ntotal": index.ntotal,
                 "unchanged": False, "rolled_back_from": replaced}
 
-    def rollback_reported(self) -> None:
-        """The caller of ``rollback(reported=False)`` has told its user: the next rollback switches back."""
+    def rollback_reported(self, key: str) -> None:
+        """The caller of ``rollback(reported=False)``, which made ``key`` live, has told its user: the next
+        rollback switches back."""
         from mammo_retrieval.storage.index.versions import rollback_reported
-        rollback_reported(self.config.index_dir)
+        with self.write_lock():
+            rollback_reported(self.config.index_dir, key)
 
     def embed_file(self, path: "str | os.PathLike | InMemoryDicom",
                    watch: "Stopwatch | None" = None) -> tuple[QueryImage, "np.ndarray"]:

@@ -37,14 +37,14 @@ KEYWORDS = {"sop_instance_uid": "SOPInstanceUID", "study_instance_uid": "StudyIn
             "accession_number": "AccessionNumber", "study_key": "AccessionNumber or StudyInstanceUID",
             "patient_id": "PatientID", "transfer_syntax": "TransferSyntaxUID"}
 DESCRIPTION_LIMIT = 128  # Manufacturer (LO, 64): descriptive only, so it is cleaned and cut instead
-_PLAIN_UID = re.compile(r"^[0-9]+(?:\.[0-9]+)*$")
+_PLAIN_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 
 
 def plain_uid(uid: str | None) -> bool:
     """Whether ``uid`` is a UID as the standard writes them (digits in dot-separated parts, at most 64
     characters): only such a UID may become a file or folder name. Ingest keeps images whose UIDs break
     the rule (a hand-made "1.2/../x" or ".."), so a path made from any other UID would leave its folder."""
-    return bool(uid) and len(uid) <= 64 and _PLAIN_UID.match(uid) is not None
+    return bool(uid) and len(uid) <= 64 and _PLAIN_UID.fullmatch(uid) is not None
 
 
 class HeaderValueError(ValueError):

@@ -24,9 +24,8 @@ if TYPE_CHECKING:
 
 MAX_TEXT = 10240  # the description (a UT text item) stays readable in a viewer
 PATIENT_STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
-                          "StudyID", "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName",
-                          "SpecificCharacterSet")
-UTF8 = "ISO_IR 192"  # the document's character set where its source names none that DICOM defines
+                          "StudyID", "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName")
+UTF8 = "ISO_IR 192"  # every document's character set
 
 logger = logging.getLogger(__name__)
 
@@ -45,25 +44,22 @@ class Reference:
 
 def _copyable(keyword: str, value):
     """``value`` as the document can carry it (the first of several, where the attribute takes one), or None
-    where highdicom would refuse it: ingest keeps images whose birth date, study date or time, sex or
-    character set is malformed. Over-long names and identifiers are copied as they are: they file the
+    where highdicom would refuse it: ingest keeps images whose birth date, study date or time (a range, a
+    typo) or sex is malformed. Over-long names and identifiers are copied as they are: they file the
     document with its patient."""
-    from highdicom.enum import PatientSexValues, SpecificCharacterSetValues
-    from pydicom import config
-    from pydicom.datadict import dictionary_VR
+    from highdicom.enum import PatientSexValues
     from pydicom.multival import MultiValue
-    from pydicom.valuerep import validate_value
-    if keyword == "SpecificCharacterSet":
-        names = list(value) if isinstance(value, MultiValue) else [value]
-        known = {v.value for v in SpecificCharacterSetValues}
-        return value if all(str(n) in known for n in names) else None
+    from pydicom.valuerep import DA, TM
     if isinstance(value, MultiValue):
         value = value[0] if len(value) else None
     if keyword == "PatientSex":
         return value if value in {v.value for v in PatientSexValues} else None
-    if dictionary_VR(keyword) in ("DA", "TM"):
+    parse = {"PatientBirthDate": DA, "StudyDate": DA, "StudyTime": TM}.get(keyword)
+    if parse is not None:
         try:
-            validate_value(dictionary_VR(keyword), str(value), config.RAISE)
+            with warnings.catch_warnings():  # pydicom's note on a non-conformant value quotes it
+                warnings.simplefilter("ignore")
+                parse(str(value))  # as highdicom converts it
         except ValueError:
             return None
     return value
@@ -81,18 +77,13 @@ def _evidence(ref: Reference, header: "Dataset | None" = None) -> "Dataset":
             copied = None if value in (None, "") else _copyable(keyword, value)
             if value not in (None, "") and copied is None:
                 refused.append(keyword)
-            if keyword == "SpecificCharacterSet":
-                if value not in (None, ""):
-                    ds.SpecificCharacterSet = copied or UTF8  # values arrive decoded: UTF-8 holds any of them
-            else:
-                setattr(ds, keyword, copied)  # None: present and empty (type 2), as highdicom reads them
-        empty = [k for k in refused if k != "SpecificCharacterSet"]
-        if empty:  # the fields' names only: their values are patient data
+            setattr(ds, keyword, copied)  # None: present and empty (type 2), as highdicom reads them
+        # pydicom hands the values over decoded, whatever the source's character set (one highdicom may
+        # refuse, or one that cannot hold the text's own characters): the document is written in UTF-8
+        ds.SpecificCharacterSet = UTF8
+        if refused:  # the fields' names only: their values are patient data
             logger.warning("image %s: %s not valid DICOM in its header: left empty in the document",
-                           ref.sop_instance_uid, ", ".join(empty))
-        if "SpecificCharacterSet" in refused:
-            logger.warning("image %s: its SpecificCharacterSet names no DICOM character set: the document is "
-                           "written in UTF-8", ref.sop_instance_uid)
+                           ref.sop_instance_uid, ", ".join(refused))
     ds.SOPClassUID, ds.SOPInstanceUID = ref.sop_class_uid, ref.sop_instance_uid
     ds.SeriesInstanceUID, ds.StudyInstanceUID = ref.series_instance_uid, ref.study_instance_uid
     if ref.rows and ref.columns:

@@ -60,7 +60,7 @@ def test_missing_identity_is_named():
     ("1.2.840.10008.5.1.4.1.1.1.2", True), ("0", True), ("1." * 31 + "12", True),
     ("1." * 32 + "1", False),  # 65 characters
     ("..", False), (".", False), ("1..2", False), ("1.2.", False), (".1.2", False), ("1.2/../x", False),
-    ("<script>alert(4)</script>", False), ("1.2 ", False), ("", False), (None, False),
+    ("<script>alert(4)</script>", False), ("1.2 ", False), ("1.2.3\n", False), ("", False), (None, False),
 ])
 def test_only_a_plain_uid_may_name_a_file(uid, plain):
     assert plain_uid(uid) is plain

@@ -135,7 +135,7 @@ def test_a_header_with_values_highdicom_refuses_still_gets_its_document(cbis_fil
 
     from mammo_retrieval.pacs.kos import Reference, key_object_selection
     header = pydicom.dcmread(cbis_files[0], stop_before_pixels=True)
-    header.PatientBirthDate, header.StudyDate, header.StudyTime = "19xx0101", "notadate<script>", "99:99"
+    header.PatientBirthDate, header.StudyDate, header.StudyTime = "19xx0101", "20230101-20230202", "99:99"
     header.PatientSex, header.SpecificCharacterSet = "<script>", "ISO_IR 999"
     header.PatientName = MultiValue(PersonName, ["ZQNAME^First", "ZQNAME^Second"])
     header.PatientID = "ZQPID-" + "7" * 70  # over-long: copied, it files the document with its patient
@@ -152,9 +152,9 @@ def test_a_header_with_values_highdicom_refuses_still_gets_its_document(cbis_fil
     assert str(back.PatientName) == "ZQNAME^First" and back.PatientID == header.PatientID
     assert back.StudyInstanceUID == header.StudyInstanceUID and referenced_sops(back) == [header.SOPInstanceUID]
     logged = caplog.text + "\n".join(str(w.message) for w in caught)  # pydicom's warnings quote values
-    for field in ("PatientBirthDate", "StudyDate", "StudyTime", "PatientSex", "SpecificCharacterSet"):
+    for field in ("PatientBirthDate", "StudyDate", "StudyTime", "PatientSex"):
         assert field in logged
-    for value in ("19xx", "notadate", "99:99", "<script>", "ISO_IR 999", "ZQNAME", "ZQPID"):
+    for value in ("19xx", "20230101", "99:99", "<script>", "ISO_IR 999", "ZQNAME", "ZQPID"):
         assert value not in logged
 
 
@@ -175,3 +175,22 @@ def test_a_study_uid_that_is_not_plain_names_no_path_in_a_kos_folder(cbis_files,
     assert "kos-1.2.3.4.dcm" in written
     assert {pydicom.dcmread(out / n).StudyInstanceUID for n in written} == {
         "1.2/../../escaped", "<script>alert(4)</script>", "1.2.3.4"}
+
+
+@pytest.mark.parametrize("charset", ["ISO_IR 100", "ISO_IR 6", "ISO 2022 IR 100", ["ISO_IR 100", "ISO_IR 192"],
+                                     ["ISO 2022 IR 87", "ISO 2022 IR 6"], ["", "ISO 2022 IR 87"]])
+def test_a_document_is_written_in_utf8_whatever_its_source_declares(cbis_files, charset):
+    """highdicom refuses some declared character sets (a lone code extension, a mixed list) and a Latin-1
+    document cannot hold an Omega: values arrive decoded, so every document is UTF-8."""
+    from mammo_retrieval.pacs.kos import Reference, key_object_selection
+    header = pydicom.dcmread(cbis_files[0], stop_before_pixels=True)
+    header.SpecificCharacterSet = charset
+    header.PatientName = "Ωmega^Zoë"
+    ref = Reference(header.SOPClassUID, header.SOPInstanceUID, header.SeriesInstanceUID, header.StudyInstanceUID)
+    document = key_object_selection(header, [ref], "similar cases: Ω " + "x" * 20000)  # cut with an ellipsis
+    buffer = io.BytesIO()
+    document.save_as(buffer, enforce_file_format=True)
+    back = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    assert back.SpecificCharacterSet == "ISO_IR 192" and str(back.PatientName) == "Ωmega^Zoë"
+    text = next(i.TextValue for i in back.ContentSequence if i.ValueType == "TEXT")
+    assert text.startswith("similar cases: Ω") and text.endswith("…")

@@ -371,9 +371,14 @@ def test_a_rerun_of_a_rollback_killed_after_its_switch_does_not_switch_back(tmp_
 
     Workspace(cfg).rollback(reported=False)  # killed here: switched, nothing said
     assert read_live(cfg.index_dir)[0].key == old_key
+    marked = json.loads((cfg.index_dir / "live.json").read_text())["live"]
+    assert marked["rolled_back_from"] == new_key and marked["reported"] is False
+    again = Workspace(cfg).rollback(reported=False)  # a rerun killed before its report: still marked
+    assert again["unchanged"] and again["live"] == old_key and not read_live(cfg.index_dir)[0].reported
     out = rollback()
     assert f"live: {old_key}" in out and f"unchanged: a rollback from {new_key} had already switched" in out
     assert read_live(cfg.index_dir)[0].key == old_key
+    assert "reported" not in json.loads((cfg.index_dir / "live.json").read_text())["live"]  # as older versions
     out = json.loads(rollback("--format", "json"))  # reported now: a rollback is a new one
     assert out["live"] == new_key and out["unchanged"] is False and out["rolled_back_from"] == old_key
     live, previous = read_live(cfg.index_dir)

@@ -135,7 +135,8 @@ def kos_file_name(study_instance_uid: str) -> str:
 
 
 def write_or_send_kos(documents, path: str | None, stow_url: str | None, ws, *, folder: bool) -> None:
-    """Write Key Object Selection documents (one to a file, or each to ``kos_file_name`` in a folder) and/or STOW them; says where on stderr, so that --format json stays clean."""
+    """Write Key Object Selection documents (one to a file, or each to ``kos_file_name`` in a folder)
+    and/or STOW them; says where on stderr, so that --format json stays clean."""
     from pathlib import Path
 
     from mammo_retrieval.core.fileio import write_atomic

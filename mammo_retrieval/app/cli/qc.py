@@ -31,12 +31,12 @@ def qc(ctx: click.Context, out_dir: str, method: str, top: int, k: int, dup_thre
     """Outlier sweep: scores.csv, duplicates.csv and report.html (thumbnails) in --out."""
     from mammo_retrieval.analysis.qc import run_qc, write_outputs
     ws = workspace(ctx)
+    corpus = ws.corpus()
     with StepProgress("qc", enabled=not no_progress) as progress:
-        result = run_qc(ws.corpus(), method=method, k=k, dup_threshold=dup_threshold,
+        result = run_qc(corpus, method=method, k=k, dup_threshold=dup_threshold,
                         min_pixel_correlation=None if no_pixel_checks else min_pixel_correlation,
                         header_checks=not no_pixel_checks, record=False, on_progress=progress)
-        paths = write_outputs(ws.cached_image, result, Path(out_dir), top, on_progress=progress,
-                              record_in=ws.corpus())
+        paths = write_outputs(ws.cached_image, result, Path(out_dir), top, on_progress=progress, record_in=corpus)
     flagged = int((result.scores["flags"] != "").sum())
     click.echo(f"scored {len(result.scores)} images ({method}, {result.neighbours_method}); "
                f"{len(result.duplicates)} near-duplicate pairs; {flagged} header-check flags")

@@ -45,7 +45,7 @@ def reindex(ctx: click.Context, model_path: str | None, encoder_name: str | None
         with progress_bar("image", disable=no_progress, desc="rollback") as progress:
             result = ws.rollback(on_progress=progress, reported=False)
         click.echo(dumps(result) if fmt == "json" else format_rollback(result))
-        ws.rollback_reported()  # only now: a rerun of a rollback killed before this line finds it done
+        ws.rollback_reported(result["live"])  # only now: a rerun of one killed before this finds it done
         return
     with progress_bar("image", disable=no_progress, desc="reindex") as progress:
         result = ws.reindex(model_path, encoder_name=encoder_name, allow_missing=allow_missing,

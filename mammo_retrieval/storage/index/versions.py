@@ -120,8 +120,17 @@ def live_model_differs(configured: EncoderConfig, index_dir: Path, serving_key: 
 
 def _write(index_dir: Path, live: ServingModel, previous: list[ServingModel]) -> None:
     make_private_dir(index_dir)
-    payload = {"live": asdict(live), "previous": [asdict(m) for m in previous]}
+    payload = {"live": _entry(live), "previous": [_entry(m) for m in previous]}
     write_bytes_atomic(index_dir / LIVE_NAME, json.dumps(payload, indent=2).encode())
+
+
+def _entry(model: ServingModel) -> dict:
+    """The model as live.json holds it; the rollback marks only while a rollback is unreported, so that a
+    live.json an older version of this package reads has no key it does not know."""
+    entry = asdict(model)
+    if model.reported:
+        del entry["rolled_back_from"], entry["reported"]
+    return entry
 
 
 def switch_live(index_dir: Path, new: ServingModel) -> ServingModel | None:
@@ -169,8 +178,9 @@ def unreported_rollback(index_dir: Path) -> ServingModel | None:
     return live if live is not None and live.rolled_back_from and not live.reported else None
 
 
-def rollback_reported(index_dir: Path) -> None:
-    """The rollback's caller has told its user: a later rollback is a new one (it switches back)."""
+def rollback_reported(index_dir: Path, key: str) -> None:
+    """The caller of a rollback to ``key`` has told its user: a later rollback is a new one (it switches
+    back). Nothing changes if another switch has made another version live since."""
     live, previous = read_live(index_dir)
-    if live is not None and not live.reported:
+    if live is not None and live.key == key and not live.reported:
         _write(index_dir, ServingModel(**{**asdict(live), "reported": True}), previous)

@@ -48,7 +48,6 @@ def test_cli_accepts_the_options(tmp_path):
 def test_warnings_and_the_http_servers_errors_are_json_lines(capsys):
     """`--log-format json` holds for Python warnings and uvicorn's "Exception in ASGI application" too."""
     import warnings
-    logging.captureWarnings(False)  # an earlier test's CLI run left it on, pointing at that test's warnings
     try:
         configure_logging(0, "json")
         warnings.warn("a library's own warning")
