@@ -410,6 +410,46 @@ def test_database_password_is_never_shown(tmp_path, url):
     assert result.exit_code == DatabaseError.exit_code and "s3cr3t-pw" not in result.output, result.output
 
 
+@pytest.mark.parametrize("url", ["postgresql+psycopg://alice@127.0.0.1:9/mammo?password=s3cr3t-pw",
+                                 "postgresql+psycopg:///mammo?host=127.0.0.1&port=9&user=alice&password=s3cr3t-pw",
+                                 "postgresql+psycopg://alice:first-pw@127.0.0.1:9/mammo?sslpassword=s3cr3t-pw"])
+def test_a_password_in_the_urls_query_is_never_shown_either(tmp_path, url):
+    """libpq takes a password as a query parameter too; `status`, `config show` and every error showed it."""
+    from mammo_retrieval.storage.catalog.database import mask_url
+    assert "s3cr3t-pw" not in mask_url(url) and "password=***" in mask_url(url)
+    with pytest.raises(DatabaseError) as info:
+        Workspace(make_config(tmp_path / "state", encoder=TINY).replace("paths", database_url=url))
+    assert "s3cr3t-pw" not in str(info.value) and "first-pw" not in str(info.value)
+    env = {"MRETRIEVE_HOME": str(tmp_path), "MRETRIEVE_DATABASE_URL": url}
+    for args in (["status"], ["config", "show"]):
+        result = CliRunner(env=env).invoke(cli, args)
+        assert "s3cr3t-pw" not in result.output and "first-pw" not in result.output, result.output
+
+
+def test_a_database_lost_mid_run_is_a_database_error_with_the_password_masked(tmp_path, monkeypatch):
+    """The server stopped after the workspace opened: the driver's OperationalError from inside a session
+    became a traceback (CLI exit 1, HTTP 500); it is now a DatabaseError (exit 8, HTTP 503)."""
+    from sqlalchemy.exc import OperationalError
+
+    from mammo_retrieval.storage.catalog import repository as repo
+    from mammo_retrieval.storage.catalog.database import Database
+    db = Database("sqlite:///" + str(tmp_path / "x.db"))
+    db.url = "postgresql+psycopg://alice:s3cr3t-pw@db.example/mammo"  # as the message would name it
+    db.display_url = "postgresql+psycopg://alice:***@db.example/mammo"
+
+    def shut_down(*args, **kwargs):
+        raise OperationalError("SELECT 1", {}, Exception(
+            "terminating connection due to administrator command (postgresql://alice:s3cr3t-pw@db.example)"))
+    monkeypatch.setattr(repo, "counts", shut_down)
+    for opened in (db.session, db.snapshot):
+        with pytest.raises(DatabaseError) as info:
+            with opened() as s:
+                repo.counts(s)
+        text = str(info.value)
+        assert text.startswith("lost the database postgresql+psycopg://alice:***@db.example/mammo")
+        assert "administrator command" in text and "s3cr3t-pw" not in text
+
+
 def test_unparseable_database_url_is_a_config_error():
     from mammo_retrieval.core.errors import ConfigError
     with pytest.raises(ConfigError, match="invalid database URL"):

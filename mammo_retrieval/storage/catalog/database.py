@@ -23,7 +23,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.url import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -41,11 +41,25 @@ _PG_WRITER_LOCK = 0x6D72657472
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ***, for every message and log line."""
+    """The URL with its passwords replaced by ***, for every message and log line: the user's part and
+    any query parameter that is one (``?password=``, libpq's ``sslpassword``)."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        hidden = {key: "***" for key in parsed.query if key.lower().endswith("password")}
+        rendered = parsed.update_query_dict(hidden).render_as_string(hide_password=True)
+        return rendered.replace("%2A%2A%2A", "***")
     except Exception:  # unparseable: show nothing of it that could be a secret
         return "<unparseable database URL>"
+
+
+def url_secrets(url: str) -> list[str]:
+    """The passwords a database URL holds (its user's part, password query parameters)."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return []
+    found = [parsed.password] + [v for k, v in parsed.query.items() if k.lower().endswith("password")]
+    return [str(v) for values in found if values for v in ([values] if isinstance(values, str) else values)]
 
 
 def migrations_dir() -> Path:
@@ -237,23 +251,35 @@ class Database:
         except ImportError as exc:
             raise _driver_error(self.url, exc) from None
         except Exception as exc:
-            from mammo_retrieval.core.errors import database_corrupt, is_database_corrupt, is_disk_full, storage_full
-            if is_disk_full(exc):
-                raise storage_full(self.sqlite_path or self.display_url, exc) from None
-            if is_database_corrupt(exc):
-                raise database_corrupt(self.sqlite_path or self.display_url, exc) from None
-            message = str(exc).replace(self.url, self.display_url)
-            password = make_url(self.url).password
-            if password:
-                message = message.replace(str(password), "***")
-            raise DatabaseError(f"cannot open database {self.display_url}: {message}",
-                                hint="check paths.database_url or $MRETRIEVE_DATABASE_URL") from None
+            raise self.database_error(exc, "cannot open database") from None
+
+    def database_error(self, exc: Exception, doing: str) -> "DatabaseError":
+        """A driver's failure as the package's error (disk full, corrupt, or ``doing`` the database), its
+        message with every password masked."""
+        from mammo_retrieval.core.errors import database_corrupt, is_database_corrupt, is_disk_full, storage_full
+        if is_disk_full(exc):
+            return storage_full(self.sqlite_path or self.display_url, exc)
+        if is_database_corrupt(exc):
+            return database_corrupt(self.sqlite_path or self.display_url, exc)
+        message = str(exc).replace(self.url, self.display_url)
+        for secret in url_secrets(self.url):
+            message = message.replace(secret, "***")
+        return DatabaseError(f"{doing} {self.display_url}: {message}",
+                             hint="check that the database is up, and paths.database_url or $MRETRIEVE_DATABASE_URL")
+
+    @contextmanager
+    def _connection_lost(self) -> Iterator[None]:
+        try:
+            yield
+        except (OperationalError, InterfaceError) as exc:  # the server went away, or the file broke
+            raise self.database_error(exc, "lost the database") from None
 
     # --- sessions ---------------------------------------------------------------------------------
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A transaction: committed on success, rolled back on any error."""
-        with self._sessions() as session:
+        """A transaction: committed on success, rolled back on any error. A connection lost on the way
+        (the server stopped) is a DatabaseError, not the driver's own."""
+        with self._connection_lost(), self._sessions() as session:
             with session.begin():
                 yield session
 
@@ -264,7 +290,7 @@ class Database:
         pysqlite runs SELECTs outside any transaction, so two SELECTs of one session may see two different
         commits of a concurrent writer; an explicit BEGIN makes SQLite keep one read snapshot (WAL) from the
         first SELECT to the end. Other backends: a REPEATABLE READ transaction."""
-        with self._sessions() as session:
+        with self._connection_lost(), self._sessions() as session:
             if self.backend == "sqlite":
                 conn = session.connection()
                 conn.exec_driver_sql("BEGIN")
