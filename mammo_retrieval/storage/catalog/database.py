@@ -45,7 +45,7 @@ def mask_url(url: str) -> str:
     any query parameter that is one (``?password=``, libpq's ``sslpassword``)."""
     try:
         parsed = make_url(url)
-        hidden = {key: "***" for key in parsed.query if key.lower().endswith("password")}
+        hidden = {key: "***" for key in parsed.query if _is_password(key)}
         rendered = parsed.update_query_dict(hidden).render_as_string(hide_password=True)
         return rendered.replace("%2A%2A%2A", "***")
     except Exception:  # unparseable: show nothing of it that could be a secret
@@ -58,8 +58,15 @@ def url_secrets(url: str) -> list[str]:
         parsed = make_url(url)
     except Exception:
         return []
-    found = [parsed.password] + [v for k, v in parsed.query.items() if k.lower().endswith("password")]
-    return [str(v) for values in found if values for v in ([values] if isinstance(values, str) else values)]
+    secrets = [parsed.password]
+    for key, value in parsed.query.items():
+        if _is_password(key):  # a parameter given twice holds a tuple
+            secrets += [value] if isinstance(value, str) else list(value)
+    return [str(secret) for secret in secrets if secret]
+
+
+def _is_password(query_key: str) -> bool:
+    return query_key.lower().endswith("password")
 
 
 def migrations_dir() -> Path:
